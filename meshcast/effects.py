@@ -1,0 +1,97 @@
+"""What a node asks its driver to do. Nodes queue these; drivers pull them with `node.drain()`.
+
+A `Link` is the driver's handle for one connection (an int). A node names the connections it
+wants with `Open(address, ref)`; the driver answers `link_opened(link, ref=ref)` or
+`open_failed(ref, reason)`. After a node emits `Close(link)` the driver does not report that
+link again. Chunks travel as `ChunkBegin` → `ChunkBytes`* → `ChunkEnd`, on a stream of their
+own: the runtime writes bytes as they come (cut-through), the simulator times them with its
+link model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from meshcast.messages import ChunkHead, Message
+
+Link = int
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send a control message on `link`."""
+
+    link: Link
+    msg: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Open:
+    """Connect to `address`; `ref` comes back in `link_opened`/`open_failed`."""
+
+    address: str
+    ref: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close `link`; `reason` is shown to the other side."""
+
+    link: Link
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkBegin:
+    """Open a chunk stream on `link` and write its head."""
+
+    link: Link
+    head: ChunkHead
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkBytes:
+    """Append payload bytes to the chunk stream `seq` on `link`."""
+
+    link: Link
+    seq: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkEnd:
+    """Finish the chunk stream: `ok` commits it; not ok aborts it (upstream data was bad)."""
+
+    link: Link
+    seq: int
+    ok: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """A verified chunk for the player, in stream order."""
+
+    head: ChunkHead
+    payload: bytes
+    latency: float
+    """Seconds from the seed's `head.ts` to verification here (same clock in sim and on one host)."""
+    from_seed: bool
+    """The chunk came straight from the seed (not relayed by a peer)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """The player gives up on chunk `seq`: it missed its playback deadline."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Something an operator should see in the log (a link cut for cause, a rejection)."""
+
+    text: str
+
+
+Effect = Send | Open | Close | ChunkBegin | ChunkBytes | ChunkEnd | Deliver | Skip | Notice

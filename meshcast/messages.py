@@ -1,0 +1,260 @@
+"""Every message meshcast nodes exchange, as small frozen dataclasses (one module, aioquic-style).
+
+The same classes are sent and received. `meshcast.wire` turns them into msgpack with a protocol
+version and a type tag, and validates every field on decode against the `SCHEMA` below, so a
+decoded message can be trusted to have the documented types and ranges.
+
+Who sends what:
+
+- seed → tracker: `Announce`; tracker → seed: `Welcome`, `Reject`.
+- peer → tracker: `Join`, `Leave`, `ParentLost`, `Complaint`; tracker → peer: `Welcome`,
+  `Assign`, `Neighbours`, `Reject`.
+- between nodes (child → parent, neighbour ↔ neighbour): `Hello`, `Subscribe`, `Unsubscribe`,
+  `Refuse`, `Have`, `Request`, `Missing`.
+- a chunk travels on its own stream: a `ChunkHead` frame, then exactly `size` payload bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PROTOCOL_VERSION = 1
+
+MAX_CHANNEL = 64
+"""Longest channel name, in characters."""
+MAX_ADDRESS = 128
+MAX_REASON = 256
+MAX_CHUNK = 4 * 1024 * 1024
+"""Largest chunk payload accepted from the wire (bytes)."""
+MAX_SUBSTREAMS = 16
+MAX_LIST = 256
+"""Longest list inside a control message (seqs, neighbours)."""
+MAX_BITMAP = 512
+"""Longest have-map, in bytes (4096 chunks: minutes of stream)."""
+SIG_LEN = 64
+KEY_LEN = 32
+NO_PEER = -1
+"""`id` meaning "nobody" (e.g. no backup parent, no mesh substream)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRef:
+    """Where to reach a node."""
+
+    id: int
+    """Node id, assigned by the tracker."""
+    address: str
+    """Transport address ("host:port" on the network, an opaque name in the simulator)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """The tracker's permission for `child` to take media from `parent`.
+
+    Short-lived and signed by the tracker; a parent checks it before accepting a child, so only
+    the tracker decides who relays to whom and no parent is oversubscribed by strangers.
+    """
+
+    child: int
+    parent: int
+    channel: str
+    substream: int
+    """The push sub-stream the child may subscribe to; `NO_PEER` (-1): pull and have-maps only."""
+    expires: float
+    """Tracker clock, seconds."""
+    sig: bytes
+    """Tracker's Ed25519 signature over the other fields."""
+
+
+# -- seed ↔ tracker ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Announce:
+    """A seed offers a channel."""
+
+    channel: str
+    public_key: bytes
+    """The channel's Ed25519 public key; every chunk is signed with the matching private key."""
+    address: str
+    """Where children reach the seed."""
+    upload_kbps: int
+    bitrate_kbps: int
+    """Expected media bitrate; the tracker's capacity accounting is in units of bitrate/K."""
+    substreams: int
+    chunk_ms: int
+    proof: bytes
+    """Signature with the channel key over (channel, address): proves the seed holds the key."""
+
+
+# -- peer ↔ tracker ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """A viewer asks to watch a channel."""
+
+    channel: str
+    address: str
+    """Where this peer accepts children ("" if it cannot: behind NAT, or upload 0)."""
+    upload_kbps: int
+    coords: tuple[float, ...] = ()
+    """Network coordinates (e.g. Vivaldi), if the peer has them; the tracker places by distance."""
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """The tracker admits a node to a channel."""
+
+    node_id: int
+    channel: str
+    public_key: bytes
+    """Channel key: peers verify chunks with it (and may pin it on their command line)."""
+    tracker_key: bytes
+    """Tracker's key: parents verify tokens with it."""
+    substreams: int
+    chunk_ms: int
+    bitrate_kbps: int
+    mode: str = "tree"
+    """"tree": push trees plus pull repair; "mesh": pull only, driven by have-maps."""
+    seed_id: int = NO_PEER
+    """The channel's seed (the source of last resort)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Assign:
+    """Use `parent` for sub-stream `substream`, with `backup` ready if it fails."""
+
+    substream: int
+    parent: PeerRef
+    token: Token
+    backup: PeerRef | None = None
+    backup_token: Token | None = None
+    relays: bool = False
+    """This sub-stream is the receiver's home tree: it will relay it (tell the parent so)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Neighbours:
+    """Mesh neighbours for have-maps and pull repair, each with a pull-only token."""
+
+    peers: tuple[PeerRef, ...]
+    tokens: tuple[Token, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """The tracker cannot admit this node (unknown channel, no capacity left, evicted)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    """Graceful departure."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ParentLost:
+    """A peer lost its parent for a sub-stream; `switched_to` is the backup it now uses or -1."""
+
+    substream: int
+    parent: int
+    switched_to: int = NO_PEER
+
+
+@dataclass(frozen=True, slots=True)
+class Complaint:
+    """A node reports misbehaviour: forged data, or a child too slow to keep up."""
+
+    offender: int
+    reason: str
+    kind: str = "forged"
+    """"forged" or "slow"."""
+
+
+# -- node ↔ node ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """First message on a link: who is calling, and the token that allows it."""
+
+    node_id: int
+    channel: str
+    token: Token | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """Push me sub-stream `substream` from `from_seq` on (-1: from the next chunk)."""
+
+    substream: int
+    token: Token
+    from_seq: int = -1
+    relays: bool = False
+    """The subscriber relays this sub-stream further: it is sent to first (shallow, low latency)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    substream: int
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """A parent will not serve this sub-stream (full, bad token)."""
+
+    substream: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Have:
+    """Have-map: bit i of `bitmap` (LSB first) says the sender holds chunk `base + i`."""
+
+    base: int
+    bitmap: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """Pull: send me these chunks (each on its own stream)."""
+
+    seqs: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Missing:
+    """Answer to `Request` for chunks the sender does not hold."""
+
+    seqs: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkHead:
+    """Opens a chunk stream; `size` payload bytes follow."""
+
+    channel: str
+    seq: int
+    size: int
+    flags: int
+    """Bit 0: the chunk starts with a random-access point."""
+    ts: float
+    """Seed clock when the chunk was complete at the seed (latency reference)."""
+    sig: bytes = field(repr=False)
+    """Channel key's Ed25519 signature (see `meshcast.chunk`)."""
+
+    @property
+    def rap(self) -> bool:
+        return bool(self.flags & FLAG_RAP)
+
+
+FLAG_RAP = 1
+
+Message = (
+    Announce | Join | Welcome | Assign | Neighbours | Reject | Leave | ParentLost | Complaint
+    | Hello | Subscribe | Unsubscribe | Refuse | Have | Request | Missing | ChunkHead
+)

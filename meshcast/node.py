@@ -1,0 +1,349 @@
+"""What every sans-IO node shares: the effect queue, timers, and the parent side of relaying.
+
+`NodeBase` gives a node its output queue and a timer table; `RelayNode` adds everything a
+parent does — admitting children that hold a tracker token, pushing each sub-stream to its
+subscribers (relaying children first: they have descendants waiting), answering pulls from a
+window of recent chunks, and exchanging have-maps. `SeedNode` and `PeerNode` are both
+`RelayNode`s; only where the chunks come from differs.
+
+Drivers call, always with the time: `handle(link, msg, now=)`, `link_opened(link, now=, ref=)`,
+`open_failed(ref, now=, reason=)`, `link_closed(link, now=, reason=)`, `chunk_begin/
+chunk_data/chunk_end(...)`, `chunk_dropped(link, seq, now=)`, `handle_timer(now=)`; then pull
+`drain()` and `next_timer()`.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Hashable
+from typing import Any
+
+from meshcast import messages as m
+from meshcast.crypto import Crypto
+from meshcast.effects import ChunkBegin, ChunkBytes, ChunkEnd, Close, Effect, Link, Notice, Send
+from meshcast.errors import LocalProtocolError, RemoteProtocolError
+from meshcast.policy import child_slots
+
+SLOW_DROPS = 3
+"""Chunks dropped for one child (its queue was full) before the tracker hears it is slow."""
+
+
+class NodeBase:
+    """Effect queue and timers (a dict of named deadlines; the earliest is `next_timer()`)."""
+
+    def __init__(self) -> None:
+        self._out: list[Effect] = []
+        self._timers: dict[Hashable, float] = {}
+        self._heap: list[tuple[float, int, Hashable]] = []
+        self._tseq = 0
+
+    def drain(self) -> list[Effect]:
+        """Take the effects queued since the last call."""
+        out, self._out = self._out, []
+        return out
+
+    def next_timer(self) -> float | None:
+        heap, timers = self._heap, self._timers
+        while heap:
+            when, _, key = heap[0]
+            if timers.get(key) == when:
+                return when
+            heapq.heappop(heap)  # stale: rescheduled or cancelled
+        return None
+
+    def handle_timer(self, *, now: float) -> None:
+        """Fire every timer due at `now`."""
+        heap, timers = self._heap, self._timers
+        while heap and heap[0][0] <= now:
+            when, _, key = heapq.heappop(heap)
+            if timers.get(key) == when:
+                del timers[key]
+                self._on_timer(key, now)
+
+    def _set_timer(self, key: Hashable, when: float) -> None:
+        if self._timers.get(key) == when:
+            return
+        self._timers[key] = when
+        self._tseq += 1
+        heapq.heappush(self._heap, (when, self._tseq, key))
+
+    def _cancel_timer(self, key: Hashable) -> None:
+        self._timers.pop(key, None)
+
+    def _on_timer(self, key: Any, now: float) -> None:
+        raise LocalProtocolError(f"{type(self).__name__} has no timer {key!r}")
+
+
+class Conn:
+    """One link as a relay sees it."""
+
+    __slots__ = ("link", "node_id", "authorized", "subs", "relays", "have", "drops", "ref",
+                 "reported_slow", "neighbour")
+
+    def __init__(self, link: Link, ref: Any = None) -> None:
+        self.link = link
+        self.ref = ref
+        self.node_id = m.NO_PEER
+        self.authorized = False
+        """The remote showed a valid token naming us (it may pull and subscribe)."""
+        self.subs: dict[int, int] = {}
+        """Sub-streams this remote subscribed to → first seq wanted."""
+        self.relays: set[int] = set()
+        self.have: tuple[int, int] | None = None
+        """Latest have-map from the remote: (base, bits as int)."""
+        self.drops = 0
+        self.reported_slow = False
+        self.neighbour = False
+
+
+class RelayNode(NodeBase):
+    """The parent side of the protocol, shared by the seed and every peer."""
+
+    def __init__(self, *, crypto: Crypto, upload_kbps: int, buffer_s: float = 10.0) -> None:
+        super().__init__()
+        self.crypto = crypto
+        self.upload_kbps = upload_kbps
+        self.buffer_s = buffer_s
+        self.id = m.NO_PEER
+        self.channel = ""
+        self.public_key = b""
+        self.tracker_key = b""
+        self.substreams = 4
+        self.chunk_ms = 200
+        self.bitrate_kbps = 0
+        self.mode = "tree"
+        self.conns: dict[Link, Conn] = {}
+        self._subscribers: list[list[Conn]] = []
+        self.buffer: dict[int, tuple[m.ChunkHead, bytes]] = {}
+        self.newest = -1
+        self.bytes_up = 0
+
+    # -- configuration, once the channel is known --------------------------------------------
+
+    def _configure(self, channel: str, public_key: bytes, tracker_key: bytes, substreams: int,
+                   chunk_ms: int, bitrate_kbps: int, mode: str = "tree") -> None:
+        self.channel, self.public_key, self.tracker_key = channel, public_key, tracker_key
+        self.substreams, self.chunk_ms, self.bitrate_kbps, self.mode = (
+            substreams, chunk_ms, bitrate_kbps, mode)
+        self._subscribers = [[] for _ in range(substreams)]
+
+    @property
+    def slots(self) -> int:
+        """Children (per sub-stream) this node's upload carries: the same rule as the tracker's."""
+        return child_slots(self.upload_kbps, self.bitrate_kbps, self.substreams)
+
+    @property
+    def window(self) -> int:
+        return max(8, int(self.buffer_s * 1000 / self.chunk_ms))
+
+    # -- links ---------------------------------------------------------------------------------
+
+    def link_opened(self, link: Link, *, now: float, ref: Any = None) -> None:
+        self.conns[link] = Conn(link, ref)
+
+    def link_closed(self, link: Link, *, now: float, reason: str = "") -> None:
+        conn = self.conns.pop(link, None)
+        if conn is not None:
+            self._drop_subscriber(conn)
+            self._conn_lost(conn, now, reason)
+
+    def _close(self, link: Link, reason: str, now: float) -> None:
+        """Close a link ourselves (the driver will not report it again)."""
+        conn = self.conns.pop(link, None)
+        self._out.append(Close(link, reason))
+        if conn is not None:
+            self._drop_subscriber(conn)
+            self._conn_lost(conn, now, reason)
+
+    def _conn_lost(self, conn: Conn, now: float, reason: str) -> None:
+        """Hook: a subclass reacts to a lost link (a parent gone, a neighbour gone)."""
+
+    def _drop_subscriber(self, conn: Conn) -> None:
+        for k in conn.subs:
+            lst = self._subscribers[k]
+            if conn in lst:
+                lst.remove(conn)
+        conn.subs.clear()
+
+    def protocol_error(self, link: Link, error: RemoteProtocolError, *, now: float) -> None:
+        """The driver could not decode what `link` sent: close it with the reason, keep going."""
+        self._out.append(Notice(f"closing link {link}: {error}"))
+        self._close(link, f"protocol error: {error}", now)
+
+    # -- control messages (parent side) --------------------------------------------------------
+
+    def handle(self, link: Link, msg: m.Message, *, now: float) -> None:
+        """A control message arrived on `link`."""
+        conn = self.conns.get(link)
+        if conn is None:
+            return  # closed by us already; late message
+        try:
+            self._dispatch(conn, msg, now)
+        except RemoteProtocolError as exc:
+            self.protocol_error(link, exc, now=now)
+
+    def _dispatch(self, conn: Conn, msg: m.Message, now: float) -> None:
+        t = type(msg)
+        if t is m.Hello:
+            self._on_hello(conn, msg, now)
+        elif t is m.Subscribe:
+            self._on_subscribe(conn, msg, now)
+        elif t is m.Unsubscribe:
+            self._drop_sub(conn, msg.substream)
+        elif t is m.Request:
+            self._on_request(conn, msg, now)
+        elif t is m.Have:
+            self._require_auth(conn, msg)
+            self._on_have(conn, msg, now)
+        else:
+            self._dispatch_other(conn, msg, now)
+
+    def _dispatch_other(self, conn: Conn, msg: m.Message, now: float) -> None:
+        raise RemoteProtocolError(f"unexpected {type(msg).__name__}")
+
+    def _require_auth(self, conn: Conn, msg: m.Message) -> None:
+        if not conn.authorized:
+            raise RemoteProtocolError(f"{type(msg).__name__} before an accepted Hello")
+
+    def _check_token(self, token: m.Token, child: int, now: float, substream: int | None) -> str:
+        """Why `token` does not let `child` take media from us ("" if it does)."""
+        if token.parent != self.id or token.child != child:
+            return f"token is for {token.child}→{token.parent}, not {child}→{self.id}"
+        if token.channel != self.channel:
+            return f"token is for channel {token.channel!r}"
+        if substream is not None and token.substream != substream:
+            return f"token is for sub-stream {token.substream}, not {substream}"
+        if token.expires < now:
+            return "token expired"
+        if not self.crypto.token_valid(self.tracker_key, token):
+            return "token signature invalid"
+        return ""
+
+    def _on_hello(self, conn: Conn, msg: m.Hello, now: float) -> None:
+        if msg.channel != self.channel:
+            raise RemoteProtocolError(f"Hello for channel {msg.channel!r}, this is {self.channel!r}")
+        conn.node_id = msg.node_id
+        if msg.token is not None:
+            why = self._check_token(msg.token, msg.node_id, now, None)
+            if why:
+                raise RemoteProtocolError(f"Hello refused: {why}")
+            conn.authorized = True
+            if msg.token.substream == m.NO_PEER:
+                conn.neighbour = True
+                self._send_have(conn)
+
+    def _on_subscribe(self, conn: Conn, msg: m.Subscribe, now: float) -> None:
+        k = msg.substream
+        if k >= self.substreams:
+            raise RemoteProtocolError(f"Subscribe to sub-stream {k} of {self.substreams}")
+        why = self._check_token(msg.token, conn.node_id, now, k)
+        if not why and k not in conn.subs and self._children() >= self.slots:
+            why = f"no capacity ({self.slots} slots in use)"
+        if why:
+            self._out.append(Send(conn.link, m.Refuse(k, why)))
+            return
+        conn.authorized = True
+        if k not in conn.subs:
+            lst = self._subscribers[k]
+            # Relaying children first: their subtrees wait on them (see DESIGN §3, latency).
+            if msg.relays:
+                conn.relays.add(k)
+                i = 0
+                while i < len(lst) and k in lst[i].relays:
+                    i += 1
+                lst.insert(i, conn)
+            else:
+                lst.append(conn)
+        conn.subs[k] = msg.from_seq
+        if msg.from_seq >= 0:  # catch-up: send what we hold of this sub-stream from from_seq
+            for seq in sorted(self.buffer):
+                if seq >= msg.from_seq and seq % self.substreams == k:
+                    self._send_chunk(conn.link, seq)
+
+    def _drop_sub(self, conn: Conn, k: int) -> None:
+        if conn.subs.pop(k, None) is not None:
+            self._subscribers[k].remove(conn)
+        conn.relays.discard(k)
+
+    def _children(self) -> int:
+        return sum(len(lst) for lst in self._subscribers)
+
+    def _on_request(self, conn: Conn, msg: m.Request, now: float) -> None:
+        self._require_auth(conn, msg)
+        missing = []
+        for seq in msg.seqs:
+            if seq in self.buffer:
+                self._send_chunk(conn.link, seq)
+            else:
+                missing.append(seq)
+        if missing:
+            self._out.append(Send(conn.link, m.Missing(tuple(missing))))
+
+    def _on_have(self, conn: Conn, msg: m.Have, now: float) -> None:
+        conn.have = (msg.base, int.from_bytes(msg.bitmap, "little"))
+
+    def _send_have(self, conn: Conn) -> None:
+        if self.newest < 0:
+            return
+        base = max(0, self.newest - 8 * m.MAX_BITMAP + 1, self.newest - self.window + 1)
+        bits = 0
+        for seq in self.buffer:
+            if seq >= base:
+                bits |= 1 << (seq - base)
+        n = (self.newest - base) // 8 + 1
+        self._out.append(Send(conn.link, m.Have(base, bits.to_bytes(n, "little"))))
+
+    # -- chunks out ----------------------------------------------------------------------------
+
+    def _store(self, head: m.ChunkHead, payload: bytes) -> None:
+        seq = head.seq
+        self.buffer[seq] = (head, payload)
+        if seq > self.newest:
+            self.newest = seq
+            floor = seq - self.window
+            while self.buffer:
+                oldest = next(iter(self.buffer))
+                if oldest > floor:
+                    break
+                del self.buffer[oldest]
+
+    def _send_chunk(self, link: Link, seq: int) -> None:
+        head, payload = self.buffer[seq]
+        out = self._out
+        out.append(ChunkBegin(link, head))
+        out.append(ChunkBytes(link, seq, payload))
+        out.append(ChunkEnd(link, seq, True))
+        self.bytes_up += head.size
+
+    def _push_targets(self, seq: int) -> list[Link]:
+        """Children that get chunk `seq` pushed (sub-stream subscribers, relaying ones first)."""
+        lst = self._subscribers[seq % self.substreams]
+        k = seq % self.substreams
+        return [c.link for c in lst if c.subs.get(k, -1) <= seq]
+
+    def _start_haves(self, now: float) -> None:
+        """Mesh mode: advertise have-maps to neighbours every other chunk period."""
+        if self.mode == "mesh":
+            self._set_timer("have", now + 2 * self.chunk_ms / 1000)
+
+    def _on_timer(self, key: Any, now: float) -> None:
+        if key == "have":
+            for conn in self.conns.values():
+                if conn.neighbour:
+                    self._send_have(conn)
+            self._start_haves(now)
+        else:
+            super()._on_timer(key, now)
+
+    def chunk_dropped(self, link: Link, seq: int, *, now: float) -> None:
+        """The driver dropped chunk `seq` for `link`: that child's queue was full (too slow)."""
+        conn = self.conns.get(link)
+        if conn is None:
+            return
+        conn.drops += 1
+        if conn.drops >= SLOW_DROPS and not conn.reported_slow:
+            conn.reported_slow = True
+            self._report_slow(conn, now)
+
+    def _report_slow(self, conn: Conn, now: float) -> None:
+        """Hook: tell the tracker a child cannot keep up."""

@@ -1,0 +1,606 @@
+"""PeerNode: a viewer that receives, verifies, relays and plays one channel (sans-IO).
+
+Receiving: one parent per sub-stream pushes chunks; each chunk's bytes are forwarded to our own
+children as they arrive (cut-through) and the chunk is released to the player only after its
+signature checks out. A relay whose data fails verification is cut off, reported to the
+tracker, and its chunk aborted downstream (children discard it without blaming us).
+
+Repair: a missing chunk is pulled — from the parents of the other sub-streams (they hold the
+whole stream), from mesh neighbours whose have-maps list it, and from the seed last. A parent
+that goes away, refuses us or stalls is replaced at once by the backup the tracker gave us;
+the tracker hears about it and hands out a new backup.
+
+Playback: from the first random-access chunk on, chunks go to the player in order; a chunk not
+here by its deadline (first play time + its offset + `playout_delay`) is skipped.
+
+In "mesh" mode (the CoolStreaming baseline) there are no parents: everything is pulled,
+scheduled from neighbours' have-maps.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from meshcast import messages as m
+from meshcast.crypto import Crypto
+from meshcast.effects import ChunkBegin, ChunkBytes, ChunkEnd, Deliver, Link, Notice, Open, Send, Skip
+from meshcast.errors import RemoteProtocolError
+from meshcast.node import Conn, RelayNode
+
+TRACKER = "tracker"
+REQUEST_TIMEOUT = 1.0
+"""Seconds before an unanswered pull is asked of another source."""
+MESH_OUTSTANDING = 8
+"""Pulls in flight per neighbour in mesh mode."""
+
+
+class Slot:
+    """A parent (or backup) for one sub-stream, and the token that lets us use it."""
+
+    __slots__ = ("ref", "token")
+
+    def __init__(self, ref: m.PeerRef, token: m.Token) -> None:
+        self.ref, self.token = ref, token
+
+
+class Rx:
+    """A chunk being received on one link."""
+
+    __slots__ = ("head", "parts", "got", "targets", "conn")
+
+    def __init__(self, head: m.ChunkHead, targets: list[Link], conn: Conn) -> None:
+        self.head, self.targets, self.conn = head, targets, conn
+        self.parts: list[bytes] = []
+        self.got = 0
+
+
+class PeerNode(RelayNode):
+    """A viewer peer (and relay)."""
+
+    def __init__(self, *, channel: str, crypto: Crypto, rng: random.Random, tracker: str,
+                 address: str = "", upload_kbps: int = 0, coords: tuple[float, ...] = (),
+                 public_key: bytes | None = None, playout_delay: float = 0.5,
+                 buffer_s: float = 10.0) -> None:
+        super().__init__(crypto=crypto, upload_kbps=upload_kbps, buffer_s=buffer_s)
+        self.channel = channel
+        self.rng = rng
+        self.tracker = tracker
+        self.address = address
+        self.coords = coords
+        self.pinned_key = public_key
+        self.playout_delay = playout_delay
+        self.tracker_link: Link | None = None
+        self.rejected = ""
+        self.joined_at: float | None = None
+        self.primary: list[Slot | None] = []
+        self.backup: list[Slot | None] = []
+        self.relays: list[bool] = []
+        self.last_rx: list[float] = []
+        self.newest_in: list[int] = []
+        self.peer_links: dict[int, Link] = {}
+        self.opening: dict[int, m.Token | None] = {}
+        self.neighbours: dict[int, tuple[m.PeerRef, m.Token]] = {}
+        self.seed_id = m.NO_PEER
+        self.blocked: set[int] = set()
+        self.rx: dict[tuple[Link, int], Rx | None] = {}
+        self.receiving: dict[int, Link] = {}
+        self.gaps: dict[int, float] = {}
+        self.requested: dict[int, tuple[Link, float, set[Link]]] = {}
+        self._from_seed: set[int] = set()
+        self.play_next: int | None = None
+        self.play_s0 = 0
+        self.play_t0 = 0.0
+        # Counters for the operator and the simulator's metrics.
+        self.delivered = 0
+        self.skipped = 0
+        self.bytes_from_seed = 0
+        self.bytes_from_peers = 0
+        self.forged = 0
+        self.first_play: float | None = None
+
+    @property
+    def chunk_s(self) -> float:
+        return self.chunk_ms / 1000
+
+    @property
+    def stall_timeout(self) -> float:
+        return max(3 * self.substreams * self.chunk_s, 1.0)
+
+    def start(self, *, now: float) -> None:
+        self.joined_at = now
+        self._out.append(Open(self.tracker, TRACKER))
+
+    def leave(self, *, now: float) -> None:
+        """Graceful departure: tell the tracker, close every link."""
+        if self.tracker_link is not None:
+            self._out.append(Send(self.tracker_link, m.Leave("viewer left")))
+        for link in list(self.conns):
+            self._close(link, "leaving", now)
+
+    # -- links ---------------------------------------------------------------------------------
+
+    def link_opened(self, link: Link, *, now: float, ref: Any = None) -> None:
+        super().link_opened(link, now=now, ref=ref)
+        conn = self.conns[link]
+        if ref == TRACKER:
+            self.tracker_link = link
+            self._out.append(Send(link, m.Join(self.channel, self.address, self.upload_kbps,
+                                               self.coords)))
+        elif ref is not None:
+            node_id = ref
+            token = self.opening.pop(node_id, None)
+            conn.node_id = node_id
+            conn.authorized = True  # the tracker sent us here: we trust what it vouched for
+            self.peer_links[node_id] = link
+            self._out.append(Send(link, m.Hello(self.id, self.channel, token)))
+            for k, slot in enumerate(self.primary):
+                if slot is not None and slot.ref.id == node_id:
+                    self._subscribe(link, k, slot)
+            if node_id in self.neighbours:
+                conn.neighbour = True
+                self._send_have(conn)
+            if node_id == self.seed_id and self.gaps:
+                self._repair(now)
+
+    def open_failed(self, ref: Any, *, now: float, reason: str = "") -> None:
+        if ref == TRACKER:
+            self.rejected = f"tracker unreachable: {reason}"
+            self._out.append(Notice(self.rejected))
+            return
+        self.opening.pop(ref, None)
+        self._peer_gone(ref, now, f"cannot connect: {reason}")
+
+    def _conn_lost(self, conn: Conn, now: float, reason: str) -> None:
+        if conn.link == self.tracker_link:
+            self.tracker_link = None
+            if not self.rejected:
+                self._out.append(Notice(f"lost the tracker ({reason}); still playing"))
+            return
+        if self.peer_links.get(conn.node_id) == conn.link:
+            del self.peer_links[conn.node_id]
+        for key in [key for key in self.rx if key[0] == conn.link]:
+            rx = self.rx.pop(key)
+            if rx is not None:
+                self.receiving.pop(key[1], None)
+                self._end_targets(rx, False)
+        self._peer_gone(conn.node_id, now, reason)
+
+    def _peer_gone(self, node_id: int, now: float, reason: str) -> None:
+        for k, slot in enumerate(self.primary):
+            if slot is not None and slot.ref.id == node_id:
+                self._switch(k, now, reason)
+        for k, slot in enumerate(self.backup):
+            if slot is not None and slot.ref.id == node_id:
+                self.backup[k] = None
+
+    def _connect(self, ref: m.PeerRef, token: m.Token) -> Link | None:
+        """The link to `ref` if we have one; otherwise start opening it (returns None)."""
+        link = self.peer_links.get(ref.id)
+        if link is None and ref.id not in self.opening:
+            self.opening[ref.id] = token
+            self._out.append(Open(ref.address, ref.id))
+        return link
+
+    # -- control messages ----------------------------------------------------------------------
+
+    def _dispatch_other(self, conn: Conn, msg: m.Message, now: float) -> None:
+        t = type(msg)
+        if conn.link == self.tracker_link:
+            if t is m.Welcome:
+                self._on_welcome(msg, now)
+            elif t is m.Assign:
+                self._on_assign(msg, now)
+            elif t is m.Neighbours:
+                self._on_neighbours(msg, now)
+            elif t is m.Reject:
+                # Refused or evicted: leave the swarm entirely, so no parent keeps counting us.
+                self.rejected = msg.reason
+                self._out.append(Notice(f"tracker: {msg.reason}"))
+                for link in list(self.conns):
+                    self._close(link, f"rejected by the tracker: {msg.reason}", now)
+            else:
+                raise RemoteProtocolError(f"unexpected {t.__name__} from the tracker")
+        elif t is m.Refuse:
+            self._on_refuse(conn, msg, now)
+        elif t is m.Missing:
+            for seq in msg.seqs:
+                req = self.requested.get(seq)
+                if req is not None and req[0] == conn.link:
+                    del self.requested[seq]
+                    self._pull([seq], now, exclude=req[2] | {conn.link})
+        else:
+            raise RemoteProtocolError(f"unexpected {t.__name__} from a peer")
+
+    def _on_welcome(self, msg: m.Welcome, now: float) -> None:
+        if self.pinned_key is not None and msg.public_key != self.pinned_key:
+            self.rejected = "the tracker's channel key differs from the pinned key"
+            self._out.append(Notice(self.rejected))
+            self._close(self.tracker_link, "channel key mismatch", now)  # type: ignore[arg-type]
+            return
+        self.id, self.seed_id = msg.node_id, msg.seed_id
+        self._configure(msg.channel, msg.public_key, msg.tracker_key, msg.substreams, msg.chunk_ms,
+                        msg.bitrate_kbps, msg.mode)
+        k = msg.substreams
+        self.primary, self.backup = [None] * k, [None] * k
+        self.relays, self.last_rx, self.newest_in = [False] * k, [now] * k, [-1] * k
+        if self.mode == "tree":
+            self._set_timer("stall", now + self.stall_timeout)
+        else:
+            self._start_haves(now)
+
+    def _on_assign(self, msg: m.Assign, now: float) -> None:
+        k = msg.substream
+        if k >= self.substreams:
+            raise RemoteProtocolError(f"Assign for sub-stream {k} of {self.substreams}")
+        old = self.primary[k]
+        self.relays[k] = msg.relays
+        self.backup[k] = Slot(msg.backup, msg.backup_token) if msg.backup and msg.backup_token else None
+        if old is not None and old.ref.id == msg.parent.id:
+            old.token = msg.token
+            return
+        if old is not None and old.ref.id in self.peer_links:
+            self._out.append(Send(self.peer_links[old.ref.id], m.Unsubscribe(k)))
+        slot = self.primary[k] = Slot(msg.parent, msg.token)
+        self.last_rx[k] = now
+        if msg.parent.id in self.blocked:
+            self._switch(k, now, "assigned a parent that sent forged data")
+            return
+        link = self._connect(msg.parent, msg.token)
+        if link is not None:
+            self._subscribe(link, k, slot)
+
+    def _on_neighbours(self, msg: m.Neighbours, now: float) -> None:
+        for ref, token in zip(msg.peers, msg.tokens):
+            if ref.id in self.blocked:
+                continue
+            self.neighbours[ref.id] = (ref, token)
+            if token.parent == ref.id and self.mode == "mesh":
+                link = self._connect(ref, token)
+                if link is not None:
+                    self.conns[link].neighbour = True
+        # In tree mode the seed is the only one: the last resort for pulls, connected on demand.
+
+    def _subscribe(self, link: Link, k: int, slot: Slot) -> None:
+        newest = self.newest_in[k]
+        from_seq = newest + self.substreams if newest >= 0 else -1
+        self._out.append(Send(link, m.Subscribe(k, slot.token, from_seq, self.relays[k])))
+
+    def _on_refuse(self, conn: Conn, msg: m.Refuse, now: float) -> None:
+        slot = self.primary[msg.substream] if msg.substream < self.substreams else None
+        if slot is not None and slot.ref.id == conn.node_id:
+            self._switch(msg.substream, now, f"refused: {msg.reason}")
+
+    def _switch(self, k: int, now: float, reason: str) -> None:
+        """Parent of sub-stream k is gone: move to the backup now, then tell the tracker."""
+        old = self.primary[k]
+        if old is None:
+            return
+        backup = self.backup[k]
+        self.backup[k] = None
+        self.last_rx[k] = now
+        if backup is not None and backup.ref.id != old.ref.id and backup.ref.id not in self.blocked:
+            self.primary[k] = backup
+            link = self._connect(backup.ref, backup.token)
+            if link is not None:
+                self._subscribe(link, k, backup)
+            switched = backup.ref.id
+        else:
+            self.primary[k] = None
+            switched = m.NO_PEER
+        if self.tracker_link is not None:
+            self._out.append(Send(self.tracker_link, m.ParentLost(k, old.ref.id, switched)))
+
+    # -- chunks in -----------------------------------------------------------------------------
+
+    def chunk_begin(self, link: Link, head: m.ChunkHead, *, now: float) -> None:
+        """A chunk stream opened on `link` and its head arrived."""
+        conn = self.conns.get(link)
+        if conn is None:
+            return
+        seq = head.seq
+        key = (link, seq)
+        if head.channel != self.channel or head.size > m.MAX_CHUNK or key in self.rx:
+            self.protocol_error(link, RemoteProtocolError(
+                f"bad chunk head for {head.channel!r}/{seq}"), now=now)
+            return
+        stale = self.play_next is not None and seq < self.play_next
+        if seq in self.buffer or seq in self.receiving or stale:
+            self.rx[key] = None  # duplicate or too late: swallow its bytes
+            return
+        k = seq % self.substreams
+        slot = self.primary[k] if self.primary else None
+        if slot is not None and slot.ref.id == conn.node_id:
+            self.last_rx[k] = now
+        targets = [t for t in self._push_targets(seq) if t != link]
+        rx = self.rx[key] = Rx(head, targets, conn)
+        self.receiving[seq] = link
+        out = self._out
+        for t in targets:
+            out.append(ChunkBegin(t, head))
+        del rx
+
+    def chunk_data(self, link: Link, seq: int, data: bytes, *, now: float) -> None:
+        """Payload bytes of chunk `seq` arrived on `link`: keep them and pass them on at once."""
+        rx = self.rx.get((link, seq))
+        if rx is None:
+            return
+        rx.parts.append(data)
+        rx.got += len(data)
+        if rx.got > rx.head.size:
+            self.protocol_error(link, RemoteProtocolError(
+                f"chunk {seq} longer than its declared {rx.head.size} bytes"), now=now)
+            return
+        out = self._out
+        for t in rx.targets:
+            out.append(ChunkBytes(t, seq, data))
+        self.bytes_up += len(data) * len(rx.targets)
+
+    def chunk_end(self, link: Link, seq: int, *, now: float, aborted: bool = False) -> None:
+        """Chunk `seq` finished on `link` (or was aborted by the sender: upstream data was bad)."""
+        key = (link, seq)
+        if key not in self.rx:
+            return
+        rx = self.rx.pop(key)
+        if rx is None:
+            return
+        del self.receiving[seq]
+        if aborted:
+            self._end_targets(rx, False)
+            self._note_gap(seq, now)
+            return
+        if rx.got != rx.head.size:
+            self._end_targets(rx, False)
+            self.protocol_error(link, RemoteProtocolError(
+                f"chunk {seq} ended after {rx.got} of {rx.head.size} bytes"), now=now)
+            return
+        payload = rx.parts[0] if len(rx.parts) == 1 else b"".join(rx.parts)
+        if not self.crypto.verify_chunk(self.public_key, rx.head, payload):
+            self._end_targets(rx, False)
+            self._forged(rx.conn, seq, now)
+            return
+        self._end_targets(rx, True)
+        self._accept(rx.head, payload, rx.conn, now)
+
+    def _end_targets(self, rx: Rx, ok: bool) -> None:
+        out, seq = self._out, rx.head.seq
+        for t in rx.targets:
+            out.append(ChunkEnd(t, seq, ok))
+
+    def _forged(self, conn: Conn, seq: int, now: float) -> None:
+        self.forged += 1
+        who = conn.node_id
+        self.blocked.add(who)
+        self.neighbours.pop(who, None)
+        self._out.append(Notice(f"chunk {seq} from node {who} failed verification: cutting it off"))
+        if self.tracker_link is not None:
+            self._out.append(Send(self.tracker_link, m.Complaint(who, f"forged chunk {seq}")))
+        self._close(conn.link, f"forged chunk {seq}", now)
+        self._note_gap(seq, now)
+
+    def _accept(self, head: m.ChunkHead, payload: bytes, conn: Conn, now: float) -> None:
+        seq = head.seq
+        k = seq % self.substreams
+        if conn.node_id == self.seed_id:
+            self.bytes_from_seed += head.size
+            self._from_seed.add(seq)
+        else:
+            self.bytes_from_peers += head.size
+        previous = self.newest
+        self._store(head, payload)
+        if seq > self.newest_in[k]:
+            self.newest_in[k] = seq
+        self.gaps.pop(seq, None)
+        self.requested.pop(seq, None)
+        if previous >= 0 and seq > previous + 1:
+            for s in range(max(previous + 1, seq - self.window), seq):
+                if s not in self.buffer and s not in self.gaps:
+                    self.gaps[s] = now
+        if self.play_next is None and head.rap:
+            self.play_next, self.play_s0, self.play_t0 = seq, seq, now
+            self.first_play = now
+        self._release(now)
+        self._schedule_repair(now)
+
+    def _note_gap(self, seq: int, now: float) -> None:
+        if seq not in self.buffer:
+            self.gaps.setdefault(seq, now - self._repair_wait())
+            self._schedule_repair(now)
+
+    # -- playback ------------------------------------------------------------------------------
+
+    def deadline(self, seq: int) -> float:
+        return self.play_t0 + (seq - self.play_s0) * self.chunk_s + self.playout_delay
+
+    def _release(self, now: float) -> None:
+        out = self._out
+        while self.play_next is not None:
+            seq = self.play_next
+            entry = self.buffer.get(seq)
+            if entry is not None:
+                head, payload = entry
+                from_seed = seq in self._from_seed
+                if from_seed:
+                    self._from_seed.discard(seq)
+                out.append(Deliver(head, payload, now - head.ts, from_seed))
+                self.delivered += 1
+            elif seq > self.newest:
+                break
+            elif now >= self.deadline(seq):
+                out.append(Skip(seq))
+                self.skipped += 1
+                self.gaps.pop(seq, None)
+                self.requested.pop(seq, None)
+            else:
+                self._set_timer("play", self.deadline(seq))
+                break
+            self.play_next = seq + 1
+
+    # -- repair --------------------------------------------------------------------------------
+
+    def _repair_wait(self) -> float:
+        """How long a gap may be left to its own sub-stream before we pull it."""
+        return max(2 * self.chunk_s, 0.15)
+
+    def _schedule_repair(self, now: float) -> None:
+        if self.mode != "tree":
+            return
+        pending = [since for seq, since in self.gaps.items() if seq not in self.requested]
+        if pending:
+            wait = self._repair_wait()
+            self._set_timer("repair", max(min(pending) + wait, now + wait / 4))
+
+    def _repair(self, now: float) -> None:
+        wait = self._repair_wait()
+        due = []
+        for seq, since in list(self.gaps.items()):
+            if self.play_next is not None and seq < self.play_next:
+                del self.gaps[seq]
+            elif seq in self.buffer:
+                del self.gaps[seq]
+            elif (since + wait <= now or (self.play_next is not None
+                                          and self.deadline(seq) - now < wait)) \
+                    and seq not in self.requested and seq not in self.receiving:
+                due.append(seq)
+        for seq, (link, sent, _) in list(self.requested.items()):
+            if sent + REQUEST_TIMEOUT <= now:
+                del self.requested[seq]
+                if seq not in self.buffer and seq not in self.receiving:
+                    due.append(seq)
+        if due and self.play_next is not None:
+            self._pull(sorted(due), now)
+        if self.requested:
+            self._set_timer("timeout", min(r[1] for r in self.requested.values()) + REQUEST_TIMEOUT)
+        self._schedule_repair(now)
+
+    def _sources(self, seq: int, exclude: set[Link]) -> list[Link]:
+        """Where to pull `seq` from, best first."""
+        k = seq % self.substreams
+        have, other = [], []
+        for conn in self.conns.values():
+            if conn.link in exclude or conn.link == self.tracker_link or not conn.node_id >= 0:
+                continue
+            if conn.node_id in self.blocked:
+                continue
+            if conn.have is not None:
+                base, bits = conn.have
+                if seq >= base and (bits >> (seq - base)) & 1:
+                    have.append(conn.link)
+                    continue
+            if self.mode == "tree" and conn.node_id != self.seed_id and any(
+                    s is not None and s.ref.id == conn.node_id for j, s in enumerate(self.primary)
+                    if j != k):
+                other.append(conn.link)
+        self.rng.shuffle(have)
+        self.rng.shuffle(other)
+        return have + other
+
+    def _pull(self, seqs: list[int], now: float, exclude: set[Link] = frozenset()) -> None:  # type: ignore[assignment]
+        batches: dict[Link, list[int]] = {}
+        seed_wanted = []
+        for seq in seqs:
+            if seq in self.buffer or seq in self.requested:
+                continue
+            sources = self._sources(seq, exclude)
+            if sources:
+                link = sources[0]
+                batches.setdefault(link, []).append(seq)
+                self.requested[seq] = (link, now, set(exclude) | {link})
+            else:
+                seed_wanted.append(seq)
+        if seed_wanted and self.seed_id in self.neighbours and self.seed_id not in self.blocked:
+            ref, token = self.neighbours[self.seed_id]
+            link = self._connect(ref, token)
+            if link is not None and link not in exclude:
+                for seq in seed_wanted:
+                    batches.setdefault(link, []).append(seq)
+                    self.requested[seq] = (link, now, set(exclude) | {link})
+        for link, lst in batches.items():
+            for i in range(0, len(lst), 64):
+                self._out.append(Send(link, m.Request(tuple(lst[i:i + 64]))))
+        if self.requested:
+            self._set_timer("timeout", min(r[1] for r in self.requested.values()) + REQUEST_TIMEOUT)
+
+    # -- mesh mode: have-map driven pulls ---------------------------------------------------------
+
+    def _on_have(self, conn: Conn, msg: m.Have, now: float) -> None:
+        super()._on_have(conn, msg, now)
+        if self.mode == "mesh":
+            self._mesh_schedule(now)
+
+    def _mesh_schedule(self, now: float) -> None:
+        """CoolStreaming-style: ask for each wanted chunk a neighbour that has it, least busy first."""
+        known = max((c.have[0] + c.have[1].bit_length() - 1 for c in self.conns.values()
+                     if c.have is not None and c.have[1]), default=-1)
+        if known < 0:
+            return
+        if self.play_next is None:
+            lo = max(0, known - 2 * self.substreams, self.newest + 1 if self.newest >= 0 else 0)
+        else:
+            lo = self.play_next
+        busy: dict[Link, int] = {}
+        for link, _, _ in self.requested.values():
+            busy[link] = busy.get(link, 0) + 1
+        batches: dict[Link, list[int]] = {}
+        for seq in range(lo, known + 1):
+            if seq in self.buffer or seq in self.requested or seq in self.receiving:
+                continue
+            best, best_busy = None, MESH_OUTSTANDING
+            for conn in self.conns.values():
+                if conn.have is None or conn.node_id in self.blocked:
+                    continue
+                base, bits = conn.have
+                if seq >= base and (bits >> (seq - base)) & 1:
+                    b = busy.get(conn.link, 0)
+                    if b < best_busy:
+                        best, best_busy = conn.link, b
+            if best is not None:
+                busy[best] = best_busy + 1
+                batches.setdefault(best, []).append(seq)
+                self.requested[seq] = (best, now, {best})
+        for link, lst in batches.items():
+            self._out.append(Send(link, m.Request(tuple(lst[:64]))))
+        if self.requested:
+            self._set_timer("timeout", min(r[1] for r in self.requested.values()) + REQUEST_TIMEOUT)
+
+    # -- timers --------------------------------------------------------------------------------
+
+    def _on_timer(self, key: Any, now: float) -> None:
+        if key == "play":
+            self._release(now)
+            self._schedule_repair(now)
+        elif key in ("repair", "timeout"):
+            self._repair(now)
+            if self.mode == "mesh":
+                self._mesh_schedule(now)
+        elif key == "stall":
+            self._check_stalls(now)
+            self._set_timer("stall", now + self.stall_timeout / 2)
+        elif key == "have":
+            super()._on_timer(key, now)
+            self._mesh_schedule(now)
+        else:
+            super()._on_timer(key, now)
+
+    def _check_stalls(self, now: float) -> None:
+        """A parent that stopped sending while the others still do is as good as gone."""
+        alive = any(now - t < self.stall_timeout for t in self.last_rx)
+        if not alive:
+            return
+        for k, slot in enumerate(self.primary):
+            if slot is not None and now - self.last_rx[k] >= self.stall_timeout:
+                link = self.peer_links.get(slot.ref.id)
+                if link is not None:
+                    self._out.append(Send(link, m.Unsubscribe(k)))
+                self._switch(k, now, "stalled")
+
+    def _report_slow(self, conn: Conn, now: float) -> None:
+        if self.tracker_link is not None:
+            self._out.append(Send(self.tracker_link, m.Complaint(conn.node_id, "cannot keep up", "slow")))
+
+    # -- for operators -------------------------------------------------------------------------
+
+    @property
+    def offload(self) -> float:
+        total = self.bytes_from_seed + self.bytes_from_peers
+        return self.bytes_from_peers / total if total else 0.0

@@ -1,0 +1,96 @@
+"""SeedNode: the root of every sub-stream tree; signs what the broadcaster sends (sans-IO).
+
+The driver feeds it media chunks (`ingest`), already cut on container boundaries by
+`seed.ingest`. The seed numbers and signs each one, keeps a window for pulls, and pushes it to
+the children the tracker gave it in that chunk's sub-stream. It is also every peer's source of
+last resort for pulls. Its own admission rules are `RelayNode`'s: a token from the tracker and
+a free slot.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meshcast import messages as m
+from meshcast.crypto import Crypto
+from meshcast.effects import Link, Notice, Open, Send
+from meshcast.errors import RemoteProtocolError
+from meshcast.node import Conn, RelayNode
+
+TRACKER = "tracker"
+RECONNECT_S = 2.0
+
+
+class SeedNode(RelayNode):
+    """Signs and pushes one channel's chunks."""
+
+    def __init__(self, *, channel: str, key: Any, crypto: Crypto, tracker: str, address: str,
+                 upload_kbps: int, bitrate_kbps: int, substreams: int = 4, chunk_ms: int = 200,
+                 buffer_s: float = 10.0) -> None:
+        super().__init__(crypto=crypto, upload_kbps=upload_kbps, buffer_s=buffer_s)
+        self.key = key
+        self.tracker = tracker
+        self.address = address
+        self._configure(channel, key.public, b"", substreams, chunk_ms, bitrate_kbps)
+        self.next_seq = 0
+        self.tracker_link: Link | None = None
+        self.rejected = ""
+        self.chunks_sent = 0
+
+    def start(self, *, now: float) -> None:
+        self._out.append(Open(self.tracker, TRACKER))
+
+    # -- tracker link ----------------------------------------------------------------------
+
+    def link_opened(self, link: Link, *, now: float, ref: Any = None) -> None:
+        super().link_opened(link, now=now, ref=ref)
+        if ref == TRACKER:
+            self.tracker_link = link
+            proof = self.crypto.sign_announce(self.key, self.channel, self.address)
+            self._out.append(Send(link, m.Announce(self.channel, self.key.public, self.address,
+                                                   self.upload_kbps, self.bitrate_kbps,
+                                                   self.substreams, self.chunk_ms, proof)))
+
+    def open_failed(self, ref: Any, *, now: float, reason: str = "") -> None:
+        if ref == TRACKER:
+            self._out.append(Notice(f"tracker unreachable ({reason}); retrying in {RECONNECT_S:g} s"))
+            self._set_timer(TRACKER, now + RECONNECT_S)
+
+    def _conn_lost(self, conn: Conn, now: float, reason: str) -> None:
+        if conn.link == self.tracker_link:
+            self.tracker_link = None
+            if not self.rejected:
+                self._out.append(Notice(f"lost the tracker ({reason}); reconnecting"))
+                self._set_timer(TRACKER, now + RECONNECT_S)
+
+    def _on_timer(self, key: Any, now: float) -> None:
+        if key == TRACKER:
+            self.start(now=now)
+        else:
+            super()._on_timer(key, now)
+
+    def _dispatch_other(self, conn: Conn, msg: m.Message, now: float) -> None:
+        if conn.link != self.tracker_link:
+            raise RemoteProtocolError(f"unexpected {type(msg).__name__} from a peer")
+        if type(msg) is m.Welcome:
+            self.id, self.tracker_key, self.mode = msg.node_id, msg.tracker_key, msg.mode
+            self._start_haves(now)
+        elif type(msg) is m.Reject:
+            self.rejected = msg.reason
+            self._out.append(Notice(f"tracker refused the channel: {msg.reason}"))
+        else:
+            raise RemoteProtocolError(f"unexpected {type(msg).__name__} from the tracker")
+
+    # -- media in --------------------------------------------------------------------------
+
+    def ingest(self, payload: bytes, *, rap: bool, now: float) -> m.ChunkHead:
+        """Number, sign, store and push one media chunk; returns its head."""
+        seq = self.next_seq
+        self.next_seq += 1
+        head = self.crypto.sign_chunk(self.key, self.channel, seq, m.FLAG_RAP if rap else 0,
+                                      now, payload)
+        self._store(head, payload)
+        for link in self._push_targets(seq):
+            self._send_chunk(link, seq)
+        self.chunks_sent += 1
+        return head

@@ -1,0 +1,152 @@
+"""Tracker, seed and peers wired in-process: placement, relaying, repair, eviction (pure, timed by the test)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from meshcast.crypto import Crypto, SigningKey
+from meshcast.policy import child_slots
+from peer.node import PeerNode
+from seed.node import SeedNode
+from tests.harness import Wiring
+from tracker.node import TrackerNode
+
+CHUNK_MS = 200
+BITRATE = 2000
+
+
+def payload(seq: int, size: int = 3000) -> bytes:
+    return bytes((seq * 7 + i) % 251 for i in range(size))
+
+
+def build(n_peers: int, *, seed_kbps: int = 4000, peer_kbps: int = 3000, strategy: str = "tree",
+          rng_seed: int = 1) -> tuple[Wiring, TrackerNode, SeedNode, list[PeerNode]]:
+    crypto = Crypto()
+    w = Wiring()
+    tracker = w.add("tracker", TrackerNode(key=SigningKey(), crypto=crypto,
+                                           rng=random.Random(rng_seed), strategy=strategy))
+    seed = w.add("seed", SeedNode(channel="ch", key=SigningKey(), crypto=crypto, tracker="tracker",
+                                  address="seed", upload_kbps=seed_kbps, bitrate_kbps=BITRATE,
+                                  chunk_ms=CHUNK_MS))
+    w.start(seed)
+    peers = []
+    for i in range(n_peers):
+        p = w.add(f"p{i}", PeerNode(channel="ch", crypto=crypto, rng=random.Random(i),
+                                    tracker="tracker", address=f"p{i}", upload_kbps=peer_kbps))
+        w.start(p)
+        peers.append(p)
+    return w, tracker, seed, peers
+
+
+def stream(w: Wiring, seed: SeedNode, chunks: int, *, gop: int = 5) -> None:
+    for _ in range(chunks):
+        seq = seed.next_seq
+        seed.ingest(payload(seq), rap=seq % gop == 0, now=w.now)
+        w.run()
+        w.advance(w.now + CHUNK_MS / 1000)
+
+
+def played(w: Wiring, peer: PeerNode) -> list[int]:
+    return [d.head.seq for d in w.delivered[peer]]
+
+
+def test_every_peer_plays_every_chunk_in_order_from_a_rap():
+    w, tracker, seed, peers = build(12)
+    stream(w, seed, 40)
+    for p in peers:
+        seqs = played(w, p)
+        assert seqs == list(range(seqs[0], 40)), seqs
+        assert w.delivered[p][0].head.rap
+        assert p.skipped == 0
+        assert [d.payload for d in w.delivered[p]] == [payload(s) for s in seqs]
+
+
+def test_no_parent_gets_more_children_than_its_upload_carries():
+    w, tracker, seed, peers = build(30, seed_kbps=2500, peer_kbps=3000)
+    forest = tracker.channels["ch"].forest
+    for member in forest.members.values():
+        assert member.used <= member.slots
+        assert sum(len(c) for c in member.children) == member.used
+    for p in peers:
+        assert p._children() <= child_slots(p.upload_kbps, BITRATE, 4)
+    # Peers carry most of the stream: the seed serves only its few slots.
+    stream(w, seed, 20)
+    total_peer = sum(p.bytes_from_peers for p in peers)
+    total_seed = sum(p.bytes_from_seed for p in peers)
+    assert total_peer / (total_peer + total_seed) > 0.8
+
+
+def test_newcomer_is_rejected_with_a_reason_when_capacity_runs_out():
+    # The seed carries exactly one copy (4 slots of 500 kbps); viewers upload nothing.
+    w, tracker, seed, peers = build(3, seed_kbps=2500, peer_kbps=0)
+    assert peers[0].rejected == ""
+    assert all("channel full" in p.rejected for p in peers[1:])
+    assert tracker.rejections == 2
+    stream(w, seed, 10)
+    assert played(w, peers[0])[-1] == 9  # the admitted viewer is not hurt by the others
+
+
+def test_seed_too_small_for_one_copy_is_told_how_much_it_needs():
+    w, tracker, seed, peers = build(1, seed_kbps=1000)
+    assert "at least 2223 kbps" in seed.rejected
+    assert "no live channel" in peers[0].rejected
+
+
+def test_trees_stay_shallow_and_relays_sit_near_the_root():
+    w, tracker, seed, peers = build(60, seed_kbps=8000, peer_kbps=3000)
+    forest = tracker.channels["ch"].forest
+    depths = [max(m.depth) for m in forest.members.values() if not m.is_seed]
+    assert max(depths) <= 5
+    for m in forest.members.values():
+        for k in range(4):
+            for cid, relays in m.children[k].items():
+                assert forest.members[cid].depth[k] == m.depth[k] + 1
+
+
+def test_killed_relay_descendants_keep_playing_via_backup_and_pull():
+    w, tracker, seed, peers = build(20, seed_kbps=4000, peer_kbps=3000)
+    stream(w, seed, 15)
+    relay = max(peers, key=lambda p: p._children())
+    assert relay._children() > 0
+    w.kill(relay)
+    stream(w, seed, 25)
+    w.advance(w.now + 3)
+    for p in peers:
+        if p is relay:
+            continue
+        seqs = played(w, p)
+        assert seqs == list(range(seqs[0], seqs[-1] + 1))
+        assert seqs[-1] == 39
+    assert relay.id not in tracker.channels["ch"].forest.members
+
+
+def test_forging_relay_is_cut_off_reported_and_evicted():
+    w, tracker, seed, peers = build(20, seed_kbps=4000, peer_kbps=3000)
+    stream(w, seed, 10)
+    bad = max(peers, key=lambda p: p._children())
+    w.tamper[bad] = lambda data: bytes([data[0] ^ 0xFF]) + data[1:]
+    stream(w, seed, 20)
+    w.advance(w.now + 3)
+    assert tracker.evictions >= 1
+    assert bad.rejected.startswith("evicted")
+    for p in peers:
+        if p is bad:
+            continue
+        for d in w.delivered[p]:
+            assert d.payload == payload(d.head.seq)  # nothing corrupt reached a player
+        seqs = played(w, p)
+        assert seqs[-1] == 29
+    assert any("failed verification" in n for n in w.notices)
+
+
+@pytest.mark.parametrize("strategy", ["random", "mesh"])
+def test_baselines_deliver_too(strategy):
+    w, tracker, seed, peers = build(10, seed_kbps=6000, peer_kbps=3000, strategy=strategy)
+    stream(w, seed, 40)
+    w.advance(w.now + 3)
+    for p in peers:
+        seqs = played(w, p)
+        assert seqs, strategy
+        assert seqs[-1] >= 35

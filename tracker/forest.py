@@ -1,0 +1,182 @@
+"""The tracker's picture of one channel: K push trees over the same members, with indexes.
+
+Each member has, per sub-stream k, a parent, a backup, children and a depth. Upload is counted
+in slots (`meshcast.policy.child_slots`): a member never has more children, over all trees,
+than it has slots. Indexes kept up to date on every change let placement find, in time
+independent of the audience size, the shallowest members with a free slot (`free[k]`) and the
+shallowest members that have a non-relaying child they could hand down (`leafy[k]`). Buckets
+are insertion-ordered dicts, so the oldest (most stable) candidates come first.
+
+A member "relays" sub-stream k when k is its home tree (SplitStream's interior-node-disjoint
+trees): it is interior in one tree and a leaf in the others, so its loss costs each descendant
+one sub-stream, not the stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from meshcast.messages import NO_PEER
+
+Bucket = dict[int, None]
+
+
+class Member:
+    __slots__ = ("id", "link", "address", "upload_kbps", "slots", "used", "coords", "joined",
+                 "home", "parent", "backup", "children", "depth", "is_seed")
+
+    def __init__(self, id: int, link: int, address: str, upload_kbps: int, slots: int,
+                 coords: tuple[float, ...], joined: float, substreams: int, is_seed: bool = False):
+        self.id, self.link, self.address = id, link, address
+        self.upload_kbps, self.slots, self.used = upload_kbps, slots, 0
+        self.coords, self.joined, self.is_seed = coords, joined, is_seed
+        self.home = NO_PEER
+        self.parent = [NO_PEER] * substreams
+        self.backup = [NO_PEER] * substreams
+        self.children: list[dict[int, bool]] = [{} for _ in range(substreams)]
+        """Per tree: child id → whether that child relays this sub-stream."""
+        self.depth = [0 if is_seed else -1] * substreams
+
+    @property
+    def free(self) -> int:
+        return self.slots - self.used
+
+    def relays(self, k: int) -> bool:
+        return self.is_seed or (self.home == k and self.slots > 0)
+
+
+class Forest:
+    """K trees rooted at the seed. All mutation goes through `attach`/`detach`/`add`/`remove`."""
+
+    def __init__(self, substreams: int) -> None:
+        self.k = substreams
+        self.members: dict[int, Member] = {}
+        self.seed: Member | None = None
+        self.free: list[dict[int, Bucket]] = [{} for _ in range(substreams)]
+        self.leafy: list[dict[int, Bucket]] = [{} for _ in range(substreams)]
+        self.home_capacity = [0] * substreams
+        self.ids: list[int] = []
+        """Member ids in a list, for O(1) random sampling (swap-remove keeps it dense)."""
+        self._pos: dict[int, int] = {}
+
+    # -- membership ----------------------------------------------------------------------------
+
+    def add(self, member: Member) -> None:
+        self.members[member.id] = member
+        self._pos[member.id] = len(self.ids)
+        self.ids.append(member.id)
+        if member.is_seed:
+            self.seed = member
+        elif member.slots > 0:
+            # Home = the tree with the least relay capacity so far: keeps the K trees balanced.
+            member.home = min(range(self.k), key=lambda k: (self.home_capacity[k], k))
+            self.home_capacity[member.home] += member.slots
+        self._index(member)
+
+    def remove(self, member: Member) -> list[tuple[int, int]]:
+        """Take a member out; return the (child, k) pairs left without a parent."""
+        orphans = []
+        for k in range(self.k):
+            for child in list(member.children[k]):
+                self.detach(self.members[child], k)
+                orphans.append((child, k))
+            if member.parent[k] != NO_PEER:
+                self.detach(member, k)
+        self._unindex(member)
+        if member.home != NO_PEER:
+            self.home_capacity[member.home] -= member.slots
+        del self.members[member.id]
+        i = self._pos.pop(member.id)
+        last = self.ids.pop()
+        if last != member.id:
+            self.ids[i] = last
+            self._pos[last] = i
+        if member is self.seed:
+            self.seed = None
+        for other in self.members.values():
+            for k in range(self.k):
+                if other.backup[k] == member.id:
+                    other.backup[k] = NO_PEER
+        return orphans
+
+    # -- tree edits ----------------------------------------------------------------------------
+
+    def attach(self, child: Member, k: int, parent: Member) -> None:
+        if child.parent[k] != NO_PEER:
+            self.detach(child, k)
+        self._unindex(parent)
+        child.parent[k] = parent.id
+        parent.children[k][child.id] = child.relays(k)
+        parent.used += 1
+        self._index(parent)
+        self._set_depth(child, k, parent.depth[k] + 1)
+
+    def detach(self, child: Member, k: int) -> None:
+        pid = child.parent[k]
+        if pid == NO_PEER:
+            return
+        parent = self.members.get(pid)
+        child.parent[k] = NO_PEER
+        if parent is not None and child.id in parent.children[k]:
+            self._unindex(parent)
+            del parent.children[k][child.id]
+            parent.used -= 1
+            self._index(parent)
+        self._set_depth(child, k, -1)
+
+    def _set_depth(self, member: Member, k: int, depth: int) -> None:
+        """Set a member's depth in tree k and its whole subtree's (−1: cut off from the root)."""
+        stack = [(member, depth)]
+        while stack:
+            m, d = stack.pop()
+            if m.depth[k] == d:
+                continue
+            self._unindex(m)
+            m.depth[k] = d
+            self._index(m)
+            for cid in m.children[k]:
+                stack.append((self.members[cid], d + 1 if d >= 0 else -1))
+
+    def is_descendant(self, candidate: Member, ancestor: Member, k: int) -> bool:
+        """Is `candidate` in `ancestor`'s subtree of tree k (itself included)?"""
+        m: Member | None = candidate
+        hops = 0
+        while m is not None and hops <= len(self.members):
+            if m is ancestor:
+                return True
+            m = self.members.get(m.parent[k]) if m.parent[k] != NO_PEER else None
+            hops += 1
+        return False
+
+    # -- indexes -------------------------------------------------------------------------------
+
+    def _trees_of(self, m: Member) -> Iterator[int]:
+        if m.is_seed:
+            yield from range(self.k)
+        elif m.home != NO_PEER:
+            yield m.home
+
+    def _index(self, m: Member) -> None:
+        for k in self._trees_of(m):
+            d = m.depth[k]
+            if d < 0:
+                continue
+            if m.used < m.slots:
+                self.free[k].setdefault(d, {})[m.id] = None
+            if any(not relays for relays in m.children[k].values()):
+                self.leafy[k].setdefault(d, {})[m.id] = None
+
+    def _unindex(self, m: Member) -> None:
+        for k in self._trees_of(m):
+            d = m.depth[k]
+            for index in (self.free[k], self.leafy[k]):
+                bucket = index.get(d)
+                if bucket is not None and m.id in bucket:
+                    del bucket[m.id]
+                    if not bucket:
+                        del index[d]
+
+    # -- measurements --------------------------------------------------------------------------
+
+    def max_depth(self, member: Member) -> int:
+        return max(member.depth) if member.depth else 0

@@ -1,0 +1,290 @@
+"""TrackerNode: admits seeds and viewers, builds and repairs each channel's push trees (sans-IO).
+
+The "Usher": for every channel it owns the forest of K sub-stream trees. On `Join` it places
+the newcomer under one parent per sub-stream (the pluggable strategy decides which) with a
+backup ready, and hands out tokens it signed so that parents accept only the children the
+tracker gave them. On a departure (graceful `Leave`, a closed link, or an eviction) it re-homes
+the orphans at once — to the backup each orphan has already switched to when that has room.
+It never oversubscribes: when no member and not the seed has a free slot, the newcomer gets a
+`Reject` that says so.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+from meshcast import messages as m
+from meshcast.crypto import Crypto
+from meshcast.effects import Close, Link, Notice, Send
+from meshcast.errors import RemoteProtocolError
+from meshcast.node import NodeBase
+from meshcast.policy import HEADROOM as HEADROOM_FACTOR
+from meshcast.policy import child_slots
+from tracker.forest import Forest, Member
+from tracker.placement import TreePlacement, make_strategy
+
+TOKEN_LIFETIME = 600.0
+"""Seconds a token stays valid (a backup token must still be good when the backup is needed)."""
+MESH_NEIGHBOURS = 6
+
+
+class Channel:
+    __slots__ = ("name", "public_key", "bitrate_kbps", "substreams", "chunk_ms", "forest",
+                 "seed_link", "banned")
+
+    def __init__(self, name: str, public_key: bytes, bitrate_kbps: int, substreams: int,
+                 chunk_ms: int) -> None:
+        self.name, self.public_key = name, public_key
+        self.bitrate_kbps, self.substreams, self.chunk_ms = bitrate_kbps, substreams, chunk_ms
+        self.forest = Forest(substreams)
+        self.seed_link: Link | None = None
+        self.banned: set[str] = set()
+
+
+class TrackerNode(NodeBase):
+    """The topology owner. One instance serves many channels."""
+
+    def __init__(self, *, key: Any, crypto: Crypto, rng: random.Random,
+                 strategy: str = "tree") -> None:
+        super().__init__()
+        self.key = key
+        self.crypto = crypto
+        self.rng = rng
+        self.strategy: TreePlacement = make_strategy(strategy, rng)
+        self.channels: dict[str, Channel] = {}
+        self.links: dict[Link, tuple[Channel, Member] | None] = {}
+        self._next_id = 1
+        self.evictions = 0
+        self.rejections = 0
+
+    # -- links ---------------------------------------------------------------------------------
+
+    def link_opened(self, link: Link, *, now: float, ref: Any = None) -> None:
+        self.links[link] = None
+
+    def link_closed(self, link: Link, *, now: float, reason: str = "") -> None:
+        entry = self.links.pop(link, None)
+        if entry is not None:
+            self._remove(entry[0], entry[1], now)
+
+    def protocol_error(self, link: Link, error: RemoteProtocolError, *, now: float) -> None:
+        self._out.append(Notice(f"closing link {link}: {error}"))
+        self._drop_link(link, f"protocol error: {error}", now)
+
+    def _drop_link(self, link: Link, reason: str, now: float) -> None:
+        self._out.append(Close(link, reason))
+        self.link_closed(link, now=now)
+
+    # -- messages ------------------------------------------------------------------------------
+
+    def handle(self, link: Link, msg: m.Message, *, now: float) -> None:
+        if link not in self.links:
+            return
+        entry = self.links[link]
+        t = type(msg)
+        try:
+            if t is m.Announce:
+                self._on_announce(link, msg, now)
+            elif t is m.Join:
+                self._on_join(link, msg, now)
+            elif entry is None:
+                raise RemoteProtocolError(f"{t.__name__} before Join or Announce")
+            elif t is m.Leave:
+                self._drop_link(link, "bye", now)
+            elif t is m.ParentLost:
+                self._on_parent_lost(entry[0], entry[1], msg, now)
+            elif t is m.Complaint:
+                self._on_complaint(entry[0], entry[1], msg, now)
+            else:
+                raise RemoteProtocolError(f"unexpected {t.__name__} at the tracker")
+        except RemoteProtocolError as exc:
+            self.protocol_error(link, exc, now=now)
+
+    def _new_id(self) -> int:
+        nid = self._next_id
+        self._next_id += 1
+        return nid
+
+    def _welcome(self, ch: Channel, member: Member) -> m.Welcome:
+        return m.Welcome(member.id, ch.name, ch.public_key, self.key.public, ch.substreams,
+                         ch.chunk_ms, ch.bitrate_kbps, self.strategy.mode,
+                         ch.forest.seed.id if ch.forest.seed else m.NO_PEER)
+
+    def _on_announce(self, link: Link, msg: m.Announce, now: float) -> None:
+        if self.links[link] is not None:
+            raise RemoteProtocolError("second Announce on one link")
+        if not self.crypto.announce_valid(msg.public_key, msg.channel, msg.address, msg.proof):
+            raise RemoteProtocolError("Announce proof does not match the channel key")
+        ch = self.channels.get(msg.channel)
+        if ch is not None and ch.public_key != msg.public_key:
+            self._out.append(Send(link, m.Reject(f"channel {msg.channel!r} belongs to another key")))
+            self._drop_link(link, "channel taken", now)
+            return
+        slots = child_slots(msg.upload_kbps, msg.bitrate_kbps, msg.substreams)
+        if slots < msg.substreams:
+            need = math.ceil(msg.bitrate_kbps / HEADROOM_FACTOR)
+            self._reject(link, f"seed upload {msg.upload_kbps} kbps cannot carry one copy of a "
+                               f"{msg.bitrate_kbps} kbps stream: give it at least {need} kbps", now)
+            return
+        if ch is None:
+            ch = self.channels[msg.channel] = Channel(msg.channel, msg.public_key, msg.bitrate_kbps,
+                                                      msg.substreams, msg.chunk_ms)
+        elif ch.seed_link is not None and ch.seed_link in self.links:
+            self._drop_link(ch.seed_link, "replaced by a new seed connection", now)
+        ch.bitrate_kbps, ch.chunk_ms = msg.bitrate_kbps, msg.chunk_ms
+        seed = Member(self._new_id(), link, msg.address, msg.upload_kbps, slots, (), now,
+                      ch.substreams, is_seed=True)
+        ch.forest.add(seed)
+        ch.seed_link = link
+        self.links[link] = (ch, seed)
+        self._out.append(Send(link, self._welcome(ch, seed)))
+        # Members orphaned by a seed restart hang off nothing: place them again.
+        for member in list(ch.forest.members.values()):
+            for k in range(ch.substreams):
+                if member is not seed and member.parent[k] == m.NO_PEER:
+                    self._place(ch, member, k, now)
+
+    def _on_join(self, link: Link, msg: m.Join, now: float) -> None:
+        if self.links[link] is not None:
+            raise RemoteProtocolError("second Join on one link")
+        ch = self.channels.get(msg.channel)
+        if ch is None or ch.forest.seed is None:
+            self._reject(link, f"no live channel {msg.channel!r} on this tracker", now)
+            return
+        if msg.address and msg.address in ch.banned:
+            self._reject(link, "evicted from this channel", now)
+            return
+        slots = child_slots(msg.upload_kbps, ch.bitrate_kbps, ch.substreams) if msg.address else 0
+        member = Member(self._new_id(), link, msg.address, msg.upload_kbps, slots,
+                        tuple(msg.coords), now, ch.substreams)
+        ch.forest.add(member)
+        self.links[link] = (ch, member)
+        self._out.append(Send(link, self._welcome(ch, member)))
+        for k in range(ch.substreams if self.strategy.mode == "tree" else 0):
+            if not self._place(ch, member, k, now):
+                self.links[link] = None
+                ch.forest.remove(member)
+                self._reject(link, "channel full: no upload capacity left for a new viewer", now)
+                return
+        self._send_neighbours(ch, member, now)
+
+    def _reject(self, link: Link, reason: str, now: float) -> None:
+        self.rejections += 1
+        self._out.append(Send(link, m.Reject(reason)))
+        self._drop_link(link, reason, now)
+
+    # -- placement and repair -------------------------------------------------------------------
+
+    def _token(self, ch: Channel, child: Member, parent: Member, k: int, now: float) -> m.Token:
+        return self.crypto.issue_token(self.key, child.id, parent.id, ch.name, k, now + TOKEN_LIFETIME)
+
+    def _place(self, ch: Channel, member: Member, k: int, now: float, avoid: int = m.NO_PEER) -> bool:
+        """Give `member` a parent (and backup) in tree k; tell it. False: no capacity anywhere."""
+        forest = ch.forest
+        parent, displaced = self.strategy.parent(forest, member, k, avoid)
+        if parent is None:
+            return False
+        if displaced is not None:
+            forest.detach(displaced, k)
+        forest.attach(member, k, parent)
+        self._assign(ch, member, k, now)
+        if displaced is not None and not self._place(ch, displaced, k, now):
+            self._evict_for_capacity(ch, displaced, now)
+        return True
+
+    def _assign(self, ch: Channel, member: Member, k: int, now: float) -> None:
+        forest = ch.forest
+        parent = forest.members[member.parent[k]]
+        backup = self.strategy.backup(forest, member, k)
+        member.backup[k] = backup.id if backup is not None else m.NO_PEER
+        msg = m.Assign(k, m.PeerRef(parent.id, parent.address), self._token(ch, member, parent, k, now),
+                       m.PeerRef(backup.id, backup.address) if backup else None,
+                       self._token(ch, member, backup, k, now) if backup else None,
+                       member.relays(k))
+        self._out.append(Send(member.link, msg))
+
+    def _send_neighbours(self, ch: Channel, member: Member, now: float) -> None:
+        """Tree mode: the seed, as the last-resort source for pulls. Mesh mode: random members."""
+        forest = ch.forest
+        peers: list[Member] = []
+        if self.strategy.mode == "mesh":
+            ids = forest.ids
+            for _ in range(4 * MESH_NEIGHBOURS):
+                if len(peers) >= MESH_NEIGHBOURS or len(ids) <= 1:
+                    break
+                cand = forest.members[ids[self.rng.randrange(len(ids))]]
+                if cand is not member and cand not in peers and cand.address and not cand.is_seed:
+                    peers.append(cand)
+        if forest.seed is not None:
+            peers.append(forest.seed)
+        msg = m.Neighbours(tuple(m.PeerRef(p.id, p.address) for p in peers),
+                           tuple(self.crypto.issue_token(self.key, member.id, p.id, ch.name,
+                                                         m.NO_PEER, now + TOKEN_LIFETIME)
+                                 for p in peers))
+        self._out.append(Send(member.link, msg))
+
+    def _remove(self, ch: Channel, member: Member, now: float) -> None:
+        if member.id not in ch.forest.members:
+            return
+        if member.is_seed:
+            ch.seed_link = None
+        orphans = ch.forest.remove(member)
+        for child_id, k in orphans:
+            child = ch.forest.members.get(child_id)
+            if child is None:
+                continue
+            backup = ch.forest.members.get(child.backup[k])
+            # The orphan switches to its backup on its own; confirm that if the backup has room.
+            if backup is not None and backup.free > 0 and not ch.forest.is_descendant(backup, child, k):
+                ch.forest.attach(child, k, backup)
+                self._assign(ch, child, k, now)
+            elif ch.forest.seed is not None and not self._place(ch, child, k, now):
+                self._evict_for_capacity(ch, child, now)
+
+    def _evict_for_capacity(self, ch: Channel, member: Member, now: float) -> None:
+        self._out.append(Send(member.link, m.Reject("channel full after a departure: rejoin later")))
+        self._drop_link(member.link, "no capacity", now)
+
+    def _on_parent_lost(self, ch: Channel, member: Member, msg: m.ParentLost, now: float) -> None:
+        k = msg.substream
+        if k >= ch.substreams or member.is_seed:
+            raise RemoteProtocolError(f"ParentLost for sub-stream {k}")
+        forest = ch.forest
+        if member.parent[k] != msg.parent:
+            return  # stale: the tracker moved it already
+        target = forest.members.get(msg.switched_to)
+        if target is not None and target.free > 0 and not forest.is_descendant(target, member, k):
+            forest.attach(member, k, target)
+            self._assign(ch, member, k, now)  # fresh backup
+            return
+        forest.detach(member, k)
+        # The old parent refused or failed this member: do not hand it straight back.
+        if not self._place(ch, member, k, now, avoid=msg.parent):
+            self._evict_for_capacity(ch, member, now)
+
+    def _on_complaint(self, ch: Channel, member: Member, msg: m.Complaint, now: float) -> None:
+        offender = ch.forest.members.get(msg.offender)
+        if offender is None or offender.is_seed:
+            return
+        if msg.kind == "slow":
+            self._out.append(Notice(f"peer {member.id} reports child {offender.id} too slow"))
+            return
+        # Only a member's own parents can have sent it media: other accusations are ignored.
+        if msg.offender not in member.parent and msg.offender not in member.backup:
+            return
+        self.evictions += 1
+        self._out.append(Notice(f"evicting peer {offender.id} ({offender.address}): "
+                                f"{msg.reason} (reported by {member.id})"))
+        if offender.address:
+            ch.banned.add(offender.address)
+        self._out.append(Send(offender.link, m.Reject(f"evicted: {msg.reason}")))
+        self._drop_link(offender.link, f"evicted: {msg.reason}", now)
+
+    # -- measurements --------------------------------------------------------------------------
+
+    def depth_of(self, channel: str, node_id: int) -> int:
+        ch = self.channels.get(channel)
+        member = ch.forest.members.get(node_id) if ch else None
+        return max(member.depth) if member else -1

@@ -1,0 +1,142 @@
+"""Placement strategies: who becomes a newcomer's parent (and backup) in each sub-stream tree.
+
+A strategy is a small object of pure decisions over the `Forest` snapshot (libtorrent's choker
+style); the `TrackerNode` applies them. Three ship, so every claim is a side-by-side ratio:
+
+- `tree` (ours): SplitStream-style interior-disjoint trees, shallowest first. A relaying
+  newcomer takes the shallowest free slot in its home tree — or, if a shallower parent is full
+  but has a non-relaying child, it takes that child's place and adopts it (push-down), so
+  high-capacity relays sit near the root and trees stay log_{fan-out}(n) deep. Among equally
+  shallow candidates the oldest 16 are considered and the nearest (network coordinates) wins:
+  stable, close parents.
+- `random`: random multi-tree — any member with a free slot, uniformly (SplitStream with random
+  parent choice, no depth or distance awareness).
+- `mesh`: no trees at all; peers pull everything through have-maps (CoolStreaming/DONet).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+from meshcast.messages import NO_PEER
+from tracker.forest import Forest, Member
+
+CANDIDATES = 16
+
+
+def distance(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    if not a or not b:
+        return 0.0
+    return math.dist(a, b)
+
+
+class TreePlacement:
+    """Ours: shallow, latency-aware, interior-disjoint trees with push-down."""
+
+    name = "tree"
+    mode = "tree"
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+
+    def _shallowest(self, forest: Forest, index: dict[int, dict[int, None]], member: Member,
+                    k: int, exclude: int = NO_PEER) -> Member | None:
+        """Nearest of the oldest few candidates at the smallest depth that can take `member`."""
+        for depth in sorted(index):
+            best, best_d = None, math.inf
+            seen = 0
+            for pid in index[depth]:
+                cand = forest.members[pid]
+                if cand is member or pid == exclude:
+                    continue
+                if member.children[k] and forest.is_descendant(cand, member, k):
+                    continue
+                d = distance(cand.coords, member.coords)
+                if d < best_d:
+                    best, best_d = cand, d
+                seen += 1
+                if seen >= CANDIDATES:
+                    break
+            if best is not None:
+                return best
+        return None
+
+    def parent(self, forest: Forest, member: Member, k: int,
+               avoid: int = NO_PEER) -> tuple[Member | None, Member | None]:
+        """(parent, displaced): displaced is a non-relaying child that `member` takes over."""
+        free = self._shallowest(forest, forest.free[k], member, k, avoid)
+        if member.relays(k) and member.slots > 0:
+            full = self._shallowest(forest, forest.leafy[k], member, k, avoid)
+            if full is not None and (free is None or full.depth[k] < free.depth[k]):
+                for cid, relays in full.children[k].items():
+                    if not relays and cid != member.id:
+                        return full, forest.members[cid]
+        if free is None:
+            free = sample_free(forest, member, k, avoid, self.rng)  # borrow any spare slot
+        return free, None
+
+    def backup(self, forest: Forest, member: Member, k: int) -> Member | None:
+        return self._shallowest(forest, forest.free[k], member, k, exclude=member.parent[k])
+
+
+class RandomPlacement(TreePlacement):
+    """Baseline: a uniformly random member with a free slot (no depth, distance or push-down)."""
+
+    name = "random"
+
+    def parent(self, forest, member, k, avoid=NO_PEER):  # type: ignore[override]
+        return sample_free(forest, member, k, avoid, self.rng), None
+
+    def backup(self, forest, member, k):  # type: ignore[override]
+        return sample_free(forest, member, k, member.parent[k], self.rng)
+
+
+class MeshPlacement(TreePlacement):
+    """Baseline: no push trees; the tracker only hands out mesh neighbours."""
+
+    name = "mesh"
+    mode = "mesh"
+
+    def parent(self, forest, member, k, avoid=NO_PEER):  # type: ignore[override]
+        return None, None
+
+    def backup(self, forest, member, k):  # type: ignore[override]
+        return None
+
+
+SAMPLES = 64
+
+
+def sample_free(forest: Forest, member: Member, k: int, exclude: int,
+                rng: random.Random) -> Member | None:
+    """A uniformly random member attached to tree k with a free slot (not in member's subtree).
+
+    Random probes first (O(1) each, independent of the audience size), then a full scan so that
+    a free slot is never missed when capacity is scarce.
+    """
+    def ok(c: Member) -> bool:
+        return (c is not member and c.free > 0 and c.depth[k] >= 0 and c.id != exclude
+                and not (member.children[k] and forest.is_descendant(c, member, k)))
+
+    ids, members = forest.ids, forest.members
+    for _ in range(min(SAMPLES, len(ids))):
+        cand = members[ids[rng.randrange(len(ids))]]
+        if ok(cand):
+            return cand
+    start = rng.randrange(len(ids)) if ids else 0
+    for i in range(len(ids)):
+        cand = members[ids[(start + i) % len(ids)]]
+        if ok(cand):
+            return cand
+    return None
+
+
+STRATEGIES = {cls.name: cls for cls in (TreePlacement, RandomPlacement, MeshPlacement)}
+
+
+def make_strategy(name: str, rng: random.Random) -> TreePlacement:
+    try:
+        return STRATEGIES[name](rng)
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}") from None

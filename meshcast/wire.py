@@ -197,11 +197,12 @@ class FrameReader:
     def __init__(self) -> None:
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> list[m.Message]:
-        """Add bytes; return the messages now complete. Raises `RemoteProtocolError`."""
+    def feed(self, data: bytes, *, most: int = 1 << 30) -> list[m.Message]:
+        """Add bytes; return the messages now complete (at most `most`; the rest stays
+        buffered for `take_rest`). Raises `RemoteProtocolError`."""
         self._buf += data
-        out = []
-        while len(self._buf) >= 4:
+        out: list[m.Message] = []
+        while len(self._buf) >= 4 and len(out) < most:
             (size,) = _LEN.unpack_from(self._buf)
             if size > MAX_FRAME:
                 raise RemoteProtocolError(f"frame of {size} bytes exceeds the {MAX_FRAME}-byte limit")

@@ -41,14 +41,14 @@ class TreePlacement:
         self.rng = rng
 
     def _shallowest(self, forest: Forest, index: dict[int, dict[int, None]], member: Member,
-                    k: int, exclude: int = NO_PEER) -> Member | None:
+                    k: int, exclude: int = NO_PEER, skip_seed: bool = False) -> Member | None:
         """Nearest of the oldest few candidates at the smallest depth that can take `member`."""
         for depth in sorted(index):
             best, best_d = None, math.inf
             seen = 0
             for pid in index[depth]:
                 cand = forest.members[pid]
-                if cand is member or pid == exclude:
+                if cand is member or pid == exclude or (skip_seed and cand.is_seed):
                     continue
                 if member.children[k] and forest.is_descendant(cand, member, k):
                     continue
@@ -65,12 +65,17 @@ class TreePlacement:
     def parent(self, forest: Forest, member: Member, k: int,
                avoid: int = NO_PEER) -> tuple[Member | None, Member | None]:
         """(parent, displaced): displaced is a non-relaying child that `member` takes over."""
-        free = self._shallowest(forest, forest.free[k], member, k, avoid)
-        if member.relays(k) and member.slots > 0:
+        relays = member.relays(k) and member.slots > 0
+        # The seed's slots are for relays: a leaf goes under a peer whenever one has room, so
+        # the seed uploads a few copies per tree however large the audience (offload).
+        free = self._shallowest(forest, forest.free[k], member, k, avoid, skip_seed=not relays)
+        if free is None and not relays:
+            free = self._shallowest(forest, forest.free[k], member, k, avoid)
+        if relays:
             full = self._shallowest(forest, forest.leafy[k], member, k, avoid)
             if full is not None and (free is None or full.depth[k] < free.depth[k]):
-                for cid, relays in full.children[k].items():
-                    if not relays and cid != member.id:
+                for cid, child_relays in full.children[k].items():
+                    if not child_relays and cid != member.id:
                         return full, forest.members[cid]
         if free is None:
             free = sample_free(forest, member, k, avoid, self.rng)  # borrow any spare slot

@@ -1,0 +1,278 @@
+"""The network driver: runs one sans-IO node over a QUIC endpoint on the real clock (anyio).
+
+It only pumps. Bytes from a link become node calls (control frames → `handle`; a chunk stream
+→ `chunk_begin`, `chunk_data` for each piece as it arrives, `chunk_end`); after every call the
+node's effects are carried out at once and its timer re-armed. A chunk the node relays is thus
+written to the children's streams piece by piece while it is still arriving (cut-through).
+
+Back-pressure (aioquic has none of its own): before opening a chunk stream to a link, the
+driver looks at the bytes that link has not yet sent; above `max_unsent` it skips that chunk for
+that link and tells the node (`chunk_dropped`), which reports a persistently slow child to the
+tracker. So a slow child costs its own late chunks, never unbounded memory in its parent.
+
+Every task belongs to the runner's task group; cancelling it closes every link.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from meshcast import effects as fx
+from meshcast import messages as m
+from meshcast import wire
+from meshcast.errors import RemoteProtocolError
+from meshcast.net.quic import (
+    ConnectError,
+    ControlData,
+    LinkClosed,
+    QuicEndpoint,
+    QuicLink,
+    StreamData,
+    StreamReset,
+)
+
+log = logging.getLogger("meshcast.runtime")
+
+MAX_UNSENT = 512 * 1024
+"""Bytes a link may have waiting before the driver drops chunks for it (about 2 s at 2 Mbit/s)."""
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """"host:port" → (host, port); a clear `ValueError` otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+class _InStream:
+    __slots__ = ("reader", "seq")
+
+    def __init__(self) -> None:
+        self.reader: wire.FrameReader | None = wire.FrameReader()
+        self.seq = -1
+
+
+class NodeRunner:
+    """Drive `node` over `endpoint`. Effects the network cannot carry (Deliver, Skip, Notice)
+    go to `on_effect`."""
+
+    def __init__(self, node: Any, endpoint: QuicEndpoint, *,
+                 on_effect: Callable[[fx.Effect], None] | None = None,
+                 clock: Callable[[], float] = time.time, max_unsent: int = MAX_UNSENT,
+                 accept: bool = True) -> None:
+        self.node = node
+        self.endpoint = endpoint
+        self.on_effect = on_effect or (lambda eff: None)
+        self.clock = clock
+        self.max_unsent = max_unsent
+        self.accept = accept
+        self.links: dict[int, QuicLink] = {}
+        self._next_link = 1
+        self._out_streams: dict[tuple[int, int], int] = {}
+        self._dropped: set[tuple[int, int]] = set()
+        self._timer_changed = anyio.Event()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self.bytes_out = 0
+
+    # -- entry points ------------------------------------------------------------------------
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled. `start()` is called on the node if it has one."""
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                if self.accept:
+                    tg.start_soon(self._accept_loop)
+                tg.start_soon(self._timer_loop)
+                if hasattr(self.node, "start"):
+                    self.call(lambda now: self.node.start(now=now))
+                task_status.started()
+        finally:
+            for link in self.links.values():
+                link.close("shutting down")
+            self.links.clear()
+
+    def call(self, fn: Callable[[float], Any]) -> Any:
+        """Call into the node with the current time, then carry out what it asks."""
+        result = fn(self.clock())
+        self._pump()
+        return result
+
+    # -- tasks -------------------------------------------------------------------------------
+
+    async def _accept_loop(self) -> None:
+        while True:
+            try:
+                qlink = await self.endpoint.accept()
+            except (anyio.ClosedResourceError, anyio.EndOfStream):
+                return
+            link = self._add(qlink)
+            self.call(lambda now: self.node.link_opened(link, now=now))
+
+    async def _connect(self, address: str, ref: Any) -> None:
+        try:
+            host, port = parse_address(address)
+            qlink = await self.endpoint.connect(host, port)
+        except (ConnectError, ValueError, OSError) as exc:
+            self.call(lambda now: self.node.open_failed(ref, now=now, reason=str(exc)))
+            return
+        link = self._add(qlink)
+        self.call(lambda now: self.node.link_opened(link, now=now, ref=ref))
+
+    def _add(self, qlink: QuicLink) -> int:
+        link = self._next_link
+        self._next_link += 1
+        self.links[link] = qlink
+        assert self._tg is not None
+        self._tg.start_soon(self._read_loop, link, qlink)
+        return link
+
+    async def _timer_loop(self) -> None:
+        while True:
+            changed = self._timer_changed = anyio.Event()
+            when = self.node.next_timer()
+            if when is None:
+                await changed.wait()
+                continue
+            delay = when - self.clock()
+            if delay > 0:
+                with anyio.move_on_after(delay):
+                    await changed.wait()
+                continue
+            self.call(lambda now: self.node.handle_timer(now=now))
+
+    async def _read_loop(self, link: int, qlink: QuicLink) -> None:
+        control = wire.FrameReader()
+        streams: dict[int, _InStream] = {}
+        node = self.node
+        while True:
+            event = await qlink.receive()
+            if self.links.get(link) is not qlink:
+                return  # closed by our node
+            try:
+                t = type(event)
+                if t is StreamData:
+                    self._stream_data(link, streams, event)
+                elif t is ControlData:
+                    for msg in control.feed(event.data):
+                        self.call(lambda now: node.handle(link, msg, now=now))
+                        if link not in self.links:
+                            return
+                elif t is StreamReset:
+                    st = streams.pop(event.stream_id, None)
+                    if st is not None and st.seq >= 0:
+                        self.call(lambda now: node.chunk_end(link, st.seq, now=now, aborted=True))
+                elif t is LinkClosed:
+                    del self.links[link]
+                    self._forget(link)
+                    self.call(lambda now: node.link_closed(link, now=now, reason=event.reason))
+                    return
+            except RemoteProtocolError as exc:
+                self.call(lambda now: node.protocol_error(link, exc, now=now))
+                if link not in self.links:
+                    return
+
+    def _stream_data(self, link: int, streams: dict[int, _InStream], event: StreamData) -> None:
+        node = self.node
+        st = streams.get(event.stream_id)
+        if st is None:
+            st = streams[event.stream_id] = _InStream()
+        data = event.data
+        if st.reader is not None:
+            msgs = st.reader.feed(data, most=1)
+            if not msgs:
+                if event.end:
+                    raise RemoteProtocolError("chunk stream ended before its head")
+                return
+            head = msgs[0]
+            if type(head) is not m.ChunkHead:
+                raise RemoteProtocolError(f"a chunk stream must start with a ChunkHead, "
+                                          f"not {type(head).__name__}")
+            data = st.reader.take_rest()
+            st.reader = None
+            st.seq = head.seq
+            self.call(lambda now: node.chunk_begin(link, head, now=now))
+        if data:
+            self.call(lambda now: node.chunk_data(link, st.seq, data, now=now))
+        if event.end:
+            del streams[event.stream_id]
+            self.call(lambda now: node.chunk_end(link, st.seq, now=now))
+
+    # -- effects -----------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        dropped = []
+        while True:
+            effects = self.node.drain()
+            if not effects and not dropped:
+                break
+            for eff in effects:
+                d = self._apply(eff)
+                if d is not None:
+                    dropped.append(d)
+            for link, seq in dropped:
+                self.node.chunk_dropped(link, seq, now=self.clock())
+            dropped = []
+        self._timer_changed.set()
+
+    def _apply(self, eff: fx.Effect) -> tuple[int, int] | None:
+        t = type(eff)
+        if t is fx.ChunkBytes:
+            sid = self._out_streams.get((eff.link, eff.seq))
+            if sid is not None:
+                self.links[eff.link].send_stream(sid, eff.data)
+                self.bytes_out += len(eff.data)
+            return None
+        if t is fx.ChunkBegin:
+            qlink = self.links.get(eff.link)
+            if qlink is None:
+                return None
+            key = (eff.link, eff.head.seq)
+            if qlink.unsent_bytes > self.max_unsent:
+                self._dropped.add(key)
+                return key
+            sid = qlink.open_stream()
+            self._out_streams[key] = sid
+            qlink.send_stream(sid, wire.frame(eff.head))
+            return None
+        if t is fx.ChunkEnd:
+            key = (eff.link, eff.seq)
+            sid = self._out_streams.pop(key, None)
+            self._dropped.discard(key)
+            qlink = self.links.get(eff.link)
+            if sid is not None and qlink is not None:
+                if eff.ok:
+                    qlink.send_stream(sid, b"", end=True)
+                else:
+                    qlink.reset_stream(sid)
+            return None
+        if t is fx.Send:
+            qlink = self.links.get(eff.link)
+            if qlink is not None:
+                data = wire.frame(eff.msg)
+                qlink.send_control(data)
+                self.bytes_out += len(data)
+            return None
+        if t is fx.Open:
+            assert self._tg is not None
+            self._tg.start_soon(self._connect, eff.address, eff.ref)
+            return None
+        if t is fx.Close:
+            qlink = self.links.pop(eff.link, None)
+            if qlink is not None:
+                qlink.close(eff.reason)
+            self._forget(eff.link)
+            return None
+        self.on_effect(eff)
+        return None
+
+    def _forget(self, link: int) -> None:
+        for key in [k for k in self._out_streams if k[0] == link]:
+            del self._out_streams[key]

@@ -1,0 +1,353 @@
+"""Collect a run's quality-of-experience and cost metrics, and write them as JSON, CSV and plots.
+
+The driver calls the collector as things happen; nothing here reads a clock (times are
+arguments). Memory stays flat in run length and in samples: latencies go into fixed-width
+histograms (1 ms bins up to ``latency_max_s``; quantiles are exact to half a bin), per-peer
+aggregates live in ``array`` columns indexed by node id, and the time series keep a few counters
+plus a coarse (10 ms) latency histogram per bucket.
+
+Definitions (what the summary means):
+    latency     source-to-play latency of each verified chunk (p50/p95/p99, ms).
+    continuity  chunks verified on time / chunks due (verified + missed). The driver reports
+                each (peer, seq) due for playback exactly once: `chunk_verified` (on time or
+                late) or `chunk_missed` (never arrived).
+    offload     bytes of verified chunks that came from peers / all verified chunk bytes.
+    seed egress all bytes the seed(s) sent (media + control) over the run, in kbit/s.
+    control overhead  control bytes / media bytes, all nodes.
+    depth       each peer's deepest tree position reported (root's children: depth 1);
+                the histogram counts peers by that depth.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from array import array
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping
+
+__all__ = ["Histogram", "MetricsCollector", "write_comparison"]
+
+_SERIES_BIN_S = 0.010  # per-bucket latency histograms: coarse, they only feed a p50 plot
+
+
+class Histogram:
+    """Fixed-width bins on [0, max_s); values at or above max_s land in the last bin."""
+
+    __slots__ = ("width_s", "counts", "n", "_inv")
+
+    def __init__(self, width_s: float = 0.001, max_s: float = 10.0) -> None:
+        self.width_s = width_s
+        self._inv = 1.0 / width_s
+        self.counts = array("q", bytes(8 * int(math.ceil(max_s / width_s))))
+        self.n = 0
+
+    def add(self, x_s: float) -> None:
+        i = int(x_s * self._inv)
+        counts = self.counts
+        if i >= len(counts):
+            i = len(counts) - 1
+        elif i < 0:
+            i = 0
+        counts[i] += 1
+        self.n += 1
+
+    def quantile(self, q: float) -> float | None:
+        """Nearest-rank q-quantile (seconds, the bin's midpoint); None if empty."""
+        if self.n == 0:
+            return None
+        rank = max(1, math.ceil(q * self.n))
+        seen = 0
+        for i, c in enumerate(self.counts):
+            seen += c
+            if seen >= rank:
+                return (i + 0.5) * self.width_s
+        raise AssertionError("unreachable: counts sum to n")
+
+    def cdf(self) -> tuple[list[float], list[float]]:
+        """(upper bin edge in seconds, fraction ≤ it) for the non-empty bins."""
+        xs, ys, seen = [], [], 0
+        for i, c in enumerate(self.counts):
+            if c:
+                seen += c
+                xs.append((i + 1) * self.width_s)
+                ys.append(seen / self.n)
+        return xs, ys
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000.0
+
+
+class _Bucket:
+    """Counters of one time-series bucket."""
+
+    __slots__ = (
+        "verified", "on_time", "missed", "peer_bytes", "chunk_bytes", "seed_bytes", "latency",
+    )
+
+    def __init__(self, latency_max_s: float) -> None:
+        self.verified = self.on_time = self.missed = 0
+        self.peer_bytes = self.chunk_bytes = self.seed_bytes = 0
+        self.latency = Histogram(_SERIES_BIN_S, latency_max_s)
+
+
+class MetricsCollector:
+    """Per-run metrics, fed by the simulator driver; ids are dense node ids ``< n_nodes``."""
+
+    # Per-node columns: (name, array typecode, initial value).
+    _COLUMNS = (
+        ("joined_at", "d", math.nan),
+        ("left_at", "d", math.nan),
+        ("startup_s", "d", math.nan),
+        ("verified", "q", 0),
+        ("on_time", "q", 0),
+        ("missed", "q", 0),
+        ("latency_sum", "d", 0.0),
+        ("bytes_from_peers", "q", 0),
+        ("bytes_from_seed", "q", 0),
+        ("bytes_uploaded", "q", 0),
+        ("max_depth", "h", -1),
+    )
+
+    def __init__(
+        self,
+        n_nodes: int,
+        duration_s: float,
+        *,
+        bucket_s: float = 1.0,
+        latency_max_s: float = 10.0,
+        startup_max_s: float = 60.0,
+    ) -> None:
+        self.n_nodes = n_nodes
+        self.duration_s = duration_s
+        self.bucket_s = bucket_s
+        self._latency_max_s = latency_max_s
+        for name, code, init in self._COLUMNS:
+            setattr(self, name, array(code, [init]) * n_nodes)
+        self.seen = bytearray(n_nodes)  # 1 for ids that acted as peers
+        self.latency = Histogram(0.001, latency_max_s)
+        self.startup_hist = Histogram(0.001, startup_max_s)
+        self.buckets: list[_Bucket] = []
+        self.media_bytes = self.control_bytes = self.seed_bytes = 0
+
+    # --- driver hooks --------------------------------------------------------------------------
+
+    def _bucket(self, now: float) -> _Bucket:
+        i = int(now / self.bucket_s)
+        buckets = self.buckets
+        while len(buckets) <= i:
+            buckets.append(_Bucket(self._latency_max_s))
+        return buckets[i]
+
+    def peer_joined(self, peer: int, *, now: float) -> None:
+        self.joined_at[peer] = now
+        self.seen[peer] = 1
+
+    def peer_left(self, peer: int, *, now: float) -> None:
+        self.left_at[peer] = now
+
+    def chunk_verified(
+        self,
+        peer: int,
+        seq: int,
+        latency_s: float,
+        on_time: bool,
+        from_peer: bool,
+        nbytes: int,
+        *,
+        now: float,
+    ) -> None:
+        """A chunk passed verification at ``peer``; ``latency_s`` is source-to-play."""
+        self.seen[peer] = 1
+        self.verified[peer] += 1
+        self.latency_sum[peer] += latency_s
+        self.latency.add(latency_s)
+        b = self._bucket(now)
+        b.verified += 1
+        b.latency.add(latency_s)
+        b.chunk_bytes += nbytes
+        if on_time:
+            self.on_time[peer] += 1
+            b.on_time += 1
+        if from_peer:
+            self.bytes_from_peers[peer] += nbytes
+            b.peer_bytes += nbytes
+        else:
+            self.bytes_from_seed[peer] += nbytes
+
+    def chunk_missed(self, peer: int, seq: int, *, now: float) -> None:
+        """A chunk due for playback at ``peer`` never arrived."""
+        self.seen[peer] = 1
+        self.missed[peer] += 1
+        self._bucket(now).missed += 1
+
+    def startup(self, peer: int, delay_s: float) -> None:
+        """Join → first frame played."""
+        self.seen[peer] = 1
+        self.startup_s[peer] = delay_s
+        self.startup_hist.add(delay_s)
+
+    def bytes_sent(
+        self,
+        node: int,
+        nbytes: int,
+        kind: Literal["media", "control"],
+        by_seed: bool,
+        *,
+        now: float,
+    ) -> None:
+        if kind == "media":
+            self.media_bytes += nbytes
+        else:
+            self.control_bytes += nbytes
+        if by_seed:
+            self.seed_bytes += nbytes
+            self._bucket(now).seed_bytes += nbytes
+        else:
+            self.bytes_uploaded[node] += nbytes
+
+    def depth(self, peer: int, d: int) -> None:
+        if d > self.max_depth[peer]:
+            self.max_depth[peer] = d
+
+    # --- results ---------------------------------------------------------------------------------
+
+    def peers(self) -> list[int]:
+        """Ids that acted as peers, ascending."""
+        return [i for i, s in enumerate(self.seen) if s]
+
+    def depth_histogram(self) -> dict[int, int]:
+        hist: dict[int, int] = {}
+        for d in self.max_depth:
+            if d >= 0:
+                hist[d] = hist.get(d, 0) + 1
+        return dict(sorted(hist.items()))
+
+    def series(self) -> dict[str, list[float | None]]:
+        """Per-bucket time series, indexed by bucket start time."""
+        bs = self.buckets
+        return {
+            "t_s": [i * self.bucket_s for i in range(len(bs))],
+            "offload": [_ratio(b.peer_bytes, b.chunk_bytes) for b in bs],
+            "continuity": [_ratio(b.on_time, b.verified + b.missed) for b in bs],
+            "latency_p50_ms": [_ms(b.latency.quantile(0.5)) for b in bs],
+            "seed_egress_kbps": [b.seed_bytes * 8 / 1000 / self.bucket_s for b in bs],
+        }
+
+    def summary(self) -> dict[str, Any]:
+        verified, on_time, missed = sum(self.verified), sum(self.on_time), sum(self.missed)
+        from_peers, from_seed = sum(self.bytes_from_peers), sum(self.bytes_from_seed)
+        depths = self.depth_histogram()
+        lat, st = self.latency.quantile, self.startup_hist.quantile
+        return {
+            "peers": sum(self.seen),
+            "duration_s": self.duration_s,
+            "latency_ms": {"p50": _ms(lat(0.5)), "p95": _ms(lat(0.95)), "p99": _ms(lat(0.99))},
+            "continuity": _ratio(on_time, verified + missed),
+            "offload": _ratio(from_peers, from_peers + from_seed),
+            "startup_ms": {"p50": _ms(st(0.5)), "p95": _ms(st(0.95))},
+            "seed_egress_kbps": self.seed_bytes * 8 / 1000 / self.duration_s,
+            "control_overhead": _ratio(self.control_bytes, self.media_bytes),
+            "max_depth": max(depths, default=None),
+            "depth_histogram": {str(d): c for d, c in depths.items()},
+            "chunks": {"verified": verified, "on_time": on_time, "missed": missed},
+            "bytes": {
+                "media": self.media_bytes,
+                "control": self.control_bytes,
+                "seed": self.seed_bytes,
+            },
+        }
+
+    def write(self, out_dir: str | Path, *, plots: bool = True) -> None:
+        """``metrics.json`` (summary + series), ``peers.csv`` and, if ``plots``, PNG plots."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "metrics.json", {**self.summary(), "series": self.series()})
+        with open(out / "peers.csv", "w", newline="") as f:
+            w = csv.writer(f, lineterminator="\n")
+            names = [name for name, _, _ in self._COLUMNS]
+            w.writerow(["id", *names])
+            cols = [getattr(self, name) for name in names]
+            for i in self.peers():
+                w.writerow([i, *(_csv_value(c[i]) for c in cols)])
+        if plots:
+            _plot(out, {"": self})
+
+
+def write_comparison(out_dir: str | Path, runs: Mapping[str, MetricsCollector]) -> None:
+    """Side-by-side: ``comparison.json`` (summary per strategy) and overlaid PNG plots."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "comparison.json", {name: m.summary() for name, m in runs.items()})
+    _plot(out, runs, prefix="comparison_")
+
+
+def _rounded(x: Any) -> Any:
+    """Floats rounded to 6 significant digits (NaN/inf → null): stable, diffable files."""
+    if isinstance(x, float):
+        return float(f"{x:.6g}") if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_rounded(v) for v in x]
+    return x
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(_rounded(data), sort_keys=True, indent=2) + "\n")
+
+
+def _csv_value(v: float | int) -> str | int:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6g}"
+    return v
+
+
+def _plot(out: Path, runs: Mapping[str, MetricsCollector], prefix: str = "") -> None:
+    # Figure without pyplot: no global backend state, works headless (Agg via savefig).
+    from matplotlib.figure import Figure
+
+    def save(fig: Any, name: str) -> None:
+        for ax in fig.axes:
+            if any(label for label in runs):
+                ax.legend()
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / f"{prefix}{name}.png", dpi=100)
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for label, m in runs.items():
+        xs, ys = m.latency.cdf()
+        ax.step([x * 1000 for x in xs], ys, where="post", label=label or None)
+    ax.set(xlabel="source-to-play latency (ms)", ylabel="CDF", title="Latency", ylim=(0, 1.02))
+    save(fig, "latency_cdf")
+
+    fig = Figure(figsize=(7, 5))
+    ax1, ax2 = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2)
+    for label, m in runs.items():
+        s = m.series()
+        ax1.plot(s["t_s"], _nan(s["offload"]), label=label or None)
+        ax2.plot(s["t_s"], _nan(s["continuity"]), label=label or None)
+    ax1.set(ylabel="offload", ylim=(0, 1.02), title="Offload and continuity over time")
+    ax2.set(xlabel="time (s)", ylabel="continuity", ylim=(0, 1.02))
+    save(fig, "timeseries")
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(runs))
+    for k, (label, m) in enumerate(runs.items()):
+        hist = m.depth_histogram()
+        ax.bar([d + k * width for d in hist], list(hist.values()), width, label=label or None)
+    ax.set(xlabel="tree depth (hops from the seed)", ylabel="peers", title="Depth")
+    save(fig, "depth_histogram")
+
+
+def _nan(xs: Iterable[float | None]) -> list[float]:
+    return [math.nan if x is None else x for x in xs]

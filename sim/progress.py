@@ -1,0 +1,75 @@
+"""Show a long simulation's progress on stderr: simulated time, events/s, wall time.
+
+Pass a `Progress` as ``Scheduler.run(..., progress=...)``. It redraws at most ``max_hz`` times a
+second: one ``\\r``-rewritten line on a terminal, or a plain line every ``log_step`` of the run
+otherwise (CI logs stay short). The wall clock is injected so tests can drive it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable, TextIO
+
+__all__ = ["Progress"]
+
+
+class Progress:
+    """Callable ``progress(sim_now, events)`` for `sim.scheduler.Scheduler.run`."""
+
+    __slots__ = (
+        "total_s", "stream", "tty", "clock", "_min_gap", "_log_step",
+        "_start", "_last_draw", "_logged", "_width",
+    )
+
+    def __init__(
+        self,
+        total_s: float,
+        *,
+        stream: TextIO | None = None,
+        tty: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        max_hz: float = 5.0,
+        log_step: float = 0.1,
+    ) -> None:
+        self.total_s = total_s
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.clock = clock
+        self._min_gap = 1.0 / max_hz
+        self._log_step = log_step
+        self._start = clock()
+        self._last_draw = -float("inf")
+        self._logged = 0
+        self._width = 0
+
+    def __call__(self, sim_now: float, events: int) -> None:
+        wall = self.clock()
+        if wall - self._last_draw < self._min_gap and sim_now < self.total_s:
+            return
+        frac = min(1.0, sim_now / self.total_s) if self.total_s > 0 else 1.0
+        if not self.tty:
+            step = int(frac / self._log_step + 1e-9)  # epsilon: 0.3/0.1 is 2.9999…
+            if step <= self._logged and sim_now < self.total_s:
+                return
+            self._logged = step
+        self._last_draw = wall
+        elapsed = wall - self._start
+        rate = events / elapsed if elapsed > 0 else 0.0
+        line = (
+            f"sim {sim_now:8.1f}/{self.total_s:.0f} s {frac:4.0%} | "
+            f"{events:,} events, {rate:,.0f}/s | wall {elapsed:.1f} s"
+        )
+        if self.tty:
+            pad = " " * max(0, self._width - len(line))
+            self._width = len(line)
+            self.stream.write("\r" + line + pad)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End the ``\\r`` line (call once the run is over)."""
+        if self.tty and self._width:
+            self.stream.write("\n")
+            self.stream.flush()

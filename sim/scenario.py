@@ -1,0 +1,353 @@
+"""Parse and validate TOML scenario files into frozen dataclasses.
+
+Every key has a default, so a scenario states only what it changes. Anything else is an error
+that names the dotted key and what was expected (``peers.arrival.rate: expected a positive
+number, got 'abc'``): unknown keys, wrong types, out-of-range values, parameters that do not
+belong to the chosen kind (``rate`` for a ``flash`` arrival), upload shares that do not sum to 1.
+Overrides (from a CLI) are dotted keys applied before validation, so they are checked the same
+way; a string override is read as a TOML value when it parses as one (``"3"`` → 3).
+
+The tables (see the dataclasses below for keys and defaults)::
+
+    description = "..."
+    [stream]   bitrate_kbps, chunk_ms, substreams, duration_s
+    [seed]     upload_kbps
+    [peers]    count, nat_fraction, graceful_fraction, download_kbps
+    [peers.arrival]  kind = "all" | "poisson" | "flash" | "pareto"  (+ t0, rate, window_s, ...)
+    [peers.session]  kind = "infinite" | "fixed" | "exponential" | "lognormal"  (+ params)
+    [[peers.upload]] share, kbps          (capacity classes; shares sum to 1)
+    [network]  model = "coordinates" | "matrix" | "ripe", loss, chunk_drop  (+ model params)
+    [channels] count, zipf_s
+    [run]      seed, strategy
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Mapping, get_args, get_origin, get_type_hints
+
+__all__ = [
+    "ScenarioError",
+    "StreamConfig",
+    "SeedConfig",
+    "ArrivalConfig",
+    "SessionConfig",
+    "UploadClass",
+    "PeersConfig",
+    "NetworkConfig",
+    "ChannelsConfig",
+    "RunConfig",
+    "Scenario",
+    "parse_scenario",
+    "load_scenario",
+    "resource_index",
+    "SCENARIO_DIR",
+]
+
+SCENARIO_DIR = Path(__file__).parent / "scenarios"
+
+
+class ScenarioError(ValueError):
+    """A scenario file or override is malformed; the message names the dotted key."""
+
+
+# A constraint on a value: (what is expected, predicate).
+_Check = tuple[str, Callable[[Any], bool]]
+POSITIVE: _Check = ("a positive number", lambda v: v > 0 and math.isfinite(v))
+NON_NEGATIVE: _Check = ("a non-negative number", lambda v: v >= 0 and math.isfinite(v))
+FRACTION: _Check = ("a number in [0, 1]", lambda v: 0 <= v <= 1)
+UNIT_OPEN: _Check = ("a number in [0, 1)", lambda v: 0 <= v < 1)
+POSITIVE_INT: _Check = ("a positive integer", lambda v: v > 0)
+NON_EMPTY: _Check = ("a non-empty string", lambda v: v != "")
+
+
+def _opt(default: Any, check: _Check | None = None) -> Any:
+    return field(default=default, metadata={"check": check} if check else {})
+
+
+def _choice(default: str, *choices: str) -> Any:
+    expected = "one of " + ", ".join(repr(c) for c in choices)
+    return _opt(default, (expected, lambda v: v in choices))
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    bitrate_kbps: float = _opt(2000.0, POSITIVE)
+    chunk_ms: int = _opt(200, POSITIVE_INT)
+    substreams: int = _opt(4, POSITIVE_INT)
+    """K: chunk seq mod K is sub-stream k, each with its own push tree."""
+    duration_s: float = _opt(60.0, POSITIVE)
+    """Simulated time the stream runs (and the run lasts)."""
+
+
+@dataclass(frozen=True)
+class SeedConfig:
+    upload_kbps: float = _opt(20000.0, POSITIVE)
+
+
+class _Tagged:
+    """A table whose ``kind``-like key decides which of its other keys are allowed."""
+
+    TAG: ClassVar[str] = "kind"
+    COMMON: ClassVar[frozenset[str]] = frozenset()
+    KEYS: ClassVar[dict[str, frozenset[str]]] = {}
+
+    def params(self) -> dict[str, Any]:
+        """The keys that belong to the chosen kind, as keyword arguments."""
+        return {k: getattr(self, k) for k in sorted(self.KEYS[getattr(self, self.TAG)])}
+
+
+@dataclass(frozen=True)
+class ArrivalConfig(_Tagged):
+    kind: str = _choice("poisson", "all", "poisson", "flash", "pareto")
+    t0: float = _opt(0.0, NON_NEGATIVE)
+    rate: float = _opt(10.0, POSITIVE)
+    """Poisson: joins per second."""
+    window_s: float = _opt(10.0, POSITIVE)
+    """Flash crowd: every join falls within this many seconds after t0."""
+    alpha: float = _opt(1.5, POSITIVE)
+    """Pareto: tail index of the inter-arrival gaps."""
+    scale_s: float = _opt(0.01, POSITIVE)
+    """Pareto: the smallest gap."""
+
+    KEYS: ClassVar[dict[str, frozenset[str]]] = {
+        "all": frozenset({"t0"}),
+        "poisson": frozenset({"t0", "rate"}),
+        "flash": frozenset({"t0", "window_s"}),
+        "pareto": frozenset({"t0", "alpha", "scale_s"}),
+    }
+
+
+@dataclass(frozen=True)
+class SessionConfig(_Tagged):
+    kind: str = _choice("infinite", "infinite", "fixed", "exponential", "lognormal")
+    length_s: float = _opt(600.0, POSITIVE)
+    mean_s: float = _opt(600.0, POSITIVE)
+    mu: float = _opt(5.5, ("a finite number", math.isfinite))
+    """Lognormal: mean of ln(seconds)."""
+    sigma: float = _opt(1.0, POSITIVE)
+
+    KEYS: ClassVar[dict[str, frozenset[str]]] = {
+        "infinite": frozenset(),
+        "fixed": frozenset({"length_s"}),
+        "exponential": frozenset({"mean_s"}),
+        "lognormal": frozenset({"mu", "sigma"}),
+    }
+
+
+@dataclass(frozen=True)
+class UploadClass:
+    share: float = _opt(1.0, FRACTION)
+    kbps: float = _opt(4000.0, NON_NEGATIVE)
+
+
+@dataclass(frozen=True)
+class PeersConfig:
+    count: int = _opt(100, POSITIVE_INT)
+    arrival: ArrivalConfig = field(default_factory=ArrivalConfig)
+    session: SessionConfig = field(default_factory=SessionConfig)
+    upload: tuple[UploadClass, ...] = field(default=(UploadClass(),))
+    nat_fraction: float = _opt(0.0, FRACTION)
+    graceful_fraction: float = _opt(1.0, FRACTION)
+    """Share of departures that are announced (the rest vanish abruptly)."""
+    download_kbps: float = _opt(0.0, NON_NEGATIVE)
+    """Per-peer download capacity; 0 means unlimited."""
+
+
+@dataclass(frozen=True)
+class NetworkConfig(_Tagged):
+    TAG: ClassVar[str] = "model"
+    COMMON: ClassVar[frozenset[str]] = frozenset({"loss", "chunk_drop"})
+
+    model: str = _choice("coordinates", "coordinates", "matrix", "ripe")
+    loss: float = _opt(0.0, UNIT_OPEN)
+    """Per-packet loss rate (shows as one RTT of extra delay; see sim.network)."""
+    chunk_drop: float = _opt(0.0, UNIT_OPEN)
+    """Probability that a whole chunk transfer is lost."""
+    dims: int = _opt(2, POSITIVE_INT)
+    rtt_min_ms: float = _opt(10.0, NON_NEGATIVE)
+    rtt_max_ms: float = _opt(200.0, NON_NEGATIVE)
+    access_min_ms: float = _opt(0.0, NON_NEGATIVE)
+    access_max_ms: float = _opt(0.0, NON_NEGATIVE)
+    path: str = _opt("", NON_EMPTY)
+    """Matrix: CSV file ``src,dst,rtt_ms`` (relative paths: to the scenario file)."""
+    access_ms: float = _opt(0.0, NON_NEGATIVE)
+    data_dir: str = _opt("")
+    """RIPE: folder of the RIPE Atlas files ("" → $MESHCAST_RTT_DATA or ../shared/data)."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """RIPE: country → placement weight ({} → by number of pings)."""
+
+    KEYS: ClassVar[dict[str, frozenset[str]]] = {
+        "coordinates": frozenset(
+            {"dims", "rtt_min_ms", "rtt_max_ms", "access_min_ms", "access_max_ms"}
+        ),
+        "matrix": frozenset({"path", "access_ms"}),
+        "ripe": frozenset({"data_dir", "weights", "access_min_ms", "access_max_ms"}),
+    }
+
+
+@dataclass(frozen=True)
+class ChannelsConfig:
+    count: int = _opt(1, POSITIVE_INT)
+    zipf_s: float = _opt(1.0, NON_NEGATIVE)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = _opt(1)
+    strategy: str = _opt("tree", NON_EMPTY)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str = field(default="", metadata={"toml": False})
+    """The file's stem (not a TOML key)."""
+    description: str = ""
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    seed: SeedConfig = field(default_factory=SeedConfig)
+    peers: PeersConfig = field(default_factory=PeersConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    channels: ChannelsConfig = field(default_factory=ChannelsConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def resource_index(scenario: Scenario) -> float:
+    """(seed upload + E[peer upload]·n) / (n·bitrate): ≥ 1 means peers can carry the stream."""
+    n = scenario.peers.count
+    mean_up = sum(u.share * u.kbps for u in scenario.peers.upload)
+    return (scenario.seed.upload_kbps + mean_up * n) / (n * scenario.stream.bitrate_kbps)
+
+
+# --- validation -------------------------------------------------------------------------------
+
+_TYPE_NAMES = {float: "a number", int: "an integer", str: "a string", bool: "a boolean"}
+
+
+def _fail(path: str, expected: str, value: Any) -> ScenarioError:
+    return ScenarioError(f"{path}: expected {expected}, got {value!r}")
+
+
+def _scalar(tp: type, value: Any, path: str, expected: str | None = None) -> Any:
+    # bool is an int in Python, but `count = true` is a mistake, not a 1.
+    if (isinstance(value, bool) and tp is not bool) or not isinstance(
+        value, (int, float) if tp is float else tp
+    ):
+        raise _fail(path, expected or _TYPE_NAMES[tp], value)
+    return float(value) if tp is float else value
+
+
+def _value(tp: Any, value: Any, path: str, expected: str | None = None) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    origin = get_origin(tp)
+    if origin is tuple:  # tuple[Item, ...]: an array of tables
+        if not isinstance(value, list):
+            raise _fail(path, "an array of tables", value)
+        item = get_args(tp)[0]
+        return tuple(_value(item, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:  # dict[str, float]
+        if not isinstance(value, dict):
+            raise _fail(path, "a table", value)
+        return {k: _scalar(float, v, f"{path}.{k}") for k, v in value.items()}
+    return _scalar(tp, value, path, expected)
+
+
+def _build(cls: type, table: Any, path: str) -> Any:
+    if not isinstance(table, dict):
+        raise _fail(path or "scenario", "a table", table)
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("toml", True)}
+    allowed = set(fields)
+    if issubclass(cls, _Tagged):
+        tag = table.get(cls.TAG, fields[cls.TAG].default)
+        tag_path = f"{path}.{cls.TAG}" if path else cls.TAG
+        _check(fields[cls.TAG], _scalar(str, tag, tag_path, "a string"), tag_path)
+        allowed = {cls.TAG} | cls.COMMON | cls.KEYS[tag]
+    kwargs = {}
+    for key, value in table.items():
+        key_path = f"{path}.{key}" if path else key
+        if key not in allowed:
+            if key in fields:
+                what = f"not a parameter of {cls.TAG} {tag!r}"
+            else:
+                what = "unknown key"
+            expected = ", ".join(sorted(allowed))
+            raise ScenarioError(f"{key_path}: {what} (expected one of: {expected})")
+        check = fields[key].metadata.get("check")
+        v = _value(hints[key], value, key_path, check[0] if check else None)
+        _check(fields[key], v, key_path)
+        kwargs[key] = v
+    return cls(**kwargs)
+
+
+def _check(f: dataclasses.Field, value: Any, path: str) -> None:
+    check = f.metadata.get("check")
+    if check is not None and not check[1](value):
+        raise _fail(path, check[0], value)
+
+
+def _apply_override(raw: dict, dotted: str, value: Any) -> None:
+    if isinstance(value, str):
+        try:
+            value = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            pass  # a bare word: keep it as a string
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ScenarioError(f"{'.'.join(parents[: i + 1])}: expected a table, got {child!r}")
+        node = child
+    node[leaf] = value
+
+
+def parse_scenario(
+    raw: Mapping[str, Any], *, overrides: Mapping[str, Any] | None = None, name: str = ""
+) -> Scenario:
+    """Validate an already-parsed TOML document (plus dotted overrides) into a `Scenario`."""
+    data = _deep_copy(raw)
+    for dotted, value in (overrides or {}).items():
+        _apply_override(data, dotted, value)
+    scenario = dataclasses.replace(_build(Scenario, data, ""), name=name)
+    _check_consistency(scenario)
+    return scenario
+
+
+def load_scenario(
+    path: str | Path, overrides: Mapping[str, Any] | None = None
+) -> Scenario:
+    """Read and validate a scenario file; relative paths inside it are resolved next to it."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ScenarioError(f"{path}: invalid TOML: {e}") from None
+    scenario = parse_scenario(raw, overrides=overrides, name=path.stem)
+    net = scenario.network
+    if net.model == "matrix" and not Path(net.path).is_absolute():
+        net = dataclasses.replace(net, path=str(path.parent / net.path))
+        scenario = dataclasses.replace(scenario, network=net)
+    return scenario
+
+
+def _deep_copy(raw: Mapping[str, Any]) -> dict:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+
+
+def _check_consistency(s: Scenario) -> None:
+    """Rules that span several keys."""
+    total = sum(u.share for u in s.peers.upload)
+    if abs(total - 1.0) > 1e-6:
+        raise ScenarioError(f"peers.upload: expected shares summing to 1, got {total:g}")
+    net = s.network
+    for lo, hi in (("rtt_min_ms", "rtt_max_ms"), ("access_min_ms", "access_max_ms")):
+        if getattr(net, hi) < getattr(net, lo):
+            expected = f"a number >= {lo} ({getattr(net, lo):g})"
+            raise _fail(f"network.{hi}", expected, getattr(net, hi))
+    if net.model == "matrix" and not net.path:
+        raise ScenarioError("network.path: expected a CSV file path for model 'matrix', got none")

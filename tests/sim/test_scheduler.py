@@ -1,0 +1,128 @@
+"""The scheduler's ordering, cancellation and run semantics; the progress line."""
+
+import io
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sim.progress import Progress
+from sim.scheduler import PROGRESS_EVERY, Scheduler
+
+
+@given(st.lists(
+    st.floats(min_value=0, max_value=1e6, allow_nan=False) | st.integers(0, 3).map(float),
+    max_size=200,
+))  # the small integers force many ties
+def test_events_run_in_time_then_insertion_order(times):
+    s = Scheduler()
+    ran = []
+    for i, t in enumerate(times):
+        s.at(t, ran.append, (t, i))
+    assert s.run() == len(times)
+    assert ran == sorted(ran)
+
+
+@given(
+    st.lists(st.floats(min_value=0, max_value=100, allow_nan=False), min_size=1, max_size=100),
+    st.data(),
+)
+def test_cancelled_events_never_run(times, data):
+    s = Scheduler()
+    ran = []
+    handles = [s.at(t, ran.append, i) for i, t in enumerate(times)]
+    cancel = data.draw(st.sets(st.integers(0, len(times) - 1)))
+    for i in cancel:
+        s.cancel(handles[i])
+    assert s.run() == len(times) - len(cancel)
+    assert sorted(ran) == [i for i in range(len(times)) if i not in cancel]
+
+
+def test_callbacks_see_their_time_and_can_schedule():
+    s = Scheduler(now=5.0)
+    log = []
+
+    def tick(n):
+        log.append((s.now, n))
+        if n < 3:
+            s.after(0.5, tick, n + 1)
+
+    s.after(1.0, tick, 0)
+    assert s.run() == 4
+    assert log == [(6.0, 0), (6.5, 1), (7.0, 2), (7.5, 3)]
+
+
+def test_run_until_stops_and_resumes():
+    s = Scheduler()
+    ran = []
+    for t in (1.0, 2.0, 3.0):
+        s.at(t, ran.append, t)
+    assert s.run(until=2.0) == 2
+    assert s.now == 2.0 and ran == [1.0, 2.0]
+    assert s.next_time() == 3.0
+    assert s.run(until=10.0) == 1
+    assert s.now == 10.0 and s.next_time() is None
+
+
+def test_stop_returns_after_current_event():
+    s = Scheduler()
+    s.at(1.0, s.stop)
+    s.at(2.0, lambda: None)
+    assert s.run() == 1 and s.now == 1.0
+    assert s.run() == 1
+
+
+def test_past_and_negative_are_errors():
+    s = Scheduler(now=1.0)
+    with pytest.raises(ValueError):
+        s.at(0.5, print)
+    with pytest.raises(ValueError):
+        s.after(-1, print)
+
+
+def test_cancel_after_run_is_harmless_and_tombstones_are_purged():
+    s = Scheduler()
+    handles = [s.at(0.0, lambda: None) for _ in range(5000)]
+    s.run(until=0.0)
+    for h in handles:  # all already ran, at t == now
+        s.cancel(h)
+    assert len(s._cancelled) <= 1024
+    ran = []
+    s.at(0.0, ran.append, 1)
+    s.run()
+    assert ran == [1]
+
+
+def test_progress_called_periodically_and_at_end():
+    s = Scheduler()
+    for i in range(PROGRESS_EVERY * 2 + 5):
+        s.at(i * 1e-3, lambda: None)
+    calls = []
+    n = s.run(until=100.0, progress=lambda now, ev: calls.append((now, ev)))
+    assert calls == [
+        (pytest.approx((PROGRESS_EVERY - 1) * 1e-3), PROGRESS_EVERY),
+        (pytest.approx((2 * PROGRESS_EVERY - 1) * 1e-3), 2 * PROGRESS_EVERY),
+        (100.0, n),
+    ]
+
+
+def test_progress_log_lines_every_tenth_when_not_a_tty():
+    out, wall = io.StringIO(), [0.0]
+    p = Progress(100.0, stream=out, tty=False, clock=lambda: wall[0])
+    for t in range(0, 101):
+        wall[0] += 1.0
+        p(float(t), t * 1000)
+    lines = out.getvalue().splitlines()
+    assert [line.split("|")[0].split()[-1] for line in lines] == [f"{k}0%" for k in range(1, 11)]
+    assert "100,000 events" in lines[-1]
+
+
+def test_progress_tty_redraws_in_place_at_most_max_hz():
+    out, wall = io.StringIO(), [0.0]
+    p = Progress(10.0, stream=out, tty=True, clock=lambda: wall[0], max_hz=5)
+    for i in range(100):
+        wall[0] += 0.01  # 1 s of wall time in total → at most ~5 redraws
+        p(i * 0.05, i)
+    p.close()
+    text = out.getvalue()
+    assert "\n" == text[-1] and text.count("\r") <= 6 and text.count("\n") == 1

@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import statistics
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,19 @@ class PeerHandle:
     address: str
     http_port: int | None = None
     latencies: deque = field(default_factory=lambda: deque(maxlen=10_000))
+    first_seq: int | None = None
+    last_seq: int | None = None
+    last_deliver: float | None = None
+    max_stall: float = 0.0
+    """Longest wall-clock gap between two consecutive chunks handed to the player (seconds)."""
+
+    def delivered(self, seq: int, latency: float, now: float) -> None:
+        if self.first_seq is None:
+            self.first_seq = seq
+        elif self.last_deliver is not None:
+            self.max_stall = max(self.max_stall, now - self.last_deliver)
+        self.last_seq, self.last_deliver = seq, now
+        self.latencies.append(latency)
 
     def summary(self) -> dict[str, Any]:
         lat = sorted(self.latencies)
@@ -127,6 +141,10 @@ class PeerHandle:
             "startup_ms": round(1000 * (node.first_play - node.joined_at), 1)
             if node.first_play is not None and node.joined_at is not None else None,
             "children": node._children(),
+            "first_seq": self.first_seq,
+            "last_seq": self.last_seq,
+            "max_stall_ms": round(1000 * self.max_stall, 1),
+            "address": self.address,
             "forged": node.forged,
             "rejected": node.rejected,
         }
@@ -152,7 +170,7 @@ async def run_peer(*, tracker: str, channel: str, listen: str = "127.0.0.1:0",
             t = type(eff)
             if t is fx.Deliver:
                 player.push(eff.head.seq, eff.payload, eff.head.rap)
-                handle.latencies.append(eff.latency)
+                handle.delivered(eff.head.seq, eff.latency, time.time())
             elif t is fx.Skip:
                 player.gap(eff.seq)
             else:

@@ -22,7 +22,7 @@ from meshcast import messages as m
 from meshcast.crypto import Crypto
 from meshcast.effects import ChunkBegin, ChunkBytes, ChunkEnd, Close, Effect, Link, Notice, Send
 from meshcast.errors import LocalProtocolError, RemoteProtocolError
-from meshcast.policy import child_slots
+from meshcast.policy import child_slots, handoff_slack
 
 SLOW_DROPS = 3
 """Chunks dropped for one child (its queue was full) before the tracker hears it is slow."""
@@ -237,7 +237,7 @@ class RelayNode(NodeBase):
         if k >= self.substreams:
             raise RemoteProtocolError(f"Subscribe to sub-stream {k} of {self.substreams}")
         why = self._check_token(msg.token, conn.node_id, now, k)
-        if not why and k not in conn.subs and self._children() >= self.slots:
+        if not why and k not in conn.subs and self._children() >= self.slots + handoff_slack(self.slots):
             why = f"no capacity ({self.slots} slots in use)"
         if why:
             self._out.append(Send(conn.link, m.Refuse(k, why)))

@@ -16,6 +16,22 @@ def child_slots(upload_kbps: float, bitrate_kbps: float, substreams: int) -> int
     return int(upload_kbps * HEADROOM * substreams // bitrate_kbps)
 
 
+MAX_BACKLOG_S = 2.0
+"""A chunk that would wait longer than this in a sender's queue is dropped for that child:
+it would arrive too late to play, and queueing it only delays the chunks behind it."""
+
+
+def handoff_slack(slots: int) -> int:
+    """Extra children a parent accepts beyond its slots, briefly, while the tracker moves them.
+
+    The tracker counts slots exactly, but its messages race: a newcomer's `Subscribe` can
+    reach a parent before the `Unsubscribe` of the child the tracker moved away to make room.
+    A valid token is the tracker's word that the slot exists; the slack only absorbs the race,
+    and still bounds what a faulty tracker could make a parent carry.
+    """
+    return max(2, slots // 4)
+
+
 def substream_of(seq: int, substreams: int) -> int:
     """Chunk `seq` belongs to sub-stream `seq mod K` (SplitStream striping)."""
     return seq % substreams

@@ -19,6 +19,7 @@ scheduled from neighbours' have-maps.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -29,6 +30,10 @@ from meshcast.errors import RemoteProtocolError
 from meshcast.node import Conn, RelayNode
 
 TRACKER = "tracker"
+START_WAIT = 1.0
+"""Longest wait, after the first random-access chunk, for every sub-stream to deliver."""
+REPAIR_MARGIN = 0.6
+"""Pull a missing chunk when this share of the playout delay is left before its deadline."""
 REQUEST_TIMEOUT = 1.0
 """Seconds before an unanswered pull is asked of another source."""
 MESH_OUTSTANDING = 8
@@ -88,6 +93,7 @@ class PeerNode(RelayNode):
         self.gaps: dict[int, float] = {}
         self.requested: dict[int, tuple[Link, float, set[Link]]] = {}
         self._from_seed: set[int] = set()
+        self._start_rap: tuple[int, float] | None = None
         self.play_next: int | None = None
         self.play_s0 = 0
         self.play_t0 = 0.0
@@ -386,25 +392,47 @@ class PeerNode(RelayNode):
             self._from_seed.add(seq)
         else:
             self.bytes_from_peers += head.size
-        previous = self.newest
+        previous, previous_k = self.newest, self.newest_in[k]
         self._store(head, payload)
-        if seq > self.newest_in[k]:
-            self.newest_in[k] = seq
         self.gaps.pop(seq, None)
         self.requested.pop(seq, None)
+        K, buffer, gaps = self.substreams, self.buffer, self.gaps
+        if seq > previous_k:
+            self.newest_in[k] = seq
+            if previous_k >= 0:
+                # A parent pushes its sub-stream in order: what it skipped is lost, pull it now.
+                for s in range(max(previous_k + K, seq - self.window), seq, K):
+                    if s not in buffer:
+                        gaps[s] = now
         if previous >= 0 and seq > previous + 1:
+            # Other sub-streams' chunks may just be slower: pull them only near their deadline.
             for s in range(max(previous + 1, seq - self.window), seq):
-                if s not in self.buffer and s not in self.gaps:
-                    self.gaps[s] = now
-        if self.play_next is None and head.rap:
-            self.play_next, self.play_s0, self.play_t0 = seq, seq, now
-            self.first_play = now
+                if s not in buffer and s not in gaps:
+                    gaps[s] = math.inf
+        if self.play_next is None:
+            if head.rap and self._start_rap is None:
+                self._start_rap = (seq, now)
+                self._set_timer("start", now + START_WAIT)
+            self._try_start(now)
         self._release(now)
         self._schedule_repair(now)
 
+    def _try_start(self, now: float) -> None:
+        """Start playback at the first random-access chunk once every sub-stream has delivered
+        a chunk after it (or `START_WAIT` has passed): the deadlines then allow for the slowest
+        sub-stream's path, instead of the luck of whichever arrived first."""
+        if self._start_rap is None or self.play_next is not None:
+            return
+        r, t = self._start_rap
+        if now < t + START_WAIT and any(s not in self.buffer for s in range(r, r + self.substreams)):
+            return
+        self.play_next, self.play_s0, self.play_t0 = r, r, now
+        self.first_play = now
+        self._cancel_timer("start")
+
     def _note_gap(self, seq: int, now: float) -> None:
         if seq not in self.buffer:
-            self.gaps.setdefault(seq, now - self._repair_wait())
+            self.gaps[seq] = now
             self._schedule_repair(now)
 
     # -- playback ------------------------------------------------------------------------------
@@ -438,29 +466,28 @@ class PeerNode(RelayNode):
 
     # -- repair --------------------------------------------------------------------------------
 
-    def _repair_wait(self) -> float:
-        """How long a gap may be left to its own sub-stream before we pull it."""
-        return max(2 * self.chunk_s, 0.15)
+    def _due(self, seq: int, explicit: float) -> float:
+        """When a missing chunk must be pulled: when known lost, or `repair_margin` before its
+        playback deadline, whichever is first."""
+        if self.play_next is None:
+            return explicit
+        return min(explicit, self.deadline(seq) - self.playout_delay * REPAIR_MARGIN)
 
     def _schedule_repair(self, now: float) -> None:
-        if self.mode != "tree":
+        if self.mode != "tree" or not self.gaps:
             return
-        pending = [since for seq, since in self.gaps.items() if seq not in self.requested]
-        if pending:
-            wait = self._repair_wait()
-            self._set_timer("repair", max(min(pending) + wait, now + wait / 4))
+        due = min((self._due(seq, t) for seq, t in self.gaps.items()
+                   if seq not in self.requested and seq not in self.receiving), default=math.inf)
+        if due < math.inf:
+            self._set_timer("repair", max(due, now + 0.05))
 
     def _repair(self, now: float) -> None:
-        wait = self._repair_wait()
         due = []
-        for seq, since in list(self.gaps.items()):
-            if self.play_next is not None and seq < self.play_next:
+        for seq, explicit in list(self.gaps.items()):
+            if (self.play_next is not None and seq < self.play_next) or seq in self.buffer:
                 del self.gaps[seq]
-            elif seq in self.buffer:
-                del self.gaps[seq]
-            elif (since + wait <= now or (self.play_next is not None
-                                          and self.deadline(seq) - now < wait)) \
-                    and seq not in self.requested and seq not in self.receiving:
+            elif (self._due(seq, explicit) <= now and seq not in self.requested
+                  and seq not in self.receiving):
                 due.append(seq)
         for seq, (link, sent, _) in list(self.requested.items()):
             if sent + REQUEST_TIMEOUT <= now:
@@ -566,7 +593,10 @@ class PeerNode(RelayNode):
     # -- timers --------------------------------------------------------------------------------
 
     def _on_timer(self, key: Any, now: float) -> None:
-        if key == "play":
+        if key == "start":
+            self._try_start(now)
+            self._release(now)
+        elif key == "play":
             self._release(now)
             self._schedule_repair(now)
         elif key in ("repair", "timeout"):

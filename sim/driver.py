@@ -1,0 +1,359 @@
+"""The simulator driver: runs the real TrackerNode, SeedNode and PeerNode on a virtual clock.
+
+It is the second of the two drivers (DESIGN §1) and, like the runtime, it only pumps: it
+turns node effects into scheduled deliveries and calls the nodes back at those times. What it
+adds is the network model (`sim.network`: propagation, FIFO uplinks, cut-through, loss) and
+the workload (`sim.workload`).
+
+Modelling choices that mirror the runtime, in one place:
+
+- Node index 0 is the tracker, 1..C the channel seeds, then the peers; a node's address is
+  its index as a string.
+- Opening a link costs one RTT (QUIC handshake): the acceptor learns of it after one one-way
+  delay, the opener after two. A connection to a node that is gone fails after
+  `CONNECT_TIMEOUT` (the runtime's connect time-out).
+- Control messages: propagation only (`Network.send_control`), in order per link.
+- A chunk transfer is one event at its last byte's arrival, where the receiver gets
+  `chunk_begin` + `chunk_data` + `chunk_end` at once; cut-through is in the timing: a relay's
+  onward transfers start from the time the chunk's head reached it (`sim.network.transfer`),
+  so a relay forwards before it has the whole chunk, as the runtime does.
+- Back-pressure as in `meshcast.runtime`: a chunk is dropped for a child when it would wait
+  more than `MAX_BACKLOG_S` in the sender's queue, and the node is told (`chunk_dropped`).
+- An abrupt departure (kill -9) is seen by the other end only after `IDLE_TIMEOUT` (QUIC idle
+  time-out), unless the node's own stall detection acts first; a graceful one closes links.
+- Crypto is `SimCrypto`: same checks on fields, no curve arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from meshcast import effects as fx
+from meshcast import messages as m
+from meshcast import wire
+from meshcast.crypto import SimCrypto, SimKey
+from meshcast.policy import MAX_BACKLOG_S
+from peer.node import PeerNode
+from seed.node import SeedNode
+from sim.metrics import MetricsCollector
+from sim.network import CoordinateLatency, Loss, Network, build_latency
+from sim.scenario import Scenario
+from sim.scheduler import Scheduler
+from sim.workload import PeerSpec, peers_for
+from tracker.node import TrackerNode
+
+CONNECT_TIMEOUT = 5.0
+IDLE_TIMEOUT = 15.0
+GOP_MS = 1000
+"""A random-access point every second (a keyframe per GOP), as the demo's ffmpeg stream."""
+TRACKER = 0
+
+
+@dataclass
+class RunResult:
+    metrics: MetricsCollector
+    events: int
+    wall_s: float
+    peers: int
+    tracker: TrackerNode
+
+    def summary(self) -> dict[str, Any]:
+        out = self.metrics.summary()
+        out["events"] = self.events
+        out["wall_s"] = round(self.wall_s, 3)
+        return out
+
+
+def _control_size(msg: m.Message) -> int:
+    """Bytes a control message takes on the wire (estimated for the frequent, variable ones)."""
+    t = type(msg)
+    if t is m.Have:
+        return 14 + len(msg.bitmap)
+    if t is m.Request or t is m.Missing:
+        return 10 + 5 * len(msg.seqs)
+    return 4 + len(wire.encode(msg))
+
+
+class Simulation:
+    """One scenario run. `run()` returns a `RunResult`."""
+
+    def __init__(self, scenario: Scenario, *, progress: Callable[[float, int], Any] | None = None,
+                 playout_delay: float = 0.5) -> None:
+        self.scenario = sc = scenario
+        self.progress = progress
+        self.playout_delay = playout_delay
+        self.rng = random.Random(sc.run.seed)
+        self.sched = Scheduler()
+        self.channels = sc.channels.count
+        self.specs: list[PeerSpec] = peers_for(sc, random.Random(self.rng.random()),
+                                               first_id=1 + self.channels)
+        n = 1 + self.channels + len(self.specs)
+        self.n = n
+        latency = build_latency(sc.network, n, random.Random(self.rng.random()))
+        uploads = [0.0] * n
+        uploads[TRACKER] = 1e9
+        for c in range(self.channels):
+            uploads[1 + c] = sc.seed.upload_kbps
+        for spec in self.specs:
+            uploads[spec.id] = spec.upload_kbps if spec.upload_kbps > 0 else 1.0
+        downloads = None
+        if sc.peers.download_kbps:
+            downloads = [0.0] * (1 + self.channels) + [sc.peers.download_kbps] * len(self.specs)
+        self.net = Network(latency, uploads, random.Random(self.rng.random()),
+                           download_kbps=downloads,
+                           loss=Loss(sc.network.loss, sc.network.chunk_drop))
+        self.coords = latency.pos if isinstance(latency, CoordinateLatency) else None
+        self.metrics = MetricsCollector(n, sc.stream.duration_s)
+        self.crypto = SimCrypto()
+        self.nodes: list[Any] = [None] * n
+        self.alive = bytearray(n)
+        self.timer_at = [math.inf] * n
+        self.owner: dict[int, int] = {}
+        self._next_link = 2
+        self._ctx: tuple[int, int, float] | None = None
+        """(node, seq, head arrival) while a relay reacts to a chunk it just received."""
+        self._chunk_out: dict[tuple[int, int], tuple[m.ChunkHead, bytes | None]] = {}
+        chunk_bytes = int(sc.stream.bitrate_kbps * sc.stream.chunk_ms / 8)
+        self.payload = bytes(chunk_bytes)
+        self.rap_every = max(1, GOP_MS // sc.stream.chunk_ms)
+        self.joined: dict[int, float] = {}
+        self.started: set[int] = set()
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    def _channel(self, c: int) -> str:
+        return f"ch{c}"
+
+    def run(self) -> RunResult:
+        sc = self.scenario
+        wall = time.perf_counter()
+        self.nodes[TRACKER] = TrackerNode(key=SimKey(0), crypto=self.crypto,
+                                          rng=random.Random(self.rng.random()),
+                                          strategy=sc.run.strategy)
+        self.alive[TRACKER] = 1
+        for c in range(self.channels):
+            index = 1 + c
+            seed = SeedNode(channel=self._channel(c), key=SimKey(index), crypto=self.crypto,
+                            tracker=str(TRACKER), address=str(index), upload_kbps=int(sc.seed.upload_kbps),
+                            bitrate_kbps=int(sc.stream.bitrate_kbps), substreams=sc.stream.substreams,
+                            chunk_ms=sc.stream.chunk_ms)
+            self.nodes[index] = seed
+            self.alive[index] = 1
+            self._call(index, lambda now, s=seed: s.start(now=now))
+            self.sched.at(0.1, self._ingest, index)
+        for spec in self.specs:
+            if spec.join_at < sc.stream.duration_s:
+                self.sched.at(spec.join_at + 0.05, self._join, spec)
+        events = self.sched.run(sc.stream.duration_s, progress=self.progress)
+        tracker: TrackerNode = self.nodes[TRACKER]
+        for spec in self.specs:
+            node = self.nodes[spec.id]
+            if node is not None and self.alive[spec.id] and node.id >= 0:
+                self.metrics.depth(spec.id, tracker.depth_of(node.channel, node.id))
+        return RunResult(self.metrics, events, time.perf_counter() - wall, len(self.specs), tracker)
+
+    def _ingest(self, index: int) -> None:
+        seed: SeedNode = self.nodes[index]
+        now = self.sched.now
+        rap = seed.next_seq % self.rap_every == 0
+        self._call(index, lambda t: seed.ingest(self.payload, rap=rap, now=t))
+        self.sched.at(now + self.scenario.stream.chunk_ms / 1000, self._ingest, index)
+
+    def _join(self, spec: PeerSpec) -> None:
+        i = spec.id
+        can_relay = spec.upload_kbps > 0 and not spec.nat
+        node = PeerNode(channel=self._channel(spec.channel), crypto=self.crypto,
+                        rng=random.Random(i * 7919 + self.scenario.run.seed), tracker=str(TRACKER),
+                        address=str(i) if can_relay else "", upload_kbps=int(spec.upload_kbps),
+                        coords=self.coords[i] if self.coords else (),
+                        playout_delay=self.playout_delay)
+        self.nodes[i] = node
+        self.alive[i] = 1
+        self.joined[i] = self.sched.now
+        self.metrics.peer_joined(i, now=self.sched.now)
+        self._call(i, lambda now: node.start(now=now))
+        if spec.leave_at < self.scenario.stream.duration_s:
+            self.sched.at(spec.leave_at, self._leave, i, spec.graceful)
+
+    def _leave(self, i: int, graceful: bool) -> None:
+        node = self.nodes[i]
+        if not self.alive[i]:
+            return
+        self.metrics.peer_left(i, now=self.sched.now)
+        if graceful:
+            self._call(i, lambda now: node.leave(now=now))
+            self.alive[i] = 0
+            return
+        # kill -9: nothing is sent; every remote end notices only at its idle time-out.
+        self.alive[i] = 0
+        node.drain()
+        for link, owner in list(self.owner.items()):
+            if owner == i:
+                remote = link ^ 1
+                del self.owner[link]
+                if remote in self.owner:
+                    self.sched.after(IDLE_TIMEOUT, self._closed, remote, "idle timeout")
+
+    # -- pumping -------------------------------------------------------------------------------
+
+    def _call(self, i: int, fn: Callable[[float], Any]) -> None:
+        fn(self.sched.now)
+        self._pump(i)
+
+    def _pump(self, i: int) -> None:
+        node = self.nodes[i]
+        effects = node.drain()
+        if effects:
+            self._apply(i, effects)
+        t = node.next_timer()
+        if t is not None and t < self.timer_at[i]:
+            self.timer_at[i] = t
+            self.sched.at(max(t, self.sched.now), self._timer, i, t)
+
+    def _timer(self, i: int, when: float) -> None:
+        if not self.alive[i] or self.timer_at[i] != when:
+            return
+        self.timer_at[i] = math.inf
+        node = self.nodes[i]
+        node.handle_timer(now=self.sched.now)
+        self._pump(i)
+
+    def _apply(self, i: int, effects: list[fx.Effect]) -> None:
+        now = self.sched.now
+        net, sched, metrics = self.net, self.sched, self.metrics
+        ctx = self._ctx
+        dropped = []
+        for eff in effects:
+            t = type(eff)
+            if t is fx.ChunkEnd:
+                link = eff.link
+                remote = link ^ 1
+                if link not in self.owner or remote not in self.owner:
+                    continue
+                dst = self.owner[remote]
+                pending = self._chunk_out.pop((link, eff.seq), None)
+                if pending is None:
+                    continue
+                head, payload = pending
+                t_head = ctx[2] if ctx is not None and ctx[0] == i and ctx[1] == eff.seq else now
+                if net.uplinks[i].free_at - now > MAX_BACKLOG_S:
+                    dropped.append((link, eff.seq))
+                    continue
+                arrival = net.send_chunk(i, dst, head.size, t_head, now)
+                metrics.bytes_sent(i, head.size, "media", 1 <= i <= self.channels, now=now)
+                if arrival is not None:
+                    sched.at(arrival[1], self._chunk_arrives, dst, remote, head, payload, eff.ok,
+                             arrival[0])
+            elif t is fx.ChunkBegin:
+                self._chunk_out[(eff.link, eff.head.seq)] = (eff.head, None)
+            elif t is fx.ChunkBytes:
+                key = (eff.link, eff.seq)
+                pending = self._chunk_out.get(key)
+                if pending is not None:
+                    self._chunk_out[key] = (pending[0], eff.data)
+            elif t is fx.Send:
+                link = eff.link
+                remote = link ^ 1
+                if link in self.owner and remote in self.owner:
+                    dst = self.owner[remote]
+                    metrics.bytes_sent(i, _control_size(eff.msg), "control", False, now=now)
+                    sched.at(net.send_control(i, dst, now), self._message, dst, remote, eff.msg)
+            elif t is fx.Deliver:
+                node = self.nodes[i]
+                seq = eff.head.seq
+                if i not in self.started:
+                    self.started.add(i)
+                    metrics.startup(i, now - self.joined[i])
+                metrics.chunk_verified(i, seq, eff.latency, now <= node.deadline(seq) + 1e-9,
+                                       not eff.from_seed, eff.head.size, now=now)
+            elif t is fx.Skip:
+                metrics.chunk_missed(i, eff.seq, now=now)
+            elif t is fx.Open:
+                self._open(i, eff.address, eff.ref)
+            elif t is fx.Close:
+                link = eff.link
+                remote = link ^ 1
+                self.owner.pop(link, None)
+                if remote in self.owner:
+                    dst = self.owner[remote]
+                    sched.at(net.send_control(i, dst, now), self._closed, remote, eff.reason)
+        if dropped:
+            node = self.nodes[i]
+            for link, seq in dropped:
+                node.chunk_dropped(link, seq, now=now)
+            self._pump(i)
+
+    # -- events --------------------------------------------------------------------------------
+
+    def _open(self, i: int, address: str, ref: Any) -> None:
+        dst = int(address) if address.isdigit() else -1
+        now = self.sched.now
+        if not 0 <= dst < self.n or not self.alive[dst]:
+            self.sched.at(now + CONNECT_TIMEOUT, self._open_failed, i, ref)
+            return
+        a = self._next_link
+        self._next_link += 2
+        b = a ^ 1
+        one_way = self.net.latency.one_way(i, dst)
+        self.sched.at(now + one_way, self._accepted, dst, b, a, i)
+        self.sched.at(now + 2 * one_way, self._opened, i, a, ref)
+
+    def _accepted(self, dst: int, link: int, remote: int, src: int) -> None:
+        if not self.alive[dst] or not self.alive[src]:
+            return
+        self.owner[link] = dst
+        self.owner[remote] = src
+        node = self.nodes[dst]
+        self._call(dst, lambda now: node.link_opened(link, now=now))
+
+    def _opened(self, i: int, link: int, ref: Any) -> None:
+        if not self.alive[i]:
+            return
+        node = self.nodes[i]
+        if link not in self.owner:  # the other end died during the handshake
+            self._call(i, lambda now: node.open_failed(ref, now=now, reason="connection refused"))
+            return
+        self._call(i, lambda now: node.link_opened(link, now=now, ref=ref))
+
+    def _open_failed(self, i: int, ref: Any) -> None:
+        if self.alive[i]:
+            node = self.nodes[i]
+            self._call(i, lambda now: node.open_failed(ref, now=now, reason="no answer"))
+
+    def _message(self, dst: int, link: int, msg: m.Message) -> None:
+        if not self.alive[dst] or link not in self.owner:
+            return
+        node = self.nodes[dst]
+        node.handle(link, msg, now=self.sched.now)
+        self._pump(dst)
+
+    def _closed(self, link: int, reason: str) -> None:
+        dst = self.owner.pop(link, None)
+        if dst is None or not self.alive[dst]:
+            return
+        node = self.nodes[dst]
+        self._call(dst, lambda now: node.link_closed(link, now=now, reason=reason))
+
+    def _chunk_arrives(self, dst: int, link: int, head: m.ChunkHead, payload: bytes, ok: bool,
+                       t_head: float) -> None:
+        if not self.alive[dst] or link not in self.owner:
+            return
+        node = self.nodes[dst]
+        now = self.sched.now
+        seq = head.seq
+        node.chunk_begin(link, head, now=now)
+        node.chunk_data(link, seq, payload, now=now)
+        self._ctx = (dst, seq, t_head)
+        node.chunk_end(link, seq, now=now, aborted=not ok)
+        self._pump(dst)
+        self._ctx = None
+
+
+def run_scenario(scenario: Scenario, *, progress: Callable[[float, int], Any] | None = None) -> RunResult:
+    """Run one scenario to its `duration_s`; deterministic for a given scenario and seed."""
+    return Simulation(scenario, progress=progress).run()

@@ -48,6 +48,9 @@ class ChunkBegin:
 
     link: Link
     head: ChunkHead
+    push: bool = True
+    """A subscriber's chunk (True) or an answer to a pull (False): under back-pressure a
+    driver gives up pulls first (`meshcast.policy.drop_chunk`)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -273,7 +273,7 @@ class RelayNode(NodeBase):
         missing = []
         for seq in msg.seqs:
             if seq in self.buffer:
-                self._send_chunk(conn.link, seq)
+                self._send_chunk(conn.link, seq, push=False)
             else:
                 missing.append(seq)
         if missing:
@@ -307,10 +307,10 @@ class RelayNode(NodeBase):
                     break
                 del self.buffer[oldest]
 
-    def _send_chunk(self, link: Link, seq: int) -> None:
+    def _send_chunk(self, link: Link, seq: int, push: bool = True) -> None:
         head, payload = self.buffer[seq]
         out = self._out
-        out.append(ChunkBegin(link, head))
+        out.append(ChunkBegin(link, head, push))
         out.append(ChunkBytes(link, seq, payload))
         out.append(ChunkEnd(link, seq, True))
         self.bytes_up += head.size
@@ -339,6 +339,10 @@ class RelayNode(NodeBase):
         """The driver dropped chunk `seq` for `link`: that child's queue was full (too slow)."""
         conn = self.conns.get(link)
         if conn is None:
+            return
+        if conn.subs.get(seq % self.substreams, seq + 1) > seq:
+            # An answer to a pull: say so at once, so the puller asks someone else.
+            self._out.append(Send(link, m.Missing((seq,))))
             return
         conn.drops += 1
         if conn.drops >= SLOW_DROPS and not conn.reported_slow:

@@ -21,6 +21,16 @@ MAX_BACKLOG_S = 2.0
 it would arrive too late to play, and queueing it only delays the chunks behind it."""
 
 
+PULL_BACKLOG_S = 0.3
+"""Pulls are answered only from spare upload: one that would wait longer than this is
+refused (the puller asks elsewhere), so repair traffic never starves the push trees."""
+
+
+def drop_chunk(backlog_s: float, push: bool) -> bool:
+    """Should a sender whose queue holds `backlog_s` seconds of upload skip this chunk?"""
+    return backlog_s > (MAX_BACKLOG_S if push else PULL_BACKLOG_S)
+
+
 def handoff_slack(slots: int) -> int:
     """Extra children a parent accepts beyond its slots, briefly, while the tracker moves them.
 

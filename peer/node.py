@@ -28,12 +28,15 @@ from meshcast.crypto import Crypto
 from meshcast.effects import ChunkBegin, ChunkBytes, ChunkEnd, Deliver, Link, Notice, Open, Send, Skip
 from meshcast.errors import RemoteProtocolError
 from meshcast.node import Conn, RelayNode
+from meshcast.policy import MAX_BACKLOG_S
 
 TRACKER = "tracker"
 START_WAIT = 1.0
 """Longest wait, after the first random-access chunk, for every sub-stream to deliver."""
 REPAIR_MARGIN = 0.6
 """Pull a missing chunk when this share of the playout delay is left before its deadline."""
+PULL_WINDOW = 4
+"""Pulls in flight per source in tree mode."""
 REQUEST_TIMEOUT = 1.0
 """Seconds before an unanswered pull is asked of another source."""
 MESH_OUTSTANDING = 8
@@ -111,7 +114,9 @@ class PeerNode(RelayNode):
 
     @property
     def stall_timeout(self) -> float:
-        return max(3 * self.substreams * self.chunk_s, 1.0)
+        """Silence from a parent that means it is gone: longer than a parent may legitimately
+        queue a chunk (`MAX_BACKLOG_S`) plus two of its sub-stream's chunk intervals."""
+        return MAX_BACKLOG_S + 2 * self.substreams * self.chunk_s
 
     def start(self, *, now: float) -> None:
         self.joined_at = now
@@ -524,13 +529,18 @@ class PeerNode(RelayNode):
 
     def _pull(self, seqs: list[int], now: float, exclude: set[Link] = frozenset()) -> None:  # type: ignore[assignment]
         batches: dict[Link, list[int]] = {}
+        busy: dict[Link, int] = {}
+        for link, _, _ in self.requested.values():
+            busy[link] = busy.get(link, 0) + 1
         seed_wanted = []
         for seq in seqs:
             if seq in self.buffer or seq in self.requested:
                 continue
-            sources = self._sources(seq, exclude)
+            # The least busy source, so that repair load spreads instead of piling on one.
+            sources = [s for s in self._sources(seq, exclude) if busy.get(s, 0) < PULL_WINDOW]
             if sources:
-                link = sources[0]
+                link = min(sources, key=lambda s: busy.get(s, 0))
+                busy[link] = busy.get(link, 0) + 1
                 batches.setdefault(link, []).append(seq)
                 self.requested[seq] = (link, now, set(exclude) | {link})
             else:

@@ -18,7 +18,8 @@ Modelling choices that mirror the runtime, in one place:
   onward transfers start from the time the chunk's head reached it (`sim.network.transfer`),
   so a relay forwards before it has the whole chunk, as the runtime does.
 - Back-pressure as in `meshcast.runtime`: a chunk is dropped for a child when it would wait
-  more than `MAX_BACKLOG_S` in the sender's queue, and the node is told (`chunk_dropped`).
+  too long in the sender's queue (`meshcast.policy.drop_chunk`: pushes wait up to 2 s, pulls
+  only 0.3 s), and the node is told (`chunk_dropped`).
 - An abrupt departure (kill -9) is seen by the other end only after `IDLE_TIMEOUT` (QUIC idle
   time-out), unless the node's own stall detection acts first; a graceful one closes links.
 - Crypto is `SimCrypto`: same checks on fields, no curve arithmetic.
@@ -37,7 +38,7 @@ from meshcast import effects as fx
 from meshcast import messages as m
 from meshcast import wire
 from meshcast.crypto import SimCrypto, SimKey
-from meshcast.policy import MAX_BACKLOG_S
+from meshcast.policy import drop_chunk
 from peer.node import PeerNode
 from seed.node import SeedNode
 from sim.metrics import MetricsCollector
@@ -117,7 +118,7 @@ class Simulation:
         self._next_link = 2
         self._ctx: tuple[int, int, float] | None = None
         """(node, seq, head arrival) while a relay reacts to a chunk it just received."""
-        self._chunk_out: dict[tuple[int, int], tuple[m.ChunkHead, bytes | None]] = {}
+        self._chunk_out: dict[tuple[int, int], tuple[m.ChunkHead, bytes | None, bool]] = {}
         chunk_bytes = int(sc.stream.bitrate_kbps * sc.stream.chunk_ms / 8)
         self.payload = bytes(chunk_bytes)
         self.rap_every = max(1, GOP_MS // sc.stream.chunk_ms)
@@ -239,9 +240,9 @@ class Simulation:
                 pending = self._chunk_out.pop((link, eff.seq), None)
                 if pending is None:
                     continue
-                head, payload = pending
+                head, payload, push = pending
                 t_head = ctx[2] if ctx is not None and ctx[0] == i and ctx[1] == eff.seq else now
-                if net.uplinks[i].free_at - now > MAX_BACKLOG_S:
+                if drop_chunk(net.uplinks[i].free_at - now, push):
                     dropped.append((link, eff.seq))
                     continue
                 arrival = net.send_chunk(i, dst, head.size, t_head, now)
@@ -250,12 +251,12 @@ class Simulation:
                     sched.at(arrival[1], self._chunk_arrives, dst, remote, head, payload, eff.ok,
                              arrival[0])
             elif t is fx.ChunkBegin:
-                self._chunk_out[(eff.link, eff.head.seq)] = (eff.head, None)
+                self._chunk_out[(eff.link, eff.head.seq)] = (eff.head, None, eff.push)
             elif t is fx.ChunkBytes:
                 key = (eff.link, eff.seq)
                 pending = self._chunk_out.get(key)
                 if pending is not None:
-                    self._chunk_out[key] = (pending[0], eff.data)
+                    self._chunk_out[key] = (pending[0], eff.data, pending[2])
             elif t is fx.Send:
                 link = eff.link
                 remote = link ^ 1

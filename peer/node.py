@@ -80,6 +80,7 @@ class PeerNode(RelayNode):
         self.playout_delay = playout_delay
         self.tracker_link: Link | None = None
         self.rejected = ""
+        self.leaving = False
         self.joined_at: float | None = None
         self.primary: list[Slot | None] = []
         self.backup: list[Slot | None] = []
@@ -96,7 +97,8 @@ class PeerNode(RelayNode):
         self.gaps: dict[int, float] = {}
         self.requested: dict[int, tuple[Link, float, set[Link]]] = {}
         self._from_seed: set[int] = set()
-        self._start_rap: tuple[int, float] | None = None
+        self._start_rap: tuple[int, float, float] | None = None
+        self._lat: list[float | None] = []
         self.play_next: int | None = None
         self.play_s0 = 0
         self.play_t0 = 0.0
@@ -124,6 +126,7 @@ class PeerNode(RelayNode):
 
     def leave(self, *, now: float) -> None:
         """Graceful departure: tell the tracker, close every link."""
+        self.leaving = True
         if self.tracker_link is not None:
             self._out.append(Send(self.tracker_link, m.Leave("viewer left")))
         for link in list(self.conns):
@@ -163,6 +166,8 @@ class PeerNode(RelayNode):
         self._peer_gone(ref, now, f"cannot connect: {reason}")
 
     def _conn_lost(self, conn: Conn, now: float, reason: str) -> None:
+        if self.leaving:
+            return
         if conn.link == self.tracker_link:
             self.tracker_link = None
             if not self.rejected:
@@ -235,6 +240,7 @@ class PeerNode(RelayNode):
         k = msg.substreams
         self.primary, self.backup = [None] * k, [None] * k
         self.relays, self.last_rx, self.newest_in = [False] * k, [now] * k, [-1] * k
+        self._lat: list[float | None] = [None] * k
         if self.mode == "tree":
             self._set_timer("stall", now + self.stall_timeout)
         else:
@@ -415,8 +421,9 @@ class PeerNode(RelayNode):
                 if s not in buffer and s not in gaps:
                     gaps[s] = math.inf
         if self.play_next is None:
+            self._lat[k] = now - head.ts
             if head.rap and self._start_rap is None:
-                self._start_rap = (seq, now)
+                self._start_rap = (seq, now, now - head.ts)
                 self._set_timer("start", now + START_WAIT)
             self._try_start(now)
         self._release(now)
@@ -424,14 +431,21 @@ class PeerNode(RelayNode):
 
     def _try_start(self, now: float) -> None:
         """Start playback at the first random-access chunk once every sub-stream has delivered
-        a chunk after it (or `START_WAIT` has passed): the deadlines then allow for the slowest
-        sub-stream's path, instead of the luck of whichever arrived first."""
+        something (or `START_WAIT` has passed), with deadlines that allow for the slowest
+        sub-stream's path rather than the luck of whichever arrived first.
+
+        Sub-stream k's path is `_lat[k]` (arrival − seed timestamp) slower or faster than the
+        random-access chunk's: a difference of two such figures is independent of any offset
+        between our clock and the seed's.
+        """
         if self._start_rap is None or self.play_next is not None:
             return
-        r, t = self._start_rap
-        if now < t + START_WAIT and any(s not in self.buffer for s in range(r, r + self.substreams)):
+        r, t_r, lat_r = self._start_rap
+        if now < t_r + START_WAIT and None in self._lat:
             return
-        self.play_next, self.play_s0, self.play_t0 = r, r, now
+        spread = max(lat for lat in self._lat if lat is not None) - lat_r
+        self.play_next, self.play_s0 = r, r
+        self.play_t0 = max(now, t_r + spread)
         self.first_play = now
         self._cancel_timer("start")
 

@@ -1,11 +1,172 @@
-"""`meshcast sim run|compare`: command-line front end of the simulator (filled in by the sim driver work)."""
+"""`meshcast sim run|compare`: the simulator's command line (progress bar, summary table, files)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from sim.driver import RunResult, run_scenario
+from sim.progress import Progress
+from sim.scenario import SCENARIO_DIR, Scenario, ScenarioError, load_scenario, resource_index
+from tracker.placement import STRATEGIES
+
+JSON_KEYS = ("peers", "duration_s", "latency_ms", "continuity", "offload", "startup_ms",
+             "seed_egress_kbps", "control_overhead", "max_depth", "events", "wall_s")
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
     """Add the `sim` command and its `run` / `compare` sub-commands to the meshcast CLI."""
-    parser = subparsers.add_parser("sim", help="run the discrete-event simulator")
+    parser = subparsers.add_parser(
+        "sim", help="run the discrete-event simulator on the real node code",
+        description="Simulate a channel's audience on a virtual clock with the same tracker, "
+                    f"seed and peer logic as the network runtime. Shipped scenarios: {SCENARIO_DIR}")
+    sub = parser.add_subparsers(dest="sim_command", metavar="{run,compare}")
     parser.set_defaults(func=lambda args: parser.error("choose 'run' or 'compare'"))
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("scenario", help="scenario TOML file, or the name of a shipped one "
+                                        "(e.g. steady-10k)")
+        p.add_argument("--seed", type=int, help="override [run] seed")
+        p.add_argument("--peers", type=int, help="override [peers] count")
+        p.add_argument("--duration", type=float, help="override [stream] duration_s")
+        p.add_argument("--out", metavar="DIR",
+                       help="write metrics.json, peers.csv and PNG plots into DIR")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    run = sub.add_parser("run", help="run one scenario",
+                         description="Run one scenario; print a summary table (or JSON).")
+    common(run)
+    run.add_argument("--strategy", choices=sorted(STRATEGIES), help="override [run] strategy")
+    run.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    run.set_defaults(func=cmd_run)
+
+    compare = sub.add_parser("compare", help="run one scenario under several strategies",
+                             description="Run the same scenario and seed under each strategy "
+                                         "and print them side by side.")
+    common(compare)
+    compare.add_argument("--strategies", default=",".join(STRATEGIES),
+                         help="comma-separated (default: %(default)s)")
+    compare.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    compare.set_defaults(func=cmd_compare)
+
+
+def _resolve(name: str) -> Path:
+    path = Path(name)
+    if not path.exists() and not path.suffix:
+        shipped = Path(SCENARIO_DIR) / f"{name}.toml"
+        if shipped.exists():
+            return shipped
+    return path
+
+
+def _load(args: argparse.Namespace, strategy: str | None = None) -> Scenario:
+    overrides: dict[str, Any] = {}
+    if args.seed is not None:
+        overrides["run.seed"] = args.seed
+    if args.peers is not None:
+        overrides["peers.count"] = args.peers
+    if args.duration is not None:
+        overrides["stream.duration_s"] = args.duration
+    if strategy:
+        overrides["run.strategy"] = strategy
+    path = _resolve(args.scenario)
+    if not path.exists():
+        raise SystemExit(f"meshcast sim: no scenario file {args.scenario!r} "
+                         f"(shipped ones are in {SCENARIO_DIR})")
+    try:
+        return load_scenario(path, overrides=overrides)
+    except ScenarioError as exc:
+        raise SystemExit(f"meshcast sim: {path}: {exc}") from None
+
+
+def _simulate(scenario: Scenario, quiet: bool) -> RunResult:
+    if not quiet:
+        print(f"{scenario.name or 'scenario'}: {scenario.peers.count} peers, "
+              f"{scenario.stream.duration_s:g} s, strategy {scenario.run.strategy}, "
+              f"resource index {resource_index(scenario):.2f}", file=sys.stderr)
+    progress = None if quiet else Progress(scenario.stream.duration_s)
+    try:
+        return run_scenario(scenario, progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
+
+
+def _pick(summary: dict[str, Any]) -> dict[str, Any]:
+    return {k: summary.get(k) for k in JSON_KEYS}
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    if pct:
+        return f"{100 * v:.2f}%"
+    return f"{v:,.0f}" if isinstance(v, (int, float)) and abs(v) >= 100 else f"{v:.3g}"
+
+
+ROWS = (
+    ("latency p50 (ms)", lambda s: _fmt(s["latency_ms"]["p50"])),
+    ("latency p95 (ms)", lambda s: _fmt(s["latency_ms"]["p95"])),
+    ("latency p99 (ms)", lambda s: _fmt(s["latency_ms"]["p99"])),
+    ("continuity", lambda s: _fmt(s["continuity"], pct=True)),
+    ("offload", lambda s: _fmt(s["offload"], pct=True)),
+    ("startup p50 (ms)", lambda s: _fmt(s["startup_ms"]["p50"])),
+    ("startup p95 (ms)", lambda s: _fmt(s["startup_ms"]["p95"])),
+    ("seed egress (kbps)", lambda s: _fmt(s["seed_egress_kbps"])),
+    ("control overhead", lambda s: _fmt(s["control_overhead"], pct=True)),
+    ("max depth", lambda s: _fmt(s["max_depth"])),
+    ("peers", lambda s: _fmt(s["peers"])),
+    ("events", lambda s: _fmt(s["events"])),
+    ("wall (s)", lambda s: _fmt(s["wall_s"])),
+)
+
+
+def table(columns: dict[str, dict[str, Any]]) -> str:
+    """Summaries side by side, one column per run."""
+    names = list(columns)
+    width = max(12, *(len(n) + 2 for n in names))
+    lines = ["".ljust(20) + "".join(n.rjust(width) for n in names)]
+    for label, fn in ROWS:
+        lines.append(label.ljust(20) + "".join(fn(columns[n]).rjust(width) for n in names))
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    scenario = _load(args, args.strategy)
+    result = _simulate(scenario, args.quiet or args.json)
+    summary = result.summary()
+    if args.out:
+        result.metrics.write(args.out)
+    if args.json:
+        print(json.dumps(_pick(summary)))
+    else:
+        print(table({scenario.run.strategy: summary}))
+        if args.out:
+            print(f"wrote {args.out}/metrics.json, peers.csv and plots")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from sim.metrics import write_comparison
+
+    names = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = [n for n in names if n not in STRATEGIES]
+    if unknown or not names:
+        raise SystemExit(f"meshcast sim: unknown strategy {', '.join(unknown) or '(none)'}; "
+                         f"choose from {', '.join(STRATEGIES)}")
+    results = {name: _simulate(_load(args, name), args.quiet or args.json) for name in names}
+    summaries = {name: r.summary() for name, r in results.items()}
+    if args.out:
+        write_comparison(args.out, {name: r.metrics for name, r in results.items()})
+        for name, r in results.items():
+            r.metrics.write(Path(args.out) / name, plots=False)
+    if args.json:
+        print(json.dumps({name: _pick(s) for name, s in summaries.items()}))
+    else:
+        print(table(summaries))
+        if args.out:
+            print(f"wrote {args.out}/comparison.json and side-by-side plots")
+    return 0

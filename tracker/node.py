@@ -165,7 +165,7 @@ class TrackerNode(NodeBase):
         for k in range(ch.substreams if self.strategy.mode == "tree" else 0):
             if not self._place(ch, member, k, now):
                 self.links[link] = None
-                ch.forest.remove(member)
+                self._remove(ch, member, now)  # re-homes anyone it adopted in earlier trees
                 self._reject(link, "channel full: no upload capacity left for a new viewer", now)
                 return
         self._send_neighbours(ch, member, now)
@@ -260,8 +260,9 @@ class TrackerNode(NodeBase):
             self._assign(ch, member, k, now)  # fresh backup
             return
         forest.detach(member, k)
-        # The old parent refused or failed this member: do not hand it straight back.
-        if not self._place(ch, member, k, now, avoid=msg.parent):
+        # The old parent refused or failed this member: do not hand it straight back — unless
+        # it is the only place left (say, the seed, when the rest of the tree hangs below us).
+        if not self._place(ch, member, k, now, avoid=msg.parent) and not self._place(ch, member, k, now):
             self._evict_for_capacity(ch, member, now)
 
     def _on_complaint(self, ch: Channel, member: Member, msg: m.Complaint, now: float) -> None:

@@ -1,0 +1,69 @@
+"""Simulator scale: 10k and 100k viewers × 60 s of a 2 Mbit/s stream.
+
+Prints wall time, events/s, peer-chunk deliveries per wall second, peak memory and memory per
+peer, one row per audience size (each size in a fresh process, so peak RSS is its own).
+
+    python bench/sim_scale.py                 # 10k and 100k, 60 s each (100k takes a while)
+    python bench/sim_scale.py --peers 10000 --duration 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+
+def one(peers: int, duration: float, chunk_ms: int) -> dict:
+    from sim.driver import run_scenario
+    from sim.scenario import SCENARIO_DIR, load_scenario
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scenario = load_scenario(SCENARIO_DIR / "steady-10k.toml", overrides={
+        "peers.count": peers, "stream.duration_s": duration, "stream.chunk_ms": chunk_ms,
+        "peers.arrival.rate": max(500, peers / 20)})
+    t0 = time.perf_counter()
+    result = run_scenario(scenario)
+    wall = time.perf_counter() - t0
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    s = result.summary()
+    deliveries = s["chunks"]["verified"]
+    return {
+        "peers": peers, "duration_s": duration, "chunk_ms": chunk_ms, "wall_s": round(wall, 1),
+        "events": result.events, "events_per_s": round(result.events / wall),
+        "deliveries": deliveries, "deliveries_per_s": round(deliveries / wall),
+        "peak_rss_mb": round(peak_kb / 1024), "kb_per_peer": round((peak_kb - base) / peers, 2),
+        "latency_p95_ms": s["latency_ms"]["p95"], "continuity": s["continuity"],
+        "offload": s["offload"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--peers", type=int, nargs="*", default=[10_000, 100_000])
+    ap.add_argument("--duration", type=float, default=60.0)
+    ap.add_argument("--chunk-ms", type=int, default=100)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(one(args.peers[0], args.duration, args.chunk_ms)))
+        return
+    rows = []
+    for n in args.peers:
+        out = subprocess.run([sys.executable, __file__, "--child", "--peers", str(n), "--duration",
+                              str(args.duration), "--chunk-ms", str(args.chunk_ms)],
+                             capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(f"{r['peers']:>7} peers  {r['wall_s']:>8.1f} s wall  {r['events_per_s']:>9,} ev/s  "
+              f"{r['deliveries_per_s']:>8,} deliveries/s  peak {r['peak_rss_mb']:>6,} MB  "
+              f"{r['kb_per_peer']:>6.1f} KB/peer  p95 {r['latency_p95_ms']} ms  "
+              f"continuity {r['continuity']:.4f}  offload {r['offload']:.4f}", flush=True)
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

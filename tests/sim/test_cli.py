@@ -1,0 +1,64 @@
+"""`meshcast sim run|compare` end to end, in-process (argparse → driver → files)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from sim import cli
+
+
+def run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="meshcast")
+    cli.register(parser.add_subparsers())
+    args = parser.parse_args(["sim", *argv])
+    return args.func(args)
+
+
+def test_run_json_has_the_documented_keys(capsys):
+    assert run_cli(["run", "small-20", "--duration", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(cli.JSON_KEYS) <= set(out)
+    assert out["peers"] == 20
+    assert set(out["latency_ms"]) == {"p50", "p95", "p99"}
+    assert out["continuity"] > 0.95
+    assert out["max_depth"] >= 1
+
+
+def test_out_dir_is_identical_for_the_same_seed(tmp_path):
+    for name in ("a", "b"):
+        assert run_cli(["run", "small-20", "--duration", "6", "--quiet", "--out",
+                        str(tmp_path / name)]) == 0
+    a = (tmp_path / "a" / "metrics.json").read_bytes()
+    assert a == (tmp_path / "b" / "metrics.json").read_bytes()
+    for f in ("peers.csv", "latency_cdf.png", "timeseries.png", "depth_histogram.png"):
+        assert (tmp_path / "a" / f).stat().st_size > 0
+
+
+def test_compare_writes_side_by_side(tmp_path, capsys):
+    assert run_cli(["compare", "small-20", "--duration", "6", "--strategies", "tree,mesh",
+                    "--quiet", "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "tree" in table and "mesh" in table and "latency p95" in table
+    data = json.loads((tmp_path / "comparison.json").read_text())
+    assert set(data) == {"tree", "mesh"}
+    assert (tmp_path / "comparison_latency_cdf.png").exists()
+
+
+def test_malformed_scenario_names_the_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[stream]\nbitrate_kbps = "fast"\n')
+    with pytest.raises(SystemExit) as exc:
+        run_cli(["run", str(bad)])
+    assert "stream.bitrate_kbps" in str(exc.value)
+
+
+def test_unknown_scenario_and_strategy_are_clear_errors():
+    with pytest.raises(SystemExit) as exc:
+        run_cli(["run", "no-such-scenario"])
+    assert "no scenario file" in str(exc.value)
+    with pytest.raises(SystemExit) as exc:
+        run_cli(["compare", "small-20", "--strategies", "tree,bogus"])
+    assert "bogus" in str(exc.value)

@@ -1,0 +1,116 @@
+"""TrackerNode placement and repair under random joins and departures (hypothesis, pure)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshcast import messages as m
+from meshcast.crypto import SimCrypto, SimKey
+from meshcast.effects import Send
+from meshcast.policy import child_slots
+from tracker.node import TrackerNode
+
+K = 4
+BITRATE = 2000
+
+
+def new_tracker(strategy: str, seed_kbps: int) -> TrackerNode:
+    t = TrackerNode(key=SimKey(), crypto=SimCrypto(), rng=random.Random(1), strategy=strategy)
+    t.link_opened(1, now=0.0)
+    t.handle(1, m.Announce("c", SimKey(9).public, "seed", seed_kbps, BITRATE, K, 200, b"\0" * 64),
+             now=0.0)
+    return t
+
+
+def check_invariants(t: TrackerNode) -> None:
+    forest = t.channels["c"].forest
+    for member in forest.members.values():
+        assert member.used == sum(len(c) for c in member.children)
+        assert member.used <= member.slots, "a parent got more children than its upload carries"
+        for k in range(K):
+            for cid in member.children[k]:
+                child = forest.members[cid]
+                assert child.parent[k] == member.id
+                assert child.depth[k] == member.depth[k] + 1
+            if not member.is_seed:
+                assert member.parent[k] in forest.members, "every member has a parent in each tree"
+                # no cycles: walking up reaches the seed, in exactly `depth` hops
+                hops, cur = 0, member
+                while not cur.is_seed:
+                    cur = forest.members[cur.parent[k]]
+                    hops += 1
+                    assert hops <= len(forest.members)
+                assert hops == member.depth[k]
+
+
+ops = st.lists(st.tuples(st.sampled_from(["join", "join", "join", "leave"]),
+                         st.sampled_from([0, 500, 1500, 2500, 4500, 9000]),
+                         st.integers(0, 10_000)), min_size=1, max_size=60)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=ops, strategy=st.sampled_from(["tree", "random"]))
+def test_random_joins_and_departures_keep_the_forest_sound(ops, strategy):
+    t = new_tracker(strategy, seed_kbps=6000)
+    links = []
+    next_link = 2
+    for op, kbps, pick in ops:
+        if op == "join":
+            link = next_link
+            next_link += 1
+            t.link_opened(link, now=1.0)
+            t.handle(link, m.Join("c", f"p{link}", kbps, (random.Random(pick).random(), 0.5)), now=1.0)
+            if link in t.links and t.links[link] is not None:
+                links.append(link)
+        elif links:
+            link = links.pop(pick % len(links))
+            t.link_closed(link, now=2.0)
+        # a reject closes the link: keep only admitted ones
+        links = [l for l in links if t.links.get(l) is not None]
+        check_invariants(t)
+    t.drain()
+
+
+def test_relays_get_the_shallow_places_and_depth_is_logarithmic():
+    t = new_tracker("tree", seed_kbps=20_000)
+    rng = random.Random(3)
+    for i in range(600):
+        t.link_opened(100 + i, now=0.0)
+        t.handle(100 + i, m.Join("c", f"p{i}", rng.choice([2500, 4500]), (rng.random(), rng.random())),
+                 now=0.0)
+    check_invariants(t)
+    forest = t.channels["c"].forest
+    n = len(forest.members) - 1
+    fanout = child_slots(4500, BITRATE, K)
+    assert max(max(mm.depth) for mm in forest.members.values()) <= math.ceil(math.log(n, 2)) - 3
+    for k in range(K):
+        relay_depths = [mm.depth[k] for mm in forest.members.values() if mm.home == k]
+        leaf_depths = [mm.depth[k] for mm in forest.members.values()
+                       if mm.home != k and not mm.is_seed]
+        assert sum(relay_depths) / len(relay_depths) < sum(leaf_depths) / len(leaf_depths)
+        # the seed's slots go to relays: leaves hang under peers
+        assert all(forest.members[c].home == k for c in forest.seed.children[k])
+    assert fanout >= 4
+
+
+def test_orphans_are_reassigned_at_once_when_a_relay_leaves():
+    t = new_tracker("tree", seed_kbps=8000)
+    for i in range(40):
+        t.link_opened(100 + i, now=0.0)
+        t.handle(100 + i, m.Join("c", f"p{i}", 4500), now=0.0)
+    t.drain()
+    forest = t.channels["c"].forest
+    relay = max((mm for mm in forest.members.values() if not mm.is_seed), key=lambda mm: mm.used)
+    orphans = {cid for k in range(K) for cid in relay.children[k]}
+    assert orphans
+    t.link_closed(relay.link, now=5.0)
+    assigns = {forest.members[o].link: 0 for o in orphans}
+    for eff in t.drain():
+        if type(eff) is Send and type(eff.msg) is m.Assign and eff.link in assigns:
+            assigns[eff.link] += 1
+    assert all(n >= 1 for n in assigns.values())
+    check_invariants(t)

@@ -1,13 +1,13 @@
 """Small pure rules both the tracker and the nodes apply, so they never disagree.
 
 `child_slots`: how many (child, sub-stream) pairs a node's upload carries. One slot is one
-sub-stream (bitrate/K) to one child; `HEADROOM` keeps 10% of the upload for control traffic,
+sub-stream (bitrate/K) to one child; `HEADROOM` keeps 20% of the upload for control traffic,
 pull repair and bursts — Justin.tv's rule: never give a parent more than its upload carries.
 """
 
 from __future__ import annotations
 
-HEADROOM = 0.9
+HEADROOM = 0.8
 
 
 def child_slots(upload_kbps: float, bitrate_kbps: float, substreams: int) -> int:

@@ -51,7 +51,7 @@ from tracker.node import TrackerNode
 CONNECT_TIMEOUT = 5.0
 IDLE_TIMEOUT = 15.0
 GOP_MS = 1000
-"""A random-access point every second (a keyframe per GOP), as the demo's ffmpeg stream."""
+"""Default keyframe interval (`[stream] gop_ms`)."""
 TRACKER = 0
 
 
@@ -121,7 +121,7 @@ class Simulation:
         self._chunk_out: dict[tuple[int, int], tuple[m.ChunkHead, bytes | None, bool]] = {}
         chunk_bytes = int(sc.stream.bitrate_kbps * sc.stream.chunk_ms / 8)
         self.payload = bytes(chunk_bytes)
-        self.rap_every = max(1, GOP_MS // sc.stream.chunk_ms)
+        self.rap_every = max(1, round(sc.stream.gop_ms / sc.stream.chunk_ms))
         self.joined: dict[int, float] = {}
         self.started: set[int] = set()
 

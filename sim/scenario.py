@@ -82,6 +82,9 @@ class StreamConfig:
     """K: chunk seq mod K is sub-stream k, each with its own push tree."""
     duration_s: float = _opt(60.0, POSITIVE)
     """Simulated time the stream runs (and the run lasts)."""
+    gop_ms: int = _opt(1000, POSITIVE_INT)
+    """Keyframe interval: a chunk starting with a random-access point every gop_ms (a joiner
+    starts playing at one, so this bounds startup delay from below)."""
 
 
 @dataclass(frozen=True)

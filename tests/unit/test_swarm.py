@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 
 from meshcast.crypto import Crypto, SigningKey
-from meshcast.policy import child_slots
+from meshcast.policy import HEADROOM, child_slots
 from peer.node import PeerNode
 from seed.node import SeedNode
 from tests.harness import Wiring
@@ -90,7 +91,7 @@ def test_newcomer_is_rejected_with_a_reason_when_capacity_runs_out():
 
 def test_seed_too_small_for_one_copy_is_told_how_much_it_needs():
     w, tracker, seed, peers = build(1, seed_kbps=1000)
-    assert "at least 2223 kbps" in seed.rejected
+    assert f"at least {math.ceil(BITRATE / HEADROOM)} kbps" in seed.rejected
     assert "no live channel" in peers[0].rejected
 
 

@@ -69,7 +69,7 @@ class PeerNode(RelayNode):
     def __init__(self, *, channel: str, crypto: Crypto, rng: random.Random, tracker: str,
                  address: str = "", upload_kbps: int = 0, coords: tuple[float, ...] = (),
                  public_key: bytes | None = None, playout_delay: float = 0.5,
-                 buffer_s: float = 10.0) -> None:
+                 buffer_s: float = 5.0) -> None:
         super().__init__(crypto=crypto, upload_kbps=upload_kbps, buffer_s=buffer_s)
         self.channel = channel
         self.rng = rng
@@ -476,6 +476,7 @@ class PeerNode(RelayNode):
             elif now >= self.deadline(seq):
                 out.append(Skip(seq))
                 self.skipped += 1
+                self._from_seed.discard(seq)
                 self.gaps.pop(seq, None)
                 self.requested.pop(seq, None)
             else:

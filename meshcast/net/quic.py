@@ -1,0 +1,809 @@
+"""QUIC byte transport between native meshcast nodes, written against anyio (asyncio and trio).
+
+It moves bytes and knows nothing of meshcast messages: the runtime driver frames control messages
+and chunk streams on top of it.
+
+Shape
+-----
+aioquic's sans-IO `QuicConnection` does all of QUIC; this module only pumps it. One UDP socket
+per endpoint serves inbound and outbound connections: a receive task routes each datagram by its
+destination connection ID (an unknown Initial creates a server connection) and pushes it into the
+connection. One pump task per link waits for "something to send" or the connection's timer,
+feeds queued application data into the connection, drains `datagrams_to_send()` fully and sends
+the batch. Connection events come out of `QuicLink.receive()` as the four dataclasses below.
+
+The socket is a plain non-blocking socket awaited with `anyio.wait_readable/wait_writable`
+rather than an `anyio.create_udp_socket` object, because the latter's asyncio backend drops
+datagrams beyond 100 queued ones (costly losses at loopback speeds), allows one sender at a time
+and costs an await per datagram; here receives and sends are batched and synchronous until the
+kernel says "would block".
+
+Streams
+-------
+Control bytes travel on the first client-initiated bidirectional stream (id 0), each chunk on its
+own unidirectional stream (a lost packet delays one chunk, not the next). QUIC lets only the
+client open stream 0, so the client writes a one-byte preamble on it as the handshake completes
+and the server strips it, holding its own control bytes until then; callers never see it.
+
+Back-pressure
+-------------
+aioquic's stream send buffers grow without limit and it has no public measure of them. So each
+link keeps its own queue of writes (control first, then chunk data in write order) and hands data
+to the QuicConnection only while the connection holds less than one batch (`_BATCH`, or the
+shaper's current budget) of not-yet-transmitted stream data. A stream's not-yet-transmitted bytes
+are the bytes we wrote minus its sender's `highest_offset` (the highest offset aioquic has put in
+a packet). Hence `unsent_bytes` = our queue + that small remainder: data waiting for congestion
+control, flow control, the upload shaper or the peer's stream limit — not data in flight, and
+lost data awaiting retransmission is not counted twice. A caller that sees it grow stops feeding
+that link (and drops the link's late chunks) instead of buffering without bound.
+
+Inbound, aioquic grants flow-control credit as soon as it hands data to us, so a reader that stops
+calling `receive()` would buffer without bound: past `max_receive_buffer` bytes the link is closed
+("receive buffer overflow"). Bytes that arrive for a stream while an earlier piece of it is still
+unread are appended to that piece, so a reader that falls behind catches up with one event per
+stream instead of one per datagram (order is kept within each stream, not across streams).
+
+Upload shaping and delay
+------------------------
+With `upload_bps` (bits per second of UDP payload), a token bucket with a ~10 ms burst covers
+every datagram the endpoint sends; links take turns through a FIFO lock, one batch each, which
+shares the upload fairly among them. A batch may overdraw the bucket (debt), so the long-run rate
+is exact. The pump pulls datagrams from aioquic only when it may send them, so the queue builds in
+the link's own queue, where `unsent_bytes` sees it. With `delay`, every datagram is then held
+`delay(address)` seconds in a delay line (one-way delay injection, order kept per destination).
+
+Trust
+-----
+Clients do not verify the server's certificate (`ssl.CERT_NONE`): it is a throw-away identity made
+at start-up (`meshcast.net.tls`). meshcast authenticates content end to end (seed-signed chunks,
+tracker-signed tokens), so the transport provides confidentiality and congestion control only.
+
+Lifecycle
+---------
+Every task belongs to the endpoint's task group. Leaving `open_endpoint` closes every link
+(CONNECTION_CLOSE "endpoint closed") and the socket. Once a link is closed — by `close()`, by the
+peer, by idle timeout or with its endpoint — `receive()` returns the events already queued, then
+the same `LinkClosed` on every call (it never raises), and `send_*` calls are ignored. `close()`
+discards chunk data not yet sent but delivers queued control bytes before CONNECTION_CLOSE (it
+ends the control stream and waits, up to `_CLOSE_LINGER`, until that end is acknowledged), so a
+goodbye message arrives before the peer's `LinkClosed(reason)`. A vanished peer surfaces as
+`LinkClosed("Idle timeout")` within `idle_timeout` (plus up to a third of it if the link was
+quiet: the keep-alive PING then restarts QUIC's idle timer once).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import socket
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+from aioquic.buffer import Buffer
+from aioquic.quic import events as qe
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import (
+    QuicPacketType,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
+
+from meshcast.net.tls import self_signed_certificate
+
+__all__ = [
+    "ALPN",
+    "CONTROL_STREAM_ID",
+    "ConnectError",
+    "ControlData",
+    "LinkClosed",
+    "LinkEvent",
+    "QuicEndpoint",
+    "QuicLink",
+    "StreamData",
+    "StreamReset",
+    "open_endpoint",
+]
+
+ALPN = "meshcast/1"
+CONTROL_STREAM_ID = 0
+_PREAMBLE = b"\x01"  # first byte of the control stream, written by the client (see "Streams")
+_CHUNK_ABORTED = 1  # application error code of RESET_STREAM
+_CLOSE_LINGER = 2.0  # seconds close() waits for queued control bytes to be acknowledged
+_CID_LENGTH = 8
+_BATCH = 64 * 1024  # stream bytes handed to aioquic per pump round: ~50 datagrams per wakeup
+_MIN_BUDGET = 1200  # one datagram: a link always makes progress on its turn
+_RECV_BATCH = 128  # datagrams read per wakeup of the receive task
+_SOCKET_BUFFER = 4 * 1024 * 1024
+
+
+# --- events -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ControlData:
+    """Bytes received on the control stream; message boundaries are not preserved."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StreamData:
+    """Bytes received on a unidirectional stream opened by the peer."""
+
+    stream_id: int
+    data: bytes
+    end: bool
+    """True on the stream's last piece (`data` may then be empty)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    """The peer aborted a stream it had opened; no more data will arrive on it."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class LinkClosed:
+    """The link is gone (closed by either side, idle timeout, or endpoint shutdown)."""
+
+    reason: str
+
+
+LinkEvent = ControlData | StreamData | StreamReset | LinkClosed
+
+
+class ConnectError(ConnectionError):
+    """`QuicEndpoint.connect` could not establish a link; the message says why."""
+
+
+# --- endpoint ---------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def open_endpoint(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    upload_bps: float | None = None,
+    delay: Callable[[tuple[str, int]], float] | None = None,
+    idle_timeout: float = 15.0,
+    max_receive_buffer: int = 32 * 1024 * 1024,
+) -> AsyncIterator[QuicEndpoint]:
+    """Bind a UDP socket and run a QUIC endpoint on it until the block exits.
+
+    `upload_bps` caps the endpoint's sending rate (bits per second of UDP payload, all links
+    together); `delay(address)` is the one-way delay, in seconds, added to each datagram sent to
+    `address`; `idle_timeout` bounds how long a silent (vanished) peer keeps its link;
+    `max_receive_buffer` bounds the bytes a link buffers for a reader that stops reading.
+    """
+    (family, _, _, _, sockaddr), *_ = await anyio.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)  # best effort, capped by the OS
+        sock.bind(sockaddr)
+        async with anyio.create_task_group() as tg:
+            endpoint = QuicEndpoint(
+                sock,
+                tg,
+                upload_bps=upload_bps,
+                delay=delay,
+                idle_timeout=idle_timeout,
+                max_receive_buffer=max_receive_buffer,
+            )
+            tg.start_soon(endpoint._receive_loop)
+            if endpoint._delay_line is not None:
+                tg.start_soon(endpoint._delay_line.run, endpoint._send_one)
+            try:
+                yield endpoint
+            finally:
+                endpoint._shutdown()
+                tg.cancel_scope.cancel()
+    finally:
+        sock.close()
+
+
+class QuicEndpoint:
+    """One UDP socket carrying any number of QUIC links, inbound and outbound."""
+
+    local_address: tuple[str, int]
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        tg: anyio.abc.TaskGroup,
+        *,
+        upload_bps: float | None,
+        delay: Callable[[tuple[str, int]], float] | None,
+        idle_timeout: float,
+        max_receive_buffer: int,
+    ) -> None:
+        self.local_address = sock.getsockname()[:2]
+        self.idle_timeout = idle_timeout
+        self.max_receive_buffer = max_receive_buffer
+        self._sock = sock
+        self._tg = tg
+        if upload_bps is not None and upload_bps <= 0:
+            raise ValueError(f"upload_bps must be positive, not {upload_bps}")
+        self._shaper = _TokenBucket(upload_bps / 8) if upload_bps else None
+        self._delay_line = _DelayLine(delay) if delay else None
+        self._send_lock = anyio.Lock()  # one task at a time may wait for the socket to drain
+        self._routes: dict[bytes, QuicLink] = {}
+        self._links: set[QuicLink] = set()
+        self._accepted_in, self._accepted_out = anyio.create_memory_object_stream[QuicLink](math.inf)
+        self._closing = False
+        certificate, key = self_signed_certificate()
+        self._server_config = self._configuration(is_client=False)
+        self._server_config.certificate = certificate
+        self._server_config.private_key = key
+
+    def _configuration(self, *, is_client: bool) -> QuicConfiguration:
+        return QuicConfiguration(
+            is_client=is_client,
+            alpn_protocols=[ALPN],
+            idle_timeout=self.idle_timeout,
+            connection_id_length=_CID_LENGTH,
+            verify_mode=ssl.CERT_NONE,  # content is authenticated end to end; see module doc
+        )
+
+    async def connect(self, host: str, port: int, *, timeout: float = 5.0) -> QuicLink:
+        """Open a link to the endpoint at `host:port`; returns once the handshake is complete.
+
+        Raises `ConnectError` on timeout or a failed handshake.
+        """
+        if self._closing:
+            raise anyio.ClosedResourceError("endpoint is closed")
+        infos = await anyio.getaddrinfo(host, port, family=self._sock.family, type=socket.SOCK_DGRAM)
+        address = infos[0][4]
+        conn = QuicConnection(configuration=self._configuration(is_client=True))
+        link = self._add_link(conn, address, is_client=True, cids=[conn.host_cid])
+        conn.connect(address, now=anyio.current_time())
+        link._wake()
+        try:
+            with anyio.move_on_after(timeout):
+                await link._settled.wait()
+        except BaseException:
+            link._abort("connect cancelled")
+            raise
+        if link._established:
+            return link
+        if link._closed is None:
+            link._abort("connect timed out")
+            raise ConnectError(f"no QUIC answer from {host}:{port} within {timeout} s")
+        raise ConnectError(f"QUIC handshake with {host}:{port} failed: {link._closed.reason}")
+
+    async def accept(self) -> QuicLink:
+        """Return the next inbound link whose handshake has completed.
+
+        Raises `anyio.ClosedResourceError` once the endpoint is closed.
+        """
+        return await self._accepted_out.receive()
+
+    # -- plumbing --
+
+    def _add_link(
+        self, conn: QuicConnection, address: tuple, *, is_client: bool, cids: list[bytes]
+    ) -> QuicLink:
+        link = QuicLink(self, conn, address, is_client=is_client)
+        for cid in cids:
+            self._route(cid, link)
+        self._links.add(link)
+        self._tg.start_soon(link._pump)
+        return link
+
+    def _route(self, cid: bytes, link: QuicLink) -> None:
+        self._routes[cid] = link
+        link._cids.add(cid)
+
+    def _unroute(self, link: QuicLink) -> None:
+        for cid in link._cids:
+            if self._routes.get(cid) is link:
+                del self._routes[cid]
+        link._cids.clear()
+
+    async def _receive_loop(self) -> None:
+        sock = self._sock
+        while True:
+            await anyio.wait_readable(sock)
+            now = anyio.current_time()
+            touched: dict[QuicLink, None] = {}
+            for _ in range(_RECV_BATCH):
+                try:
+                    data, address = sock.recvfrom(65536)
+                except BlockingIOError:
+                    break
+                except (ConnectionRefusedError, ConnectionResetError):
+                    continue  # ICMP errors: QUIC's own timers will notice the silence
+                link = self._link_for(data, address)
+                if link is not None:
+                    link._datagram_received(data, address, now)
+                    touched[link] = None
+            # Wake pumps once per batch so ACKs for many datagrams go out together.
+            for link in touched:
+                link._wake()
+
+    def _link_for(self, data: bytes, address: tuple) -> QuicLink | None:
+        """Route a datagram to its link, creating a server link for a new client's Initial."""
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=_CID_LENGTH)
+        except ValueError:
+            return None
+        link = self._routes.get(header.destination_cid)
+        if link is not None or self._closing:
+            return link
+        # RFC 9000 §14.1: a client's first datagram is padded to at least 1200 bytes.
+        if header.packet_type is not QuicPacketType.INITIAL or len(data) < 1200:
+            return None
+        if header.version not in self._server_config.supported_versions:
+            self._send_now(
+                encode_quic_version_negotiation(
+                    source_cid=header.destination_cid,
+                    destination_cid=header.source_cid,
+                    supported_versions=self._server_config.supported_versions,
+                ),
+                address,
+            )
+            return None
+        conn = QuicConnection(
+            configuration=self._server_config,
+            original_destination_connection_id=header.destination_cid,
+        )
+        # The client keeps addressing the CID it chose until it hears our own.
+        return self._add_link(conn, address, is_client=False, cids=[header.destination_cid, conn.host_cid])
+
+    async def _send_datagrams(self, datagrams: list[tuple[bytes, tuple]], now: float) -> None:
+        if self._delay_line is not None:
+            for data, address in datagrams:
+                self._delay_line.push(now, data, address)
+            return
+        for data, address in datagrams:
+            await self._send_one(data, address)
+
+    async def _send_one(self, data: bytes, address: tuple) -> None:
+        if self._send_now(data, address):
+            return
+        # The kernel's send buffer is full: wait for room rather than lose the datagram.
+        async with self._send_lock:
+            while not self._send_now(data, address):
+                await anyio.wait_writable(self._sock)
+
+    def _send_now(self, data: bytes, address: tuple) -> bool:
+        """Try to send without blocking; False if the socket would block."""
+        try:
+            self._sock.sendto(data, address)
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass  # e.g. an ICMP error reported late: UDP is best effort, QUIC recovers
+        return True
+
+    def _shutdown(self) -> None:
+        """Close every link at once, sending each CONNECTION_CLOSE directly (no shaping, no delay)."""
+        self._closing = True
+        now = anyio.current_time()
+        for link in list(self._links):
+            link._conn.close(reason_phrase="endpoint closed")
+            for data, address in link._conn.datagrams_to_send(now):
+                self._send_now(data, address)
+            link._abort("endpoint closed")
+        self._accepted_in.close()
+        self._accepted_out.close()
+
+
+# --- link -------------------------------------------------------------------------------------
+
+
+class QuicLink:
+    """One QUIC connection: a control byte stream plus unidirectional chunk streams.
+
+    A link has a single reader: call `receive()` from one task at a time.
+    """
+
+    remote_address: tuple[str, int]
+
+    def __init__(self, endpoint: QuicEndpoint, conn: QuicConnection, address: tuple, *, is_client: bool) -> None:
+        self.remote_address = address[:2]
+        self._endpoint = endpoint
+        self._conn = conn
+        self._is_client = is_client
+        self._cids: set[bytes] = set()
+        self._scope = anyio.CancelScope()
+        self._wakeup = anyio.Event()
+        self._settled = anyio.Event()  # handshake completed or failed
+        self._established = False
+        self._closed: LinkClosed | None = None
+        self._close_reason: str | None = None  # close() was called: CONNECTION_CLOSE is pending
+        self._close_by = math.inf  # ... and is sent by then at the latest
+        self._terminated = False  # the QuicConnection is finished; the pump exits
+        self._last_sent = anyio.current_time()
+        # inbound: [stream_id or None for control, data, end] pieces, and other events
+        self._events: deque[list | StreamReset | LinkClosed] = deque()
+        self._open_pieces: dict[int | None, list] = {}  # stream -> its unread piece, to append to
+        self._readable = anyio.Event()
+        self._inbound = 0
+        # outbound: our own queue (see "Back-pressure")
+        self._control_open = is_client  # server: not until the client's preamble arrived
+        self._control_out = bytearray()
+        self._control_fin = False  # FIN written on the control stream (only when closing)
+        self._chunks: deque[list] = deque()  # [stream_id, memoryview, end]
+        self._queued = 0
+        self._written: dict[int, int] = {}  # stream -> bytes handed to aioquic, until fully sent
+        self._fin_written: set[int] = set()
+        self._open: set[int] = set()  # streams from open_stream() not yet ended or reset
+        self._stopped: set[int] = set()  # open streams the peer refused (STOP_SENDING)
+        self._next_stream_id = 2 if is_client else 3  # local unidirectional streams
+
+    # -- public API --
+
+    async def receive(self) -> LinkEvent:
+        """Return the next event; after the link closed, its `LinkClosed` on every call."""
+        await anyio.lowlevel.checkpoint()
+        while not self._events:
+            if self._closed is not None:
+                return self._closed
+            self._readable = anyio.Event()
+            await self._readable.wait()
+        event = self._events.popleft()
+        if not isinstance(event, list):
+            return event
+        stream_id, data, end = event
+        if self._open_pieces.get(stream_id) is event:
+            del self._open_pieces[stream_id]
+        self._inbound -= len(data)
+        data = bytes(data)
+        if stream_id is None:
+            return ControlData(data)
+        return StreamData(stream_id, data, end)
+
+    def send_control(self, data: bytes) -> None:
+        """Queue bytes on the control stream (ordered, reliable); returns at once."""
+        if self._closed is None and data:
+            self._control_out += data
+            self._queued += len(data)
+            self._wake()
+
+    def open_stream(self) -> int:
+        """Allocate a new unidirectional stream; it reaches the peer with its first data."""
+        stream_id = self._next_stream_id
+        self._next_stream_id += 4
+        self._open.add(stream_id)
+        return stream_id
+
+    def send_stream(self, stream_id: int, data: bytes, end: bool = False) -> None:
+        """Queue bytes on a stream from `open_stream()`; `end` finishes it. Returns at once."""
+        if stream_id not in self._open:
+            raise ValueError(f"stream {stream_id} is not open for sending on this link")
+        if end:
+            self._open.discard(stream_id)
+        if stream_id in self._stopped:
+            if end:
+                self._stopped.discard(stream_id)
+        elif self._closed is None and (data or end):
+            self._chunks.append([stream_id, memoryview(bytes(data)), end])
+            self._queued += len(data)
+            self._wake()
+
+    def reset_stream(self, stream_id: int) -> None:
+        """Abort a stream: drop what is queued, and the peer gets `StreamReset`."""
+        if not self._is_local_stream(stream_id):
+            raise ValueError(f"stream {stream_id} is not a sending stream of this link")
+        self._open.discard(stream_id)
+        self._stopped.discard(stream_id)
+        if self._closed is None:
+            self._forget_stream(stream_id)
+            self._conn.reset_stream(stream_id, _CHUNK_ABORTED)  # no-op once all data was acknowledged
+            self._wake()
+
+    def close(self, reason: str = "") -> None:
+        """Close the link; the peer sees the control bytes already queued, then `LinkClosed(reason)`.
+
+        Chunk data not yet sent is discarded. Queued control bytes are delivered first (the
+        transport waits up to `_CLOSE_LINGER` for their acknowledgement), so "send a goodbye
+        message, then close" works. Our own `receive()` returns `LinkClosed(reason)` at once.
+        """
+        if self._closed is None:
+            self._set_closed(reason)
+            self._close_reason = reason
+            self._close_by = anyio.current_time() + _CLOSE_LINGER
+            self._wake()
+
+    @property
+    def unsent_bytes(self) -> int:
+        """Bytes handed to `send_*` that have not yet been put on the wire (see module doc)."""
+        return self._queued + self._held()
+
+    # -- inbound --
+
+    def _datagram_received(self, data: bytes, address: tuple, now: float) -> None:
+        self._conn.receive_datagram(data, address, now)
+        self._process_events()
+
+    def _process_events(self) -> None:
+        while (event := self._conn.next_event()) is not None:
+            if isinstance(event, qe.StreamDataReceived):
+                self._stream_data(event.stream_id, event.data, event.end_stream)
+            elif isinstance(event, qe.StreamReset):
+                self._open_pieces.pop(event.stream_id, None)
+                self._push(StreamReset(event.stream_id))
+            elif isinstance(event, qe.HandshakeCompleted):
+                self._established = True
+                self._settled.set()
+                if self._is_client:
+                    self._conn.send_stream_data(CONTROL_STREAM_ID, _PREAMBLE)
+                    self._written[CONTROL_STREAM_ID] = len(_PREAMBLE)
+                elif not self._endpoint._closing:
+                    self._endpoint._accepted_in.send_nowait(self)
+            elif isinstance(event, qe.ConnectionIdIssued):
+                self._endpoint._route(event.connection_id, self)
+            elif isinstance(event, qe.ConnectionIdRetired):
+                if self._endpoint._routes.get(event.connection_id) is self:
+                    del self._endpoint._routes[event.connection_id]
+                self._cids.discard(event.connection_id)
+            elif isinstance(event, qe.ConnectionTerminated):
+                code = event.error_code
+                self._finish(event.reason_phrase or (f"QUIC error {code:#x}" if code else ""))
+            elif isinstance(event, qe.StopSendingReceived):
+                # The peer refused a stream (aioquic resets it): later writes to it are dropped.
+                self._stopped.add(event.stream_id)
+                self._forget_stream(event.stream_id)
+
+    def _stream_data(self, stream_id: int, data: bytes, end: bool) -> None:
+        if stream_id == CONTROL_STREAM_ID:
+            if not self._control_open and data:
+                if data[:1] != _PREAMBLE:
+                    self.close("bad control stream preamble")
+                    return
+                data = data[1:]
+                self._control_open = True
+                self._wake()  # control bytes may have been waiting for this
+            if data:
+                self._push_data(None, data, False)
+        elif stream_id % 4 == 5 - self._next_stream_id % 4:  # a unidirectional stream of the peer's
+            self._push_data(stream_id, data, end)
+        else:
+            self.close(f"unexpected stream {stream_id}")
+
+    def _push_data(self, stream_id: int | None, data: bytes, end: bool) -> None:
+        if self._closed is not None:
+            return
+        piece = self._open_pieces.get(stream_id)
+        if piece is None:
+            piece = [stream_id, data, end]
+            self._events.append(piece)
+        else:
+            if isinstance(piece[1], bytes):
+                piece[1] = bytearray(piece[1])
+            piece[1] += data
+            piece[2] = end
+        if end:
+            self._open_pieces.pop(stream_id, None)
+        else:
+            self._open_pieces[stream_id] = piece
+        self._inbound += len(data)
+        self._readable.set()
+        if self._inbound > self._endpoint.max_receive_buffer:
+            self.close("receive buffer overflow")
+
+    def _push(self, event: StreamReset | LinkClosed) -> None:
+        self._events.append(event)
+        self._readable.set()
+
+    # -- outbound --
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    async def _pump(self) -> None:
+        """Serve this link's timers and sends until its connection is finished."""
+        conn = self._conn
+        keepalive = self._endpoint.idle_timeout / 3
+        with self._scope:
+            while not self._terminated:
+                timer = conn.get_timer()
+                deadline = min(math.inf if timer is None else timer, self._last_sent + keepalive, self._close_by)
+                if not self._wakeup.is_set():
+                    with anyio.CancelScope(deadline=deadline):
+                        await self._wakeup.wait()
+                self._wakeup = anyio.Event()
+                now = anyio.current_time()
+                if timer is not None and now >= timer:
+                    conn.handle_timer(now)
+                    self._process_events()
+                    if self._terminated:
+                        break
+                if self._established and self._closed is None and now >= self._last_sent + keepalive:
+                    conn.send_ping(0)  # keeps a quiet link alive; a dead peer won't ACK it
+                if self._close_reason is not None and (now >= self._close_by or self._control_flushed()):
+                    conn.close(reason_phrase=self._close_reason)
+                    self._close_reason, self._close_by = None, math.inf
+                await self._transmit()
+        self._endpoint._links.discard(self)
+
+    async def _transmit(self) -> None:
+        """Send batches until aioquic has nothing more to send now (cwnd, flow control, no data)."""
+        shaper = self._endpoint._shaper
+        while True:
+            if shaper is None:
+                sent = await self._send_batch(_BATCH)
+                await anyio.lowlevel.checkpoint()  # let the receive task deliver ACKs
+            else:
+                async with shaper.turn:
+                    sent = await self._send_batch(await shaper.ready())
+                    shaper.spend(sent)
+            if not sent:
+                return
+
+    async def _send_batch(self, budget: int) -> int:
+        self._feed(budget)
+        now = anyio.current_time()
+        datagrams = self._conn.datagrams_to_send(now)
+        if not datagrams:
+            return 0
+        self._last_sent = now
+        await self._endpoint._send_datagrams(datagrams, now)
+        return sum(len(data) for data, _ in datagrams)
+
+    def _feed(self, budget: int) -> None:
+        """Hand queued data to aioquic until it holds `budget` bytes not yet transmitted."""
+        if self._terminated:
+            return
+        held = self._held()
+        closing = self._close_reason is not None
+        if self._control_open and not self._control_fin and (self._control_out or closing) and held < budget:
+            data = bytes(self._control_out)  # control is small and urgent: all of it
+            self._control_out.clear()
+            self._hand(CONTROL_STREAM_ID, data, closing)  # closing: FIN tells us when all is acked
+            self._control_fin = closing
+            held += len(data)
+        while self._chunks and held < budget:
+            item = self._chunks[0]
+            stream_id, view, end = item
+            n = min(len(view), budget - held)
+            if n < len(view):
+                self._hand(stream_id, view[:n], False)
+                item[1] = view[n:]
+            else:
+                self._hand(stream_id, view, end)
+                self._chunks.popleft()
+            held += n
+
+    def _hand(self, stream_id: int, data: bytes | memoryview, end: bool) -> None:
+        self._conn.send_stream_data(stream_id, data, end_stream=end)
+        self._queued -= len(data)
+        self._written[stream_id] = self._written.get(stream_id, 0) + len(data)
+        if end:
+            self._fin_written.add(stream_id)
+
+    def _forget_stream(self, stream_id: int) -> None:
+        """Drop a stream's queued data and its accounting."""
+        self._queued -= sum(len(item[1]) for item in self._chunks if item[0] == stream_id)
+        self._chunks = deque(item for item in self._chunks if item[0] != stream_id)
+        self._written.pop(stream_id, None)
+        self._fin_written.discard(stream_id)
+
+    def _held(self) -> int:
+        """Stream bytes handed to aioquic that it has not yet put in any packet."""
+        streams = self._conn._streams  # aioquic exposes no back-pressure; see module doc
+        held = 0
+        for stream_id, written in list(self._written.items()):
+            stream = streams.get(stream_id)
+            sent = written if stream is None else stream.sender.highest_offset
+            if sent >= written and stream_id in self._fin_written:
+                del self._written[stream_id]  # finished: forget it
+                self._fin_written.discard(stream_id)
+            else:
+                held += written - sent
+        return held
+
+    # -- closing --
+
+    def _set_closed(self, reason: str) -> None:
+        """Surface `LinkClosed(reason)` to the reader and drop the chunk data still queued."""
+        if self._closed is None:
+            self._closed = LinkClosed(reason)
+            self._push(self._closed)
+            self._queued -= sum(len(item[1]) for item in self._chunks)
+            self._chunks.clear()
+            self._settled.set()
+
+    def _control_flushed(self) -> bool:
+        """Is every control byte we wrote acknowledged (so CONNECTION_CLOSE cannot overtake it)?"""
+        if not self._control_open:
+            return True  # server before the client's preamble: nothing can have been sent
+        if not self._control_fin:
+            return False
+        stream = self._conn._streams.get(CONTROL_STREAM_ID)
+        return stream is None or stream.sender.is_finished  # FIN and all data acknowledged
+
+    def _finish(self, reason: str) -> None:
+        """The connection is over: unroute it, drop what is queued and let the pump end."""
+        self._terminated = True
+        self._endpoint._unroute(self)
+        self._set_closed(reason)
+        self._control_out.clear()
+        self._queued = 0
+        self._written.clear()
+        self._fin_written.clear()
+        self._wake()
+
+    def _abort(self, reason: str) -> None:
+        self._finish(reason)
+        self._scope.cancel()
+
+    def _is_local_stream(self, stream_id: int) -> bool:
+        """Was `stream_id` allocated by `open_stream()`?"""
+        return stream_id % 4 == self._next_stream_id % 4 and stream_id < self._next_stream_id
+
+
+# --- shaping and delay ------------------------------------------------------------------------
+
+
+class _TokenBucket:
+    """Upload cap for a whole endpoint: `rate` bytes/s with a burst of ~10 ms (at least 4 datagrams).
+
+    Links take turns under `turn` (a FIFO lock). A turn waits until the bucket is out of debt, then
+    may send one batch of up to the available tokens (at least one datagram); the batch's actual
+    size is then spent, possibly into debt, so the long-run rate is exact.
+    """
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.burst = max(rate * 0.01, 4 * _MIN_BUDGET)
+        self.turn = anyio.Lock()
+        self._tokens = self.burst
+        self._stamp = anyio.current_time()
+
+    def _refill(self) -> None:
+        now = anyio.current_time()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    async def ready(self) -> int:
+        """Wait until out of debt; return the byte budget of this turn."""
+        self._refill()
+        if self._tokens < 0:
+            await anyio.sleep(-self._tokens / self.rate)
+            self._refill()
+        return max(int(self._tokens), _MIN_BUDGET)
+
+    def spend(self, size: int) -> None:
+        self._tokens -= size
+
+
+class _DelayLine:
+    """Holds each datagram `delay(address)` seconds before sending; FIFO per destination."""
+
+    def __init__(self, delay: Callable[[tuple[str, int]], float]) -> None:
+        self._delay = delay
+        self._heap: list[tuple[float, int, bytes, tuple]] = []
+        self._seq = itertools.count()
+        self._last: dict[tuple, float] = {}  # latest release time per destination
+        self._wakeup = anyio.Event()
+
+    def push(self, now: float, data: bytes, address: tuple) -> None:
+        # Never release before an earlier datagram to the same place: a varying delay must not reorder.
+        at = max(now + self._delay(address[:2]), self._last.get(address, -math.inf))
+        self._last[address] = at
+        heapq.heappush(self._heap, (at, next(self._seq), data, address))
+        self._wakeup.set()
+
+    async def run(self, send: Callable) -> None:
+        heap = self._heap
+        while True:
+            with anyio.CancelScope(deadline=heap[0][0] if heap else math.inf):
+                await self._wakeup.wait()
+            self._wakeup = anyio.Event()
+            now = anyio.current_time()
+            while heap and heap[0][0] <= now:
+                _, _, data, address = heapq.heappop(heap)
+                await send(data, address)

@@ -1,0 +1,331 @@
+"""Loopback tests of the QUIC transport glue (`meshcast.net.quic`), on asyncio and on trio.
+
+Rate and delay tests measure wall time because rate and delay are the features under test; their
+bounds are lenient. Everything else synchronises on events, never on sleeps.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import pytest
+
+from meshcast.net.quic import (
+    ConnectError,
+    ControlData,
+    LinkClosed,
+    QuicEndpoint,
+    QuicLink,
+    StreamData,
+    StreamReset,
+    open_endpoint,
+)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.net]
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@asynccontextmanager
+async def link_pair(
+    client_options: dict | None = None, server_options: dict | None = None
+) -> AsyncIterator[tuple[QuicLink, QuicLink, QuicEndpoint, QuicEndpoint]]:
+    """(client link, server link, client endpoint, server endpoint), connected."""
+    async with open_endpoint(**(server_options or {})) as server, open_endpoint(**(client_options or {})) as client:
+        with anyio.fail_after(5):
+            client_link = await client.connect(*server.local_address)
+            server_link = await server.accept()
+        yield client_link, server_link, client, server
+
+
+async def read_control(link: QuicLink, size: int) -> bytes:
+    received = bytearray()
+    while len(received) < size:
+        event = await link.receive()
+        assert isinstance(event, ControlData), event
+        received += event.data
+    return bytes(received)
+
+
+async def read_streams(link: QuicLink, count: int) -> dict[int, bytes]:
+    """Read until `count` streams have ended; returns their bytes by stream id."""
+    buffers: dict[int, bytearray] = {}
+    ended = 0
+    while ended < count:
+        event = await link.receive()
+        assert isinstance(event, StreamData), event
+        buffers.setdefault(event.stream_id, bytearray()).extend(event.data)
+        ended += event.end
+    return {stream_id: bytes(data) for stream_id, data in buffers.items()}
+
+
+async def test_control_round_trip_in_pieces() -> None:
+    rng = random.Random(1)
+    messages = [rng.randbytes(rng.randrange(1, 5000)) for _ in range(200)]
+    expected = b"".join(messages)
+    async with link_pair() as (client, server, _, _):
+        with anyio.fail_after(10):
+            server.send_control(b"server speaks first")  # before the client ever wrote anything
+            assert await read_control(client, 19) == b"server speaks first"
+            for message in messages:
+                client.send_control(message)
+            assert await read_control(server, len(expected)) == expected
+            for message in messages:
+                server.send_control(message)
+            assert await read_control(client, len(expected)) == expected
+
+
+async def test_fifty_streams_arrive_intact() -> None:
+    rng = random.Random(2)
+    payloads = [rng.randbytes(rng.randrange(0, 200_000)) for _ in range(50)]
+    async with link_pair() as (client, server, _, _):
+        with anyio.fail_after(20):
+            sent: dict[int, bytes] = {}
+            streams = [(client.open_stream(), payload) for payload in payloads]
+            # Interleave writes of all streams in uneven pieces, as a relay would.
+            offsets = {stream_id: 0 for stream_id, _ in streams}
+            while offsets:
+                for stream_id, payload in streams:
+                    if stream_id not in offsets:
+                        continue
+                    start = offsets[stream_id]
+                    stop = min(len(payload), start + rng.randrange(1, 40_000))
+                    client.send_stream(stream_id, payload[start:stop], end=stop == len(payload))
+                    if stop == len(payload):
+                        del offsets[stream_id]
+                        sent[stream_id] = payload
+                    else:
+                        offsets[stream_id] = stop
+            received = await read_streams(server, 50)
+            assert received == sent
+            # The other direction: the server opens streams too.
+            stream_id = server.open_stream()
+            server.send_stream(stream_id, payloads[0], end=True)
+            assert await read_streams(client, 1) == {stream_id: payloads[0]}
+
+
+async def test_reset_stream_surfaces_as_stream_reset() -> None:
+    async with link_pair() as (client, server, _, _):
+        with anyio.fail_after(10):
+            aborted = client.open_stream()
+            client.send_stream(aborted, b"a" * 50_000)
+            event = await server.receive()
+            assert isinstance(event, StreamData) and event.stream_id == aborted
+            client.reset_stream(aborted)
+            never_sent = client.open_stream()
+            client.reset_stream(never_sent)
+            resets: set[int] = set()
+            while resets != {aborted, never_sent}:
+                event = await server.receive()
+                if isinstance(event, StreamReset):
+                    resets.add(event.stream_id)
+                else:
+                    assert isinstance(event, StreamData) and event.stream_id == aborted and not event.end
+            with pytest.raises(ValueError):
+                client.send_stream(aborted, b"more")
+
+
+async def test_a_stream_the_peer_refuses_drops_later_writes() -> None:
+    async with link_pair() as (client, server, _, _):
+        with anyio.fail_after(10):
+            stream_id = client.open_stream()
+            client.send_stream(stream_id, bytes(100_000))
+            event = await server.receive()
+            assert isinstance(event, StreamData) and event.stream_id == stream_id
+            # Our API never sends STOP_SENDING, but a foreign peer may.
+            server._conn.stop_stream(stream_id, 0)
+            server._wake()
+            while not isinstance(event := await server.receive(), StreamReset):
+                assert isinstance(event, StreamData)
+            client.send_stream(stream_id, bytes(100_000))
+            client.send_stream(stream_id, b"", end=True)
+            client.send_control(b"still fine")
+            assert await read_control(server, 10) == b"still fine"
+            assert client.unsent_bytes == 0
+
+
+async def test_control_bytes_sent_before_close_arrive_before_link_closed() -> None:
+    goodbye = b"rejected: " + bytes(20_000)
+    async with link_pair() as (client, server, _, _):
+        with anyio.fail_after(10):
+            stream_id = server.open_stream()
+            server.send_stream(stream_id, bytes(1_000_000))  # chunk data: may be dropped
+            server.send_control(goodbye)
+            server.close("evicted")
+            received = bytearray()
+            while not isinstance(event := await client.receive(), LinkClosed):
+                if isinstance(event, ControlData):
+                    received += event.data
+            assert bytes(received) == goodbye
+            assert event == LinkClosed("evicted")
+
+
+async def test_close_reason_surfaces_and_receive_after_close_repeats() -> None:
+    async with link_pair() as (client, server, _, _):
+        with anyio.fail_after(10):
+            server.close("go away")
+            assert await client.receive() == LinkClosed("go away")
+            assert await client.receive() == LinkClosed("go away")
+            assert await server.receive() == LinkClosed("go away")
+            client.send_control(b"ignored after close")  # no error, no effect
+            assert client.unsent_bytes == 0
+
+
+async def test_leaving_the_endpoint_closes_its_links() -> None:
+    async with open_endpoint() as server:
+        with anyio.fail_after(10):
+            async with open_endpoint() as client:
+                client_link = await client.connect(*server.local_address)
+                server_link = await server.accept()
+            assert await client_link.receive() == LinkClosed("endpoint closed")
+            assert await server_link.receive() == LinkClosed("endpoint closed")
+
+
+async def test_cancelling_an_endpoint_is_clean() -> None:
+    async with open_endpoint() as server:
+        with anyio.fail_after(10):
+            with anyio.CancelScope() as scope:
+                async with open_endpoint() as client:
+                    link = await client.connect(*server.local_address)
+                    scope.cancel()
+                    await anyio.sleep_forever()
+            assert await link.receive() == LinkClosed("endpoint closed")
+            assert await (await server.accept()).receive() == LinkClosed("endpoint closed")
+
+
+async def test_connect_to_a_closed_port_fails_in_bounded_time() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with open_endpoint() as client:
+        with anyio.fail_after(3):
+            with pytest.raises(ConnectError, match=rf"no QUIC answer from 127\.0\.0\.1:{port} within 0\.5 s"):
+                await client.connect("127.0.0.1", port, timeout=0.5)
+
+
+async def test_upload_shaping_holds_the_rate() -> None:
+    rate_bps = 8_000_000  # 1 MB/s of UDP payload
+    size = 1_000_000
+    async with link_pair(client_options={"upload_bps": rate_bps}) as (client, server, _, _):
+        with anyio.fail_after(10):
+            stream_id = client.open_stream()
+            started = anyio.current_time()
+            client.send_stream(stream_id, bytes(size), end=True)
+            assert len((await read_streams(server, 1))[stream_id]) == size
+            elapsed = anyio.current_time() - started
+    # Stream payload is ~95% of UDP payload (QUIC headers, AEAD tags, ACK frames).
+    payload_rate = size / elapsed
+    print(f"shaped payload rate {payload_rate / 1e6:.3f} MB/s")
+    assert 0.85 * 0.95e6 <= payload_rate <= 1.15e6, payload_rate
+
+
+async def test_delay_stage_adds_one_way_delay() -> None:
+    one_way = 0.1
+    async with link_pair(client_options={"delay": lambda address: one_way}) as (client, server, _, _):
+        with anyio.fail_after(10):
+            for _ in range(3):
+                started = anyio.current_time()
+                client.send_control(b"ping")
+                assert await read_control(server, 4) == b"ping"
+                server.send_control(b"pong")
+                assert await read_control(client, 4) == b"pong"
+                round_trip = anyio.current_time() - started
+                assert one_way <= round_trip < one_way + 0.1, round_trip
+
+
+async def test_unsent_bytes_tracks_a_slow_link() -> None:
+    size = 200_000
+    # 200 KB/s of upload: the "slow child" is slow because its parent's upload is.
+    async with link_pair(client_options={"upload_bps": 1_600_000}) as (client, server, _, _):
+        with anyio.fail_after(15):
+            stream_id = client.open_stream()
+            client.send_stream(stream_id, bytes(size), end=True)
+            assert client.unsent_bytes == size  # nothing sent before the pump ran
+            received = 0
+            previous = client.unsent_bytes
+            while received < size:
+                event = await server.receive()
+                assert isinstance(event, StreamData)
+                received += len(event.data)
+                # Data still queued at the sender is data not yet received.
+                assert client.unsent_bytes <= size - received
+                assert client.unsent_bytes <= previous
+                previous = client.unsent_bytes
+            assert client.unsent_bytes == 0
+
+
+async def test_shaped_upload_is_shared_fairly_between_links() -> None:
+    size = 250_000
+    async with open_endpoint(upload_bps=8_000_000) as parent, open_endpoint() as a, open_endpoint() as b:
+        with anyio.fail_after(10):
+            links = [await parent.connect(*child.local_address) for child in (a, b)]
+            children = [await a.accept(), await b.accept()]
+            for link in links:
+                link.send_stream(link.open_stream(), bytes(size), end=True)
+            received = [0, 0]
+            other_when_first_done: list[int] = []
+
+            async def drain(index: int) -> None:
+                while received[index] < size:
+                    received[index] += len((await children[index].receive()).data)
+                if not other_when_first_done:
+                    other_when_first_done.append(received[1 - index])
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(drain, 0)
+                tg.start_soon(drain, 1)
+            # When one child has everything, the other has nearly everything too.
+            assert other_when_first_done[0] >= 0.8 * size, other_when_first_done
+
+
+async def test_a_reader_that_stops_reading_is_cut_off() -> None:
+    async with link_pair(server_options={"max_receive_buffer": 100_000}) as (client, server, _, _):
+        with anyio.fail_after(10):
+            stream_id = client.open_stream()
+            client.send_stream(stream_id, bytes(300_000), end=True)
+            assert await client.receive() == LinkClosed("receive buffer overflow")
+            while not isinstance(event := await server.receive(), LinkClosed):
+                assert isinstance(event, StreamData)
+            assert event == LinkClosed("receive buffer overflow")
+
+
+PEER = textwrap.dedent(
+    """
+    import sys, anyio
+    from meshcast.net.quic import open_endpoint
+    async def main():
+        async with open_endpoint(idle_timeout=1.0) as endpoint:
+            link = await endpoint.connect("127.0.0.1", int(sys.argv[1]))
+            link.send_control(b"ready")
+            await anyio.sleep_forever()
+    anyio.run(main)
+    """
+)
+
+
+async def test_a_vanished_peer_surfaces_within_the_idle_timeout() -> None:
+    async with open_endpoint(idle_timeout=1.0) as server:
+        process = await anyio.open_process([sys.executable, "-c", PEER, str(server.local_address[1])])
+        try:
+            with anyio.fail_after(10):
+                link = await server.accept()
+                assert await read_control(link, 5) == b"ready"
+            process.kill()  # SIGKILL: no CONNECTION_CLOSE
+            await process.wait()
+            killed = anyio.current_time()
+            with anyio.fail_after(3):
+                assert await link.receive() == LinkClosed("Idle timeout")
+            assert anyio.current_time() - killed <= 1.0 * 4 / 3 + 0.3
+        finally:
+            if process.returncode is None:
+                process.kill()
+            await process.aclose()

@@ -41,6 +41,8 @@ log = logging.getLogger("meshcast.runtime")
 
 MAX_UNSENT = 512 * 1024
 """Bytes a link may have waiting before the driver drops chunks for it (about 2 s at 2 Mbit/s)."""
+CLOSE_LINGER = 1.0
+"""Longest wait, on a Close, for the control messages queued before it to go out."""
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -266,12 +268,24 @@ class NodeRunner:
             return None
         if t is fx.Close:
             qlink = self.links.pop(eff.link, None)
-            if qlink is not None:
-                qlink.close(eff.reason)
+            for key in [k for k in self._out_streams if k[0] == eff.link]:
+                if qlink is not None:
+                    qlink.reset_stream(self._out_streams[key])  # no more media on a cut link
             self._forget(eff.link)
+            if qlink is not None:
+                # The node's last words (a Reject before the Close) must reach the other side,
+                # as they do in the simulator: QuicLink.close() would discard them.
+                assert self._tg is not None
+                self._tg.start_soon(self._close_after_flush, qlink, eff.reason)
             return None
         self.on_effect(eff)
         return None
+
+    async def _close_after_flush(self, qlink: QuicLink, reason: str) -> None:
+        with anyio.move_on_after(CLOSE_LINGER):
+            while qlink.unsent_bytes:
+                await anyio.sleep(0.01)
+        qlink.close(reason)
 
     def _forget(self, link: int) -> None:
         for key in [k for k in self._out_streams if k[0] == link]:

@@ -157,7 +157,14 @@ def encode(msg: m.Message) -> bytes:
     entry = SCHEMA.get(type(msg))
     if entry is None or entry[0] == 0:
         raise LocalProtocolError(f"not a top-level message: {msg!r}")
-    data = msgpack.packb([m.PROTOCOL_VERSION, entry[0], *_flatten(msg)[:]], use_bin_type=True)
+    raw = _flatten(msg)
+    try:
+        _build(type(msg), raw, type(msg).__name__)  # the receiver's checks: never send what it refuses
+        data = msgpack.packb([m.PROTOCOL_VERSION, entry[0], *raw], use_bin_type=True)
+    except RemoteProtocolError as exc:
+        raise LocalProtocolError(f"invalid message: {exc}") from None
+    except (TypeError, ValueError) as exc:  # msgpack: unpackable object, unencodable str
+        raise LocalProtocolError(f"{type(msg).__name__} cannot be encoded: {exc}") from None
     if len(data) > MAX_FRAME:
         raise LocalProtocolError(f"{type(msg).__name__} encodes to {len(data)} bytes > {MAX_FRAME}")
     return data

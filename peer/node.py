@@ -638,12 +638,15 @@ class PeerNode(RelayNode):
             super()._on_timer(key, now)
 
     def _check_stalls(self, now: float) -> None:
-        """A parent that stopped sending while the others still do is as good as gone."""
-        alive = any(now - t < self.stall_timeout for t in self.last_rx)
-        if not alive:
-            return
+        """A parent that stopped sending while the stream went on is as good as gone.
+
+        "Went on" is judged by sequence numbers, not time: other sub-streams delivered chunks
+        at least three rounds newer. When the source pauses or ends, nobody is blamed.
+        """
+        newest, K = self.newest, self.substreams
         for k, slot in enumerate(self.primary):
-            if slot is not None and now - self.last_rx[k] >= self.stall_timeout:
+            if (slot is not None and now - self.last_rx[k] >= self.stall_timeout
+                    and newest - self.newest_in[k] >= 3 * K):
                 link = self.peer_links.get(slot.ref.id)
                 if link is not None:
                     self._out.append(Send(link, m.Unsubscribe(k)))

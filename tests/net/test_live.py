@@ -1,0 +1,165 @@
+"""The live path over real QUIC on 127.0.0.1, in one process, on asyncio and on trio.
+
+A tracker, a seed replaying an ffmpeg-made MPEG-TS file in real time and a handful of peers
+writing what they play to files. Every player's file must be the seed's input byte for byte from
+its first random-access chunk to the end, and decode cleanly. A relay that corrupts what it
+forwards (an adversary at the transport boundary: a `NodeRunner` that flips bytes on the way
+out) is caught by its children, evicted by the tracker, and nothing it forged reaches a player.
+A malformed control frame from a stranger closes that one link with the protocol error.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import pytest
+
+from meshcast import effects as fx
+from meshcast.crypto import Crypto
+from meshcast.net.quic import LinkClosed, open_endpoint
+from meshcast.runtime import NodeRunner
+from meshcast.service import PeerHandle, SeedHandle, TrackerHandle, run_peer, run_seed, run_tracker
+from peer.node import PeerNode
+from tests.media import Chunks, assert_faithful, decode_errors, runs, synthetic_ts
+
+pytestmark = [pytest.mark.anyio, pytest.mark.net]
+
+CHANNEL = "live"
+BITRATE_KBPS = 600  # declared; the test card is ~250 kbit/s
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Chunks]:
+    path = synthetic_ts(tmp_path_factory.mktemp("live") / "input.ts", seconds=8)
+    return path, Chunks(path.read_bytes())
+
+
+class Swarm:
+    def __init__(self, tg: anyio.abc.TaskGroup, tracker: TrackerHandle, seed: SeedHandle,
+                 tmp: Path) -> None:
+        self.tg, self.tracker, self.seed, self.tmp = tg, tracker, seed, tmp
+        self.peers: list[PeerHandle] = []
+        self.outputs: list[Path] = []
+
+    async def add_peer(self, upload_kbps: int = 2000) -> PeerHandle:
+        out = self.tmp / f"peer{len(self.peers)}.ts"
+        peer = await self.tg.start(partial(run_peer, tracker=self.tracker.address, channel=CHANNEL,
+                                           output=str(out), upload_kbps=upload_kbps))
+        self.peers.append(peer)
+        self.outputs.append(out)
+        return peer
+
+    async def played_to_the_end(self, peers: list[PeerHandle]) -> int:
+        """Wait for the input to end and `peers` to play (and write) its last chunk."""
+        await self.seed.finished.wait()
+        last = self.seed.node.next_seq - 1
+        pending = {id(p) for p in peers}
+        while pending:
+            for p, out in zip(self.peers, self.outputs):
+                if (id(p) in pending and p.last_seq == last
+                        and out.exists() and os.path.getsize(out) == p.player.bytes):
+                    pending.discard(id(p))
+            await anyio.sleep(0.05)
+        return last
+
+
+@asynccontextmanager
+async def swarm(tmp_path: Path, source: Path, *, seed_kbps: int) -> AsyncIterator[Swarm]:
+    async with anyio.create_task_group() as tg:
+        tracker = await tg.start(partial(run_tracker, seed=1))
+        seed = await tg.start(partial(run_seed, tracker=tracker.address, channel=CHANNEL,
+                                      input=str(source), key=str(tmp_path / "key.pem"),
+                                      realtime=True, upload_kbps=seed_kbps,
+                                      bitrate_kbps=BITRATE_KBPS))
+        yield Swarm(tg, tracker, seed, tmp_path)
+        tg.cancel_scope.cancel()
+
+
+def report(peers: list[PeerHandle]) -> None:
+    for p in peers:
+        s = p.summary()
+        print(f"peer {s['id']}: p50 latency {s['latency_ms_p50']} ms, startup {s['startup_ms']} ms, "
+              f"max stall {s['max_stall_ms']} ms, children {s['children']}, "
+              f"from peers {s['bytes_from_peers']} B, from seed {s['bytes_from_seed']} B")
+
+
+async def test_every_player_gets_the_input_byte_for_byte(tmp_path: Path, media) -> None:
+    source, chunks = media
+    with anyio.fail_after(40):
+        async with swarm(tmp_path, source, seed_kbps=1500) as sw:  # ~2 copies: peers relay the rest
+            for _ in range(6):
+                await sw.add_peer()
+            # A stranger's malformed control frame closes its own link, nothing else.
+            target = sw.peers[2]
+            async with open_endpoint() as ep:
+                host, port = target.address.rsplit(":", 1)
+                link = await ep.connect(host, int(port))
+                link.send_control(b"\x00\x00\x00\x03\x93\x01\x63")  # [1, 99]: a truncated message
+                event = await link.receive()
+                while not isinstance(event, LinkClosed):
+                    event = await link.receive()
+            assert event.reason.startswith("protocol error: undecodable message"), event.reason
+            await sw.played_to_the_end(sw.peers)
+            report(sw.peers)
+            peers = sw.peers
+    assert sum(p.node.bytes_from_peers for p in peers) > 0  # trees are deeper than the seed
+    for p, out in zip(peers, sw.outputs):
+        assert p.node.skipped == 0 and p.node.forged == 0
+        assert_faithful(out.read_bytes(), chunks, tail_s=0)
+        assert decode_errors(out) == ""
+
+
+class ForgingRunner(NodeRunner):
+    """A relay gone bad: flips the first byte of every piece of chunk data it sends."""
+
+    def _apply(self, eff: fx.Effect):
+        if type(eff) is fx.ChunkBytes and eff.data:
+            eff = replace(eff, data=bytes([eff.data[0] ^ 0xFF]) + eff.data[1:])
+        return super()._apply(eff)
+
+
+async def run_forger(*, tracker: str, upload_kbps: int,
+                     task_status: anyio.abc.TaskStatus = anyio.TASK_STATUS_IGNORED) -> None:
+    async with open_endpoint(upload_bps=upload_kbps * 1000) as ep:
+        node = PeerNode(channel=CHANNEL, crypto=Crypto(), rng=random.Random(7), tracker=tracker,
+                        address=f"127.0.0.1:{ep.local_address[1]}", upload_kbps=upload_kbps)
+        async with anyio.create_task_group() as tg:
+            await tg.start(ForgingRunner(node, ep).run)
+            task_status.started(node)
+
+
+async def test_forging_relay_is_evicted_and_nothing_forged_is_played(tmp_path: Path, media) -> None:
+    source, chunks = media
+    with anyio.fail_after(40):
+        async with swarm(tmp_path, source, seed_kbps=1500) as sw:
+            # First and biggest: the tracker makes it a relay near the root.
+            bad = await sw.tg.start(partial(run_forger, tracker=sw.tracker.address,
+                                            upload_kbps=8000))
+            for _ in range(5):
+                await sw.add_peer()
+            await sw.played_to_the_end(sw.peers)
+            report(sw.peers)
+            tracker = sw.tracker.node
+            peers = sw.peers
+    print(f"forged chunks caught: {[p.node.forged for p in peers]}; evictions {tracker.evictions}")
+    assert sum(p.node.forged for p in peers) > 0, "no child ever received from the forger"
+    assert tracker.evictions >= 1
+    assert bad.rejected.startswith("evicted"), bad.rejected
+    for p, out in zip(peers, sw.outputs):
+        assert p.node.rejected == ""
+        found = runs(out.read_bytes(), chunks)  # any corrupt byte fails here
+        assert len(found) <= p.node.skipped + 1
+        assert sum(length for _, length in found) == p.player.bytes

@@ -88,7 +88,8 @@ class Conn:
         """The remote showed a valid token naming us (it may pull and subscribe)."""
         self.subs: dict[int, int] = {}
         """Sub-streams this remote subscribed to → first seq wanted."""
-        self.relays: set[int] = set()
+        self.relays = 0
+        """Bit k set: the remote relays sub-stream k further (it is sent to first)."""
         self.have: tuple[int, int] | None = None
         """Latest have-map from the remote: (base, bits as int)."""
         self.drops = 0
@@ -247,9 +248,9 @@ class RelayNode(NodeBase):
             lst = self._subscribers[k]
             # Relaying children first: their subtrees wait on them (see DESIGN §3, latency).
             if msg.relays:
-                conn.relays.add(k)
+                conn.relays |= 1 << k
                 i = 0
-                while i < len(lst) and k in lst[i].relays:
+                while i < len(lst) and lst[i].relays >> k & 1:
                     i += 1
                 lst.insert(i, conn)
             else:
@@ -263,7 +264,7 @@ class RelayNode(NodeBase):
     def _drop_sub(self, conn: Conn, k: int) -> None:
         if conn.subs.pop(k, None) is not None:
             self._subscribers[k].remove(conn)
-        conn.relays.discard(k)
+        conn.relays &= ~(1 << k)
 
     def _children(self) -> int:
         return sum(len(lst) for lst in self._subscribers)

@@ -48,6 +48,8 @@ from sim.scheduler import Scheduler
 from sim.workload import PeerSpec, peers_for
 from tracker.node import TrackerNode
 
+BUFFER_S = 3.0
+"""Each simulated peer keeps 3 s of chunks for pulls (memory: 100k peers)."""
 CONNECT_TIMEOUT = 5.0
 IDLE_TIMEOUT = 15.0
 GOP_MS = 1000
@@ -123,6 +125,9 @@ class Simulation:
         self.payload = bytes(chunk_bytes)
         self.rap_every = max(1, round(sc.stream.gop_ms / sc.stream.chunk_ms))
         self.joined: dict[int, float] = {}
+        self.peer_rng = random.Random(self.rng.random())
+        """One generator for all peers: a Mersenne Twister is 2.5 KB, and one timeline keeps
+        the draws in a deterministic order anyway."""
         self.started: set[int] = set()
 
     # -- set-up --------------------------------------------------------------------------------
@@ -169,7 +174,7 @@ class Simulation:
         i = spec.id
         can_relay = spec.upload_kbps > 0 and not spec.nat
         node = PeerNode(channel=self._channel(spec.channel), crypto=self.crypto,
-                        rng=random.Random(i * 7919 + self.scenario.run.seed), tracker=str(TRACKER),
+                        rng=self.peer_rng, tracker=str(TRACKER), buffer_s=BUFFER_S,
                         address=str(i) if can_relay else "", upload_kbps=int(spec.upload_kbps),
                         coords=self.coords[i] if self.coords else (),
                         playout_delay=self.playout_delay)

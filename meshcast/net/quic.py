@@ -46,8 +46,8 @@ stream instead of one per datagram (order is kept within each stream, not across
 Upload shaping and delay
 ------------------------
 With `upload_bps` (bits per second of UDP payload), a token bucket with a ~10 ms burst covers
-every datagram the endpoint sends; links take turns through a FIFO lock, one batch each, which
-shares the upload fairly among them. A batch may overdraw the bucket (debt), so the long-run rate
+every datagram the endpoint sends; links take turns one batch each, the link whose queued data
+is oldest first (`_OldestFirst`): the upload is one FIFO over all links. A batch may overdraw the bucket (debt), so the long-run rate
 is exact. The pump pulls datagrams from aioquic only when it may send them, so the queue builds in
 the link's own queue, where `unsent_bytes` sees it. With `delay`, every datagram is then held
 `delay(address)` seconds in a delay line (one-way delay injection, order kept per destination).
@@ -435,7 +435,7 @@ class QuicLink:
         self._control_open = is_client  # server: not until the client's preamble arrived
         self._control_out = bytearray()
         self._control_fin = False  # FIN written on the control stream (only when closing)
-        self._chunks: deque[list] = deque()  # [stream_id, memoryview, end]
+        self._chunks: deque[list] = deque()  # [stream_id, memoryview, end, enqueue order]
         self._queued = 0
         self._written: dict[int, int] = {}  # stream -> bytes handed to aioquic, until fully sent
         self._fin_written: set[int] = set()
@@ -489,7 +489,7 @@ class QuicLink:
             if end:
                 self._stopped.discard(stream_id)
         elif self._closed is None and (data or end):
-            self._chunks.append([stream_id, memoryview(bytes(data)), end])
+            self._chunks.append([stream_id, memoryview(bytes(data)), end, next(_ENQUEUED)])
             self._queued += len(data)
             self._wake()
 
@@ -632,16 +632,23 @@ class QuicLink:
     async def _transmit(self) -> None:
         """Send batches until aioquic has nothing more to send now (cwnd, flow control, no data)."""
         shaper = self._endpoint._shaper
-        while True:
-            if shaper is None:
-                sent = await self._send_batch(_BATCH)
-                await anyio.lowlevel.checkpoint()  # let the receive task deliver ACKs
-            else:
-                async with shaper.turn:
-                    sent = await self._send_batch(await shaper.ready())
+        while shaper is not None:
+            async with shaper.turn.hold(self._age()):
+                # Keep the turn while this link holds the oldest queued data.
+                while sent := await self._send_batch(await shaper.ready()):
                     shaper.spend(sent)
-            if not sent:
-                return
+                    if shaper.turn.older_waiting(self._age()):
+                        break
+                else:
+                    return
+            await anyio.lowlevel.checkpoint()
+        while await self._send_batch(_BATCH):
+            await anyio.lowlevel.checkpoint()  # let the receive task deliver ACKs
+
+    def _age(self) -> int:
+        """Position of this link's oldest queued chunk data in the endpoint's FIFO (-1: only
+        control data, ACKs or retransmissions, which go first)."""
+        return self._chunks[0][3] if self._chunks else -1
 
     async def _send_batch(self, budget: int) -> int:
         self._feed(budget)
@@ -667,7 +674,7 @@ class QuicLink:
             held += len(data)
         while self._chunks and held < budget:
             item = self._chunks[0]
-            stream_id, view, end = item
+            stream_id, view, end, _ = item
             n = min(len(view), budget - held)
             if n < len(view):
                 self._hand(stream_id, view[:n], False)
@@ -748,10 +755,65 @@ class QuicLink:
 # --- shaping and delay ------------------------------------------------------------------------
 
 
+_ENQUEUED = itertools.count()
+"""Global order in which chunk data was queued, over all links of the process."""
+
+
+class _OldestFirst:
+    """The shaper's turn lock: granted to the waiting link whose queued data is oldest.
+
+    Over all links of an endpoint this makes the upload a FIFO of chunk data (control, ACKs and
+    retransmissions first), so the copies a relay writes first — to the children that relay
+    further — leave first, as the simulator's uplink model assumes (`sim.network`). Fair
+    round-robin would instead finish every child's copy at about the same, late, time.
+    """
+
+    def __init__(self) -> None:
+        self._held = False
+        self._waiters: list[list] = []  # heap of [key, tiebreak, event, granted]
+        self._order = itertools.count()
+
+    @asynccontextmanager
+    async def hold(self, key: int) -> AsyncIterator[None]:
+        if self._held:
+            entry = [key, next(self._order), anyio.Event(), False]
+            heapq.heappush(self._waiters, entry)
+            try:
+                await entry[2].wait()
+            except BaseException:
+                if entry[3]:
+                    self._release()  # granted as we were cancelled: pass it on
+                else:
+                    entry[2] = None  # skipped when popped
+                raise
+        else:
+            self._held = True
+        try:
+            yield
+        finally:
+            self._release()
+
+    def older_waiting(self, key: int) -> bool:
+        """Does a waiter hold data older than `key`? (The holder should then pass the turn.)"""
+        waiters = self._waiters
+        while waiters and waiters[0][2] is None:
+            heapq.heappop(waiters)
+        return bool(waiters) and waiters[0][0] < key
+
+    def _release(self) -> None:
+        while self._waiters:
+            entry = heapq.heappop(self._waiters)
+            if entry[2] is not None:
+                entry[3] = True
+                entry[2].set()
+                return
+        self._held = False
+
+
 class _TokenBucket:
     """Upload cap for a whole endpoint: `rate` bytes/s with a burst of ~10 ms (at least 4 datagrams).
 
-    Links take turns under `turn` (a FIFO lock). A turn waits until the bucket is out of debt, then
+    Links take turns under `turn` (oldest queued data first). A turn waits until the bucket is out of debt, then
     may send one batch of up to the available tokens (at least one datagram); the batch's actual
     size is then spent, possibly into debt, so the long-run rate is exact.
     """
@@ -759,7 +821,7 @@ class _TokenBucket:
     def __init__(self, rate: float) -> None:
         self.rate = rate
         self.burst = max(rate * 0.01, 4 * _MIN_BUDGET)
-        self.turn = anyio.Lock()
+        self.turn = _OldestFirst()
         self._tokens = self.burst
         self._stamp = anyio.current_time()
 

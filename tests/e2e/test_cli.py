@@ -1,0 +1,138 @@
+"""The `meshcast` command as a user runs it: real subprocesses, real sockets, real ffmpeg.
+
+Covers the contract of the CLI rather than the network's internals: help everywhere, exit
+status 2 for bad usage and 1 with a one-line message for runtime failures, a clean exit on
+SIGTERM, and the one-process demo's figures (which need ffmpeg; skipped without it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from meshcast.cli import _free_udp_port as free_udp_port
+
+pytestmark = pytest.mark.e2e
+
+# The installed console script when there is one (what users run); else the same `main`.
+_SCRIPT = shutil.which("meshcast")
+MESHCAST = [_SCRIPT] if _SCRIPT else [sys.executable, "-m", "meshcast.cli"]
+MODULE = [sys.executable, "-m", "meshcast.cli"]  # needs no PATH at all
+
+
+def run(args: list[str], *, timeout: float, env: dict[str, str] | None = None,
+        cmd: list[str] = MESHCAST) -> subprocess.CompletedProcess[str]:
+    """Run the CLI to completion (killed on timeout by `subprocess.run`)."""
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL, env=env)
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate(timeout=10)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    """Exit status 1 and a `meshcast: ...` line that says why; no traceback."""
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("meshcast: "), result.stderr
+    for needle in needles:
+        assert needle in last, result.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["tracker"], ["seed"], ["peer"], ["demo"], ["sim"]])
+def test_help(command: list[str]) -> None:
+    result = run([*command, "--help"], timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "usage: meshcast" in result.stdout
+
+
+@pytest.mark.parametrize("args", [
+    [],                                                       # no command
+    ["peer", "--channel", "x"],                               # --tracker missing
+    ["peer", "--tracker", "nowhere", "--channel", "x"],       # not HOST:PORT
+    ["peer", "--tracker", "127.0.0.1:1", "--channel", "x", "--channel-key", "abc"],
+    ["demo", "--peers", "0"],
+])
+def test_bad_usage_exits_2(args: list[str]) -> None:
+    result = run(args, timeout=30)
+    assert result.returncode == 2, result
+    assert "usage:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_peer_with_no_tracker_fails_clearly() -> None:
+    port = free_udp_port()  # nothing listens there: the QUIC handshake times out (~5 s)
+    started = time.monotonic()
+    result = run(["peer", "--tracker", f"127.0.0.1:{port}", "--channel", "x"], timeout=30)
+    assert_one_line_error(result, "tracker unreachable", str(port))
+    assert time.monotonic() - started < 20
+
+
+def test_tracker_rejection_ends_the_peer_and_sigterm_ends_the_tracker() -> None:
+    port = free_udp_port()
+    tracker = subprocess.Popen([*MESHCAST, "tracker", "--listen", f"127.0.0.1:{port}"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)  # the tracker binds at once; its log line proves nothing more
+        assert tracker.poll() is None, tracker.communicate()
+        result = run(["peer", "--tracker", f"127.0.0.1:{port}", "--channel", "nobody-here"],
+                     timeout=30)
+        assert_one_line_error(result, "rejected by the tracker", "nobody-here")
+
+        busy = run(["tracker", "--listen", f"127.0.0.1:{port}"], timeout=30)
+        assert_one_line_error(busy, "cannot listen on", str(port))
+
+        tracker.send_signal(signal.SIGTERM)
+        _, err = tracker.communicate(timeout=15)
+        assert tracker.returncode == 0, err
+        assert "Traceback" not in err
+    finally:
+        stop(tracker)
+
+
+def test_seed_fails_clearly_on_missing_input_and_bad_key(tmp_path: Path) -> None:
+    tracker = f"127.0.0.1:{free_udp_port()}"
+    missing = run(["seed", "--tracker", tracker, "--channel", "c", "--key", str(tmp_path / "k.pem"),
+                   "--input", str(tmp_path / "absent.ts")], timeout=30)
+    assert_one_line_error(missing, "absent.ts")
+    bad_key = tmp_path / "bad.pem"
+    bad_key.write_text("not a key\n")
+    result = run(["seed", "--tracker", tracker, "--channel", "c", "--key", str(bad_key),
+                  "--input", str(tmp_path / "absent.ts")], timeout=30)
+    assert_one_line_error(result, "bad.pem")
+
+
+def test_demo_without_ffmpeg_says_how_to_install(tmp_path: Path) -> None:
+    env = {**os.environ, "PATH": str(tmp_path)}  # an empty directory: no ffmpeg anywhere
+    result = run(["demo", "--peers", "2", "--duration", "5"], timeout=30, env=env, cmd=MODULE)
+    assert_one_line_error(result, "apt-get install ffmpeg", "brew install ffmpeg")
+
+
+@pytest.mark.timeout(120)
+def test_demo_json_figures() -> None:
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg not installed: the demo's live source")
+    result = run(["demo", "--peers", "4", "--duration", "12", "--json", "--http-port", "0"],
+                 timeout=90)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    print(json.dumps(figures, indent=1))
+    assert figures["peers"] == 4 and figures["rejected"] == 0
+    assert figures["chunks_sent"] >= 40  # ~5 chunks/s for 12 s
+    assert figures["delivered_ratio"] >= 0.95
+    assert figures["offload"] > 0.5
+    assert figures["latency_ms"]["p50"] < 500
+    assert figures["max_depth"] >= 2
+    assert figures["startup_ms"]["p50"] is not None

@@ -6,6 +6,9 @@ wants with `Open(address, ref)`; the driver answers `link_opened(link, ref=ref)`
 link again. Chunks travel as `ChunkBegin` → `ChunkBytes`* → `ChunkEnd`, on a stream of their
 own: the runtime writes bytes as they come (cut-through), the simulator times them with its
 link model.
+
+Effects are slotted dataclasses, not frozen ones: a relay makes three per child per chunk, and a
+frozen dataclass's constructor costs twice as much. Nobody mutates one after it is queued.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from meshcast.messages import ChunkHead, Message
 Link = int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Send:
     """Send a control message on `link`."""
 
@@ -26,7 +29,7 @@ class Send:
     msg: Message
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Open:
     """Connect to `address`; `ref` comes back in `link_opened`/`open_failed`."""
 
@@ -34,7 +37,7 @@ class Open:
     ref: Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Close:
     """Close `link`; `reason` is shown to the other side."""
 
@@ -42,7 +45,7 @@ class Close:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ChunkBegin:
     """Open a chunk stream on `link` and write its head."""
 
@@ -53,7 +56,7 @@ class ChunkBegin:
     driver gives up pulls first (`meshcast.policy.drop_chunk`)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ChunkBytes:
     """Append payload bytes to the chunk stream `seq` on `link`."""
 
@@ -62,7 +65,7 @@ class ChunkBytes:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ChunkEnd:
     """Finish the chunk stream: `ok` commits it; not ok aborts it (upstream data was bad)."""
 
@@ -71,7 +74,7 @@ class ChunkEnd:
     ok: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Deliver:
     """A verified chunk for the player, in stream order."""
 
@@ -83,14 +86,14 @@ class Deliver:
     """The chunk came straight from the seed (not relayed by a peer)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Skip:
     """The player gives up on chunk `seq`: it missed its playback deadline."""
 
     seq: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Notice:
     """Something an operator should see in the log (a link cut for cause, a rejection)."""
 

@@ -676,20 +676,31 @@ class QuicLink:
             item = self._chunks[0]
             stream_id, view, end, _ = item
             n = min(len(view), budget - held)
+            if not self._hand(stream_id, view[:n] if n < len(view) else view, end and n == len(view)):
+                continue  # the stream was finished under us: its items are gone
             if n < len(view):
-                self._hand(stream_id, view[:n], False)
                 item[1] = view[n:]
             else:
-                self._hand(stream_id, view, end)
                 self._chunks.popleft()
             held += n
 
-    def _hand(self, stream_id: int, data: bytes | memoryview, end: bool) -> None:
-        self._conn.send_stream_data(stream_id, data, end_stream=end)
+    def _hand(self, stream_id: int, data: bytes | memoryview, end: bool) -> bool:
+        """Give data to aioquic; False if it refused because the stream is already finished."""
+        try:
+            self._conn.send_stream_data(stream_id, data, end_stream=end)
+        except ValueError:
+            # aioquic already finished this stream (reset, or refused by the peer as the link
+            # shuts down): its queued data has nowhere to go.
+            if stream_id == CONTROL_STREAM_ID:
+                self._queued -= len(data)  # already taken off the control queue
+            else:
+                self._forget_stream(stream_id)
+            return False
         self._queued -= len(data)
         self._written[stream_id] = self._written.get(stream_id, 0) + len(data)
         if end:
             self._fin_written.add(stream_id)
+        return True
 
     def _forget_stream(self, stream_id: int) -> None:
         """Drop a stream's queued data and its accounting."""

@@ -267,7 +267,7 @@ class Simulation:
                 remote = link ^ 1
                 if link in self.owner and remote in self.owner:
                     dst = self.owner[remote]
-                    metrics.bytes_sent(i, _control_size(eff.msg), "control", False, now=now)
+                    metrics.bytes_sent(i, _control_size(eff.msg), "control", 1 <= i <= self.channels, now=now)
                     sched.at(net.send_control(i, dst, now), self._message, dst, remote, eff.msg)
             elif t is fx.Deliver:
                 node = self.nodes[i]

@@ -435,7 +435,8 @@ class QuicLink:
         self._control_open = is_client  # server: not until the client's preamble arrived
         self._control_out = bytearray()
         self._control_fin = False  # FIN written on the control stream (only when closing)
-        self._chunks: deque[list] = deque()  # [stream_id, memoryview, end, enqueue order]
+        self._chunks: deque[list] = deque()  # [stream_id, memoryview, end, stream's age]
+        self._stream_age: dict[int, int] = {}  # open stream → its place in the endpoint FIFO
         self._queued = 0
         self._written: dict[int, int] = {}  # stream -> bytes handed to aioquic, until fully sent
         self._fin_written: set[int] = set()
@@ -477,6 +478,7 @@ class QuicLink:
         stream_id = self._next_stream_id
         self._next_stream_id += 4
         self._open.add(stream_id)
+        self._stream_age[stream_id] = next(_ENQUEUED)
         return stream_id
 
     def send_stream(self, stream_id: int, data: bytes, end: bool = False) -> None:
@@ -485,11 +487,17 @@ class QuicLink:
             raise ValueError(f"stream {stream_id} is not open for sending on this link")
         if end:
             self._open.discard(stream_id)
-        if stream_id in self._stopped:
+        if stream_id in self._stopped or self._closed is not None or not (data or end):
             if end:
                 self._stopped.discard(stream_id)
-        elif self._closed is None and (data or end):
-            self._chunks.append([stream_id, memoryview(bytes(data)), end, next(_ENQUEUED)])
+                self._stream_age.pop(stream_id, None)
+        else:
+            # Every piece carries its stream's age, so a relay's copies leave one after another
+            # (the first child's whole chunk, then the next), not interleaved piece by piece.
+            age = self._stream_age.pop(stream_id, None) if end else self._stream_age.get(stream_id)
+            if age is None:  # the stream was forgotten (refused, finished under us)
+                age = next(_ENQUEUED)
+            self._chunks.append([stream_id, memoryview(bytes(data)), end, age])
             self._queued += len(data)
             self._wake()
 
@@ -704,6 +712,7 @@ class QuicLink:
 
     def _forget_stream(self, stream_id: int) -> None:
         """Drop a stream's queued data and its accounting."""
+        self._stream_age.pop(stream_id, None)
         self._queued -= sum(len(item[1]) for item in self._chunks if item[0] == stream_id)
         self._chunks = deque(item for item in self._chunks if item[0] != stream_id)
         self._written.pop(stream_id, None)

@@ -33,8 +33,12 @@ from meshcast.policy import MAX_BACKLOG_S
 TRACKER = "tracker"
 START_WAIT = 1.0
 """Longest wait, after the first random-access chunk, for every sub-stream to deliver."""
-REPAIR_MARGIN = 0.6
-"""Pull a missing chunk when this share of the playout delay is left before its deadline."""
+REPAIR_MARGIN = 0.3
+"""Pull a missing chunk when this share of the playout delay is left before its deadline.
+
+Late, not early: a chunk still on its way is pulled twice over, and at 5k+ viewers an early
+margin (0.6) let those duplicate pulls eat the headroom until the trees collapsed (simulated:
+continuity 64% at 0.6, 99.97% at 0.3)."""
 PULL_WINDOW = 4
 """Pulls in flight per source in tree mode."""
 REQUEST_TIMEOUT = 1.0

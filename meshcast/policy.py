@@ -21,7 +21,7 @@ MAX_BACKLOG_S = 2.0
 it would arrive too late to play, and queueing it only delays the chunks behind it."""
 
 
-PULL_BACKLOG_S = 0.3
+PULL_BACKLOG_S = 0.1
 """Pulls are answered only from spare upload: one that would wait longer than this is
 refused (the puller asks elsewhere), so repair traffic never starves the push trees."""
 

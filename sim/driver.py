@@ -19,7 +19,7 @@ Modelling choices that mirror the runtime, in one place:
   so a relay forwards before it has the whole chunk, as the runtime does.
 - Back-pressure as in `meshcast.runtime`: a chunk is dropped for a child when it would wait
   too long in the sender's queue (`meshcast.policy.drop_chunk`: pushes wait up to 2 s, pulls
-  only 0.3 s), and the node is told (`chunk_dropped`).
+  only 0.1 s), and the node is told (`chunk_dropped`).
 - An abrupt departure (kill -9) is seen by the other end only after `IDLE_TIMEOUT` (QUIC idle
   time-out), unless the node's own stall detection acts first; a graceful one closes links.
 - Crypto is `SimCrypto`: same checks on fields, no curve arithmetic.

@@ -5,10 +5,13 @@ It only pumps. Bytes from a link become node calls (control frames → `handle`;
 node's effects are carried out at once and its timer re-armed. A chunk the node relays is thus
 written to the children's streams piece by piece while it is still arriving (cut-through).
 
-Back-pressure (aioquic has none of its own): before opening a chunk stream to a link, the
-driver looks at the bytes that link has not yet sent; above `max_unsent` it skips that chunk for
-that link and tells the node (`chunk_dropped`), which reports a persistently slow child to the
-tracker. So a slow child costs its own late chunks, never unbounded memory in its parent.
+Back-pressure (aioquic has none of its own): before opening a chunk stream, the driver
+estimates how long the node's upload queue is — the bytes all its links have not yet sent, at
+the node's declared upload rate — and applies `meshcast.policy.drop_chunk`, the rule the
+simulator applies to its uplink model: a push waits at most 2 s, a pull answer 0.1 s. A skipped
+chunk is reported to the node (`chunk_dropped`), which answers a pull with `Missing` and reports
+a persistently slow child to the tracker. So a slow child costs its own late chunks, never
+unbounded memory in its parent.
 
 Every task belongs to the runner's task group; cancelling it closes every link.
 """
@@ -27,6 +30,7 @@ from meshcast import effects as fx
 from meshcast import messages as m
 from meshcast import wire
 from meshcast.errors import RemoteProtocolError
+from meshcast.policy import drop_chunk
 from meshcast.net.quic import (
     ConnectError,
     ControlData,
@@ -39,10 +43,8 @@ from meshcast.net.quic import (
 
 log = logging.getLogger("meshcast.runtime")
 
-MAX_UNSENT = 512 * 1024
-"""Bytes a link may have waiting before the driver drops chunks for it (about 2 s at 2 Mbit/s)."""
-CLOSE_LINGER = 1.0
-"""Longest wait, on a Close, for the control messages queued before it to go out."""
+UNSHAPED_RATE = 2_000_000 / 8
+"""Bytes/s assumed for a node that declared no upload, to turn its queue into seconds."""
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -67,18 +69,16 @@ class NodeRunner:
 
     def __init__(self, node: Any, endpoint: QuicEndpoint, *,
                  on_effect: Callable[[fx.Effect], None] | None = None,
-                 clock: Callable[[], float] = time.time, max_unsent: int = MAX_UNSENT,
+                 clock: Callable[[], float] = time.time,
                  accept: bool = True) -> None:
         self.node = node
         self.endpoint = endpoint
         self.on_effect = on_effect or (lambda eff: None)
         self.clock = clock
-        self.max_unsent = max_unsent
         self.accept = accept
         self.links: dict[int, QuicLink] = {}
         self._next_link = 1
         self._out_streams: dict[tuple[int, int], int] = {}
-        self._dropped: set[tuple[int, int]] = set()
         self._timer_changed = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         self.bytes_out = 0
@@ -237,8 +237,7 @@ class NodeRunner:
             if qlink is None:
                 return None
             key = (eff.link, eff.head.seq)
-            if qlink.unsent_bytes > self.max_unsent:
-                self._dropped.add(key)
+            if drop_chunk(self._backlog_s(), eff.push):
                 return key
             sid = qlink.open_stream()
             self._out_streams[key] = sid
@@ -247,7 +246,6 @@ class NodeRunner:
         if t is fx.ChunkEnd:
             key = (eff.link, eff.seq)
             sid = self._out_streams.pop(key, None)
-            self._dropped.discard(key)
             qlink = self.links.get(eff.link)
             if sid is not None and qlink is not None:
                 if eff.ok:
@@ -268,24 +266,19 @@ class NodeRunner:
             return None
         if t is fx.Close:
             qlink = self.links.pop(eff.link, None)
-            for key in [k for k in self._out_streams if k[0] == eff.link]:
-                if qlink is not None:
-                    qlink.reset_stream(self._out_streams[key])  # no more media on a cut link
             self._forget(eff.link)
             if qlink is not None:
-                # The node's last words (a Reject before the Close) must reach the other side,
-                # as they do in the simulator: QuicLink.close() would discard them.
-                assert self._tg is not None
-                self._tg.start_soon(self._close_after_flush, qlink, eff.reason)
+                # Chunk data is dropped; the node's last words (a Reject before the Close) still
+                # reach the other side: QuicLink.close() delivers queued control bytes first.
+                qlink.close(eff.reason)
             return None
         self.on_effect(eff)
         return None
 
-    async def _close_after_flush(self, qlink: QuicLink, reason: str) -> None:
-        with anyio.move_on_after(CLOSE_LINGER):
-            while qlink.unsent_bytes:
-                await anyio.sleep(0.01)
-        qlink.close(reason)
+    def _backlog_s(self) -> float:
+        """Seconds of upload the node's links still have to send."""
+        rate = getattr(self.node, "upload_kbps", 0) * 125 or UNSHAPED_RATE
+        return sum(q.unsent_bytes for q in self.links.values()) / rate
 
     def _forget(self, link: int) -> None:
         for key in [k for k in self._out_streams if k[0] == link]:

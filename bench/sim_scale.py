@@ -19,6 +19,7 @@ import time
 
 def one(peers: int, duration: float, chunk_ms: int) -> dict:
     from sim.driver import run_scenario
+    from sim.progress import Progress
     from sim.scenario import SCENARIO_DIR, load_scenario
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -26,7 +27,7 @@ def one(peers: int, duration: float, chunk_ms: int) -> dict:
         "peers.count": peers, "stream.duration_s": duration, "stream.chunk_ms": chunk_ms,
         "peers.arrival.rate": max(500, peers / 20)})
     t0 = time.perf_counter()
-    result = run_scenario(scenario)
+    result = run_scenario(scenario, progress=Progress(duration, tty=False))  # stderr, every 10%
     wall = time.perf_counter() - t0
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     s = result.summary()
@@ -55,7 +56,7 @@ def main() -> None:
     for n in args.peers:
         out = subprocess.run([sys.executable, __file__, "--child", "--peers", str(n), "--duration",
                               str(args.duration), "--chunk-ms", str(args.chunk_ms)],
-                             capture_output=True, text=True, check=True)
+                             stdout=subprocess.PIPE, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = rows[-1]
         print(f"{r['peers']:>7} peers  {r['wall_s']:>8.1f} s wall  {r['events_per_s']:>9,} ev/s  "

@@ -79,7 +79,7 @@ def _control_size(msg: m.Message) -> int:
         return 14 + len(msg.bitmap)
     if t is m.Request or t is m.Missing:
         return 10 + 5 * len(msg.seqs)
-    return 4 + len(wire.encode(msg))
+    return wire.frame_size(msg)
 
 
 class Simulation:

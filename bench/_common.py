@@ -99,6 +99,21 @@ def print_table(headers: list[str], rows: list[list[Any]]) -> None:
 # --- roles --------------------------------------------------------------------------------------
 
 
+async def stop_worker(proc: Any) -> None:
+    """End a worker process: close its stdin (it exits), wait 5 s, then kill it."""
+    with anyio.CancelScope(shield=True):
+        if proc.returncode is None:
+            try:
+                await proc.stdin.aclose()
+            except Exception:
+                pass
+            with anyio.move_on_after(5):
+                await proc.wait()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
 @dataclass
 class Tracker:
     node: TrackerNode
@@ -228,17 +243,7 @@ class Worker:
             w.ready = await w.read_json(timeout, "worker start-up")
             yield w
         finally:
-            with anyio.CancelScope(shield=True):
-                if proc.returncode is None:
-                    try:
-                        await proc.stdin.aclose()
-                    except Exception:
-                        pass
-                    with anyio.move_on_after(5):
-                        await proc.wait()
-                    if proc.returncode is None:
-                        proc.kill()
-                        await proc.wait()
+            await stop_worker(proc)
 
     async def read_json(self, timeout: float, what: str) -> dict:
         with anyio.move_on_after(timeout):

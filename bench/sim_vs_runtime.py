@@ -56,6 +56,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import anyio
 
+from bench._common import stop_worker
 from meshcast import effects as fx
 from meshcast.crypto import Crypto, SigningKey
 from meshcast.net.quic import open_endpoint
@@ -520,17 +521,7 @@ class _Worker:
             await w.send(pickle.dumps(scenario).hex())
             yield w
         finally:
-            with anyio.CancelScope(shield=True):
-                if proc.returncode is None:
-                    try:
-                        await proc.stdin.aclose()
-                    except Exception:
-                        pass
-                    with anyio.move_on_after(5):
-                        await proc.wait()
-                    if proc.returncode is None:
-                        proc.kill()
-                        await proc.wait()
+            await stop_worker(proc)
 
     async def send(self, line: str) -> None:
         await self.proc.stdin.send(line.encode() + b"\n")

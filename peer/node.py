@@ -339,12 +339,11 @@ class PeerNode(RelayNode):
         if slot is not None and slot.ref.id == conn.node_id:
             self.last_rx[k] = now
         targets = [t for t in self._push_targets(seq) if t != link]
-        rx = self.rx[key] = Rx(head, targets, conn)
+        self.rx[key] = Rx(head, targets, conn)
         self.receiving[seq] = link
         out = self._out
         for t in targets:
             out.append(ChunkBegin(t, head))
-        del rx
 
     def chunk_data(self, link: Link, seq: int, data: bytes, *, now: float) -> None:
         """Payload bytes of chunk `seq` arrived on `link`: keep them and pass them on at once."""
@@ -531,8 +530,7 @@ class PeerNode(RelayNode):
                     due.append(seq)
         if due and self.play_next is not None:
             self._pull(sorted(due), now)
-        if self.requested:
-            self._set_timer("timeout", min(r[1] for r in self.requested.values()) + REQUEST_TIMEOUT)
+        self._arm_request_timeout()
         self._schedule_repair(now)
 
     def _sources(self, seq: int, exclude: set[Link]) -> list[Link]:
@@ -559,9 +557,7 @@ class PeerNode(RelayNode):
 
     def _pull(self, seqs: list[int], now: float, exclude: set[Link] = frozenset()) -> None:  # type: ignore[assignment]
         batches: dict[Link, list[int]] = {}
-        busy: dict[Link, int] = {}
-        for link, _, _ in self.requested.values():
-            busy[link] = busy.get(link, 0) + 1
+        busy = self._busy()
         seed_wanted = []
         for seq in seqs:
             if seq in self.buffer or seq in self.requested:
@@ -582,9 +578,23 @@ class PeerNode(RelayNode):
                 for seq in seed_wanted:
                     batches.setdefault(link, []).append(seq)
                     self.requested[seq] = (link, now, set(exclude) | {link})
+        self._send_requests(batches)
+
+    def _busy(self) -> dict[Link, int]:
+        """Pulls in flight per source."""
+        busy: dict[Link, int] = {}
+        for link, _, _ in self.requested.values():
+            busy[link] = busy.get(link, 0) + 1
+        return busy
+
+    def _send_requests(self, batches: dict[Link, list[int]]) -> None:
+        """One `Request` per source (split at the wire's 64-seq limit); arm the time-out."""
         for link, lst in batches.items():
             for i in range(0, len(lst), 64):
                 self._out.append(Send(link, m.Request(tuple(lst[i:i + 64]))))
+        self._arm_request_timeout()
+
+    def _arm_request_timeout(self) -> None:
         if self.requested:
             self._set_timer("timeout", min(r[1] for r in self.requested.values()) + REQUEST_TIMEOUT)
 
@@ -605,9 +615,7 @@ class PeerNode(RelayNode):
             lo = max(0, known - 2 * self.substreams, self.newest + 1 if self.newest >= 0 else 0)
         else:
             lo = self.play_next
-        busy: dict[Link, int] = {}
-        for link, _, _ in self.requested.values():
-            busy[link] = busy.get(link, 0) + 1
+        busy = self._busy()
         batches: dict[Link, list[int]] = {}
         for seq in range(lo, known + 1):
             if seq in self.buffer or seq in self.requested or seq in self.receiving:
@@ -625,10 +633,7 @@ class PeerNode(RelayNode):
                 busy[best] = best_busy + 1
                 batches.setdefault(best, []).append(seq)
                 self.requested[seq] = (best, now, {best})
-        for link, lst in batches.items():
-            self._out.append(Send(link, m.Request(tuple(lst[:64]))))
-        if self.requested:
-            self._set_timer("timeout", min(r[1] for r in self.requested.values()) + REQUEST_TIMEOUT)
+        self._send_requests(batches)
 
     # -- timers --------------------------------------------------------------------------------
 

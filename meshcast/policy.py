@@ -31,6 +31,16 @@ def drop_chunk(backlog_s: float, push: bool) -> bool:
     return backlog_s > (MAX_BACKLOG_S if push else PULL_BACKLOG_S)
 
 
+LINK_IDLE_TIMEOUT_S = 3.0
+"""A link that heard nothing from its remote for this long is closed (QUIC idle time-out; each
+side sends a keep-alive PING when quiet for a third of it, ahead of any queued chunk data).
+
+It is how fast a vanished (kill -9) peer is noticed — by its children and by the tracker, which
+only then re-homes the subtree and stops handing the dead peer out as a backup. Simulated on the
+churn scenario (2k viewers, 80 % abrupt departures): continuity 98.8 % at 15 s, 99.87 % at 3 s
+(99.93 % at 2 s)."""
+
+
 def handoff_slack(slots: int) -> int:
     """Extra children a parent accepts beyond its slots, briefly, while the tracker moves them.
 

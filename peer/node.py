@@ -39,6 +39,11 @@ REPAIR_MARGIN = 0.3
 Late, not early: a chunk still on its way is pulled twice over, and at 5k+ viewers an early
 margin (0.6) let those duplicate pulls eat the headroom until the trees collapsed (simulated:
 continuity 64% at 0.6, 99.97% at 0.3)."""
+LATE_SLACK = 0.2
+"""Seconds past its usual arrival after which a chunk is treated as lost and pulled.
+
+A sub-stream's path delivers each chunk about `_lat[k]` after the seed stamped it; a chunk
+that much later than that has a broken path upstream (a relay above our parent died)."""
 LOSS_ROUNDS = 2
 """A chunk still missing when every sub-stream has moved this many rounds past it is lost.
 
@@ -423,11 +428,17 @@ class PeerNode(RelayNode):
                 for s in range(max(previous_k + K, seq - self.window), seq, K):
                     if s not in buffer:
                         gaps[s] = now
+        if self.play_next is None or (self.primary[k] is not None
+                                      and conn.node_id == self.primary[k].ref.id):
+            self._lat[k] = now - head.ts
         if previous >= 0 and seq > previous + 1:
-            # Other sub-streams' chunks may just be slower: pull them only near their deadline...
+            # Other sub-streams' chunks may just be slower: pull them once they are later than
+            # their path usually delivers, or near their deadline...
             for s in range(max(previous + 1, seq - self.window), seq):
                 if s not in buffer and s not in gaps:
-                    gaps[s] = math.inf
+                    lag = self._lat[s % K]
+                    gaps[s] = (math.inf if lag is None
+                               else head.ts + (s - seq) * self.chunk_s + lag + LATE_SLACK)
         # ...unless the stream has moved on two whole rounds without them: their sub-stream's
         # path is broken upstream (a relay above our parent died), pull them now.
         overdue = seq - LOSS_ROUNDS * K
@@ -435,7 +446,6 @@ class PeerNode(RelayNode):
             if due == math.inf and s <= overdue:
                 gaps[s] = now
         if self.play_next is None:
-            self._lat[k] = now - head.ts
             if head.rap and self._start_rap is None:
                 self._start_rap = (seq, now, now - head.ts)
                 self._set_timer("start", now + START_WAIT)

@@ -20,8 +20,9 @@ Modelling choices that mirror the runtime, in one place:
 - Back-pressure as in `meshcast.runtime`: a chunk is dropped for a child when it would wait
   too long in the sender's queue (`meshcast.policy.drop_chunk`: pushes wait up to 2 s, pulls
   only 0.1 s), and the node is told (`chunk_dropped`).
-- An abrupt departure (kill -9) is seen by the other end only after `IDLE_TIMEOUT` (QUIC idle
-  time-out), unless the node's own stall detection acts first; a graceful one closes links.
+- An abrupt departure (kill -9) is seen by the other end only after `IDLE_TIMEOUT` (the QUIC
+  idle time-out, `meshcast.policy.LINK_IDLE_TIMEOUT_S`), unless the node's own stall detection
+  acts first; a graceful one closes links.
 - Crypto is `SimCrypto`: same checks on fields, no curve arithmetic.
 """
 
@@ -38,7 +39,7 @@ from meshcast import effects as fx
 from meshcast import messages as m
 from meshcast import wire
 from meshcast.crypto import SimCrypto, SimKey
-from meshcast.policy import drop_chunk
+from meshcast.policy import LINK_IDLE_TIMEOUT_S, drop_chunk
 from peer.node import PeerNode
 from seed.node import SeedNode
 from sim.metrics import MetricsCollector
@@ -51,7 +52,7 @@ from tracker.node import TrackerNode
 BUFFER_S = 3.0
 """Each simulated peer keeps 3 s of chunks for pulls (memory: 100k peers)."""
 CONNECT_TIMEOUT = 5.0
-IDLE_TIMEOUT = 15.0
+IDLE_TIMEOUT = LINK_IDLE_TIMEOUT_S
 GOP_MS = 1000
 """Default keyframe interval (`[stream] gop_ms`)."""
 TRACKER = 0

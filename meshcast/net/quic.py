@@ -97,6 +97,7 @@ from aioquic.quic.packet import (
 )
 
 from meshcast.net.tls import self_signed_certificate
+from meshcast.policy import LINK_IDLE_TIMEOUT_S
 
 __all__ = [
     "ALPN",
@@ -175,7 +176,7 @@ async def open_endpoint(
     *,
     upload_bps: float | None = None,
     delay: Callable[[tuple[str, int]], float] | None = None,
-    idle_timeout: float = 15.0,
+    idle_timeout: float = LINK_IDLE_TIMEOUT_S,
     max_receive_buffer: int = 32 * 1024 * 1024,
 ) -> AsyncIterator[QuicEndpoint]:
     """Bind a UDP socket and run a QUIC endpoint on it until the block exits.

@@ -9,7 +9,7 @@ import pytest
 
 from meshcast.crypto import Crypto, SigningKey
 from meshcast.policy import HEADROOM, child_slots
-from peer.node import PeerNode
+from peer.node import LATE_SLACK, PeerNode
 from seed.node import SeedNode
 from tests.harness import Wiring
 from tracker.node import TrackerNode
@@ -121,6 +121,29 @@ def test_killed_relay_descendants_keep_playing_via_backup_and_pull():
         assert seqs == list(range(seqs[0], seqs[-1] + 1))
         assert seqs[-1] == 39
     assert relay.id not in tracker.channels["ch"].forest.members
+
+
+def test_chunks_of_a_silent_relay_are_pulled_once_later_than_their_path_usually_delivers():
+    """A relay that vanishes without its links closing (before the idle time-out): its children
+    pull each chunk it should have pushed `LATE_SLACK` after that sub-stream's usual arrival, not
+    only near the playback deadline (2 s away here)."""
+    w, tracker, seed, peers = build(12, seed_kbps=4000, peer_kbps=3000)
+    for p in peers:
+        p.playout_delay = 2.0
+    stream(w, seed, 30)
+    relay = max(peers, key=lambda p: p._children())
+    orphaned = [(p, k) for k, subs in enumerate(relay._subscribers) for c in subs
+                for p in peers if p.id == c.node_id]
+    assert orphaned
+    w.dead.add(relay)  # silent: nothing more from it, no link closed
+    first = seed.next_seq
+    stream(w, seed, 12)
+    for child, k in orphaned:
+        late = [d for d in w.delivered[child] if d.head.seq >= first and d.head.seq % 4 == k]
+        assert len(late) >= 2
+        # A gap shows when a later chunk arrives (one interval on, two if that one was late
+        # too); a deadline-driven pull would wait until 2.0 − REPAIR_MARGIN × 2.0 = 1.4 s.
+        assert max(d.latency for d in late) <= LATE_SLACK + 2 * CHUNK_MS / 1000 + 0.05
 
 
 def test_forging_relay_is_cut_off_reported_and_evicted():

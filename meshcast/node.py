@@ -22,7 +22,7 @@ from meshcast import messages as m
 from meshcast.crypto import Crypto
 from meshcast.effects import ChunkBegin, ChunkBytes, ChunkEnd, Close, Effect, Link, Notice, Send
 from meshcast.errors import LocalProtocolError, RemoteProtocolError
-from meshcast.policy import child_slots, handoff_slack
+from meshcast.policy import STRETCH_HEADROOM, child_slots, handoff_slack
 
 SLOW_DROPS = 3
 """Chunks dropped for one child (its queue was full) before the tracker hears it is slow."""
@@ -130,8 +130,9 @@ class RelayNode(NodeBase):
 
     @property
     def slots(self) -> int:
-        """Children (per sub-stream) this node's upload carries: the same rule as the tracker's."""
-        return child_slots(self.upload_kbps, self.bitrate_kbps, self.substreams)
+        """Most children (per sub-stream) the tracker may give this node: the same rule as the
+        tracker's, at the headroom of a stretched channel."""
+        return child_slots(self.upload_kbps, self.bitrate_kbps, self.substreams, STRETCH_HEADROOM)
 
     @property
     def window(self) -> int:

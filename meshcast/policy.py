@@ -3,17 +3,22 @@
 `child_slots`: how many (child, sub-stream) pairs a node's upload carries. One slot is one
 sub-stream (bitrate/K) to one child; `HEADROOM` keeps 20% of the upload for control traffic,
 pull repair and bursts — Justin.tv's rule: never give a parent more than its upload carries.
+A channel that runs out of slots is stretched to `STRETCH_HEADROOM` before anyone is refused.
 """
 
 from __future__ import annotations
 
 HEADROOM = 0.8
+STRETCH_HEADROOM = 0.95
+"""Share of upload a parent may be given once its channel has no free slot left at `HEADROOM`:
+less spare for repair beats turning viewers away, and it still never oversubscribes."""
 
 
-def child_slots(upload_kbps: float, bitrate_kbps: float, substreams: int) -> int:
+def child_slots(upload_kbps: float, bitrate_kbps: float, substreams: int,
+                headroom: float = HEADROOM) -> int:
     if bitrate_kbps <= 0 or upload_kbps <= 0:
         return 0
-    return int(upload_kbps * HEADROOM * substreams // bitrate_kbps)
+    return int(upload_kbps * headroom * substreams // bitrate_kbps)
 
 
 MAX_BACKLOG_S = 2.0

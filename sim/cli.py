@@ -13,7 +13,7 @@ from sim.progress import Progress
 from sim.scenario import SCENARIO_DIR, Scenario, ScenarioError, load_scenario, resource_index
 from tracker.placement import STRATEGIES
 
-JSON_KEYS = ("peers", "duration_s", "latency_ms", "continuity", "offload", "startup_ms",
+JSON_KEYS = ("peers", "rejected", "duration_s", "latency_ms", "continuity", "offload", "startup_ms",
              "seed_egress_kbps", "control_overhead", "max_depth", "events", "wall_s")
 
 
@@ -119,6 +119,7 @@ ROWS = (
     ("control overhead", lambda s: _fmt(s["control_overhead"], pct=True)),
     ("max depth", lambda s: _fmt(s["max_depth"])),
     ("peers", lambda s: _fmt(s["peers"])),
+    ("rejected", lambda s: _fmt(s["rejected"])),
     ("events", lambda s: _fmt(s["events"])),
     ("wall (s)", lambda s: _fmt(s["wall_s"])),
 )

@@ -130,6 +130,7 @@ class Simulation:
         """One generator for all peers: a Mersenne Twister is 2.5 KB, and one timeline keeps
         the draws in a deterministic order anyway."""
         self.started: set[int] = set()
+        self.refused: set[int] = set()
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -282,6 +283,11 @@ class Simulation:
                 metrics.chunk_missed(i, eff.seq, now=now)
             elif t is fx.Open:
                 self._open(i, eff.address, eff.ref)
+            elif t is fx.Notice:
+                node = self.nodes[i]
+                if i > self.channels and node.rejected and i not in self.refused:
+                    self.refused.add(i)
+                    metrics.peer_rejected(i)
             elif t is fx.Close:
                 link = eff.link
                 remote = link ^ 1

@@ -14,6 +14,7 @@ Definitions (what the summary means):
     offload     bytes of verified chunks that came from peers / all verified chunk bytes.
     seed egress all bytes the seed(s) sent (media + control) over the run, in kbit/s.
     control overhead  control bytes / media bytes, all nodes.
+    rejected    peers the tracker refused (no capacity left for them) or evicted.
     depth       each peer's deepest tree position reported (root's children: depth 1);
                 the histogram counts peers by that depth.
 """
@@ -135,6 +136,7 @@ class MetricsCollector:
         self.startup_hist = Histogram(0.001, startup_max_s)
         self.buckets: list[_Bucket] = []
         self.media_bytes = self.control_bytes = self.seed_bytes = 0
+        self.rejected = 0
 
     # --- driver hooks --------------------------------------------------------------------------
 
@@ -151,6 +153,11 @@ class MetricsCollector:
 
     def peer_left(self, peer: int, *, now: float) -> None:
         self.left_at[peer] = now
+
+    def peer_rejected(self, peer: int) -> None:
+        """The tracker refused (or evicted) ``peer``: it plays nothing from then on."""
+        self.seen[peer] = 1
+        self.rejected += 1
 
     def chunk_verified(
         self,
@@ -247,6 +254,7 @@ class MetricsCollector:
         lat, st = self.latency.quantile, self.startup_hist.quantile
         return {
             "peers": sum(self.seen),
+            "rejected": self.rejected,
             "duration_s": self.duration_s,
             "latency_ms": {"p50": _ms(lat(0.5)), "p95": _ms(lat(0.95)), "p99": _ms(lat(0.99))},
             "continuity": _ratio(on_time, verified + missed),

@@ -90,6 +90,7 @@ class StreamConfig:
 @dataclass(frozen=True)
 class SeedConfig:
     upload_kbps: float = _opt(20000.0, POSITIVE)
+    """Upload of each channel's seed (with `[channels] count` > 1, every channel has its own)."""
 
 
 class _Tagged:

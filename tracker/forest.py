@@ -99,6 +99,16 @@ class Forest:
                     other.backup[k] = NO_PEER
         return orphans
 
+    def set_slots(self, member: Member, slots: int) -> None:
+        """Change a member's slot count (a stretched channel); only relays and the seed use it."""
+        if not member.is_seed and member.home == NO_PEER:
+            return
+        self._unindex(member)
+        if member.home != NO_PEER:
+            self.home_capacity[member.home] += slots - member.slots
+        member.slots = slots
+        self._index(member)
+
     # -- tree edits ----------------------------------------------------------------------------
 
     def attach(self, child: Member, k: int, parent: Member) -> None:

@@ -5,8 +5,9 @@ the newcomer under one parent per sub-stream (the pluggable strategy decides whi
 backup ready, and hands out tokens it signed so that parents accept only the children the
 tracker gave them. On a departure (graceful `Leave`, a closed link, or an eviction) it re-homes
 the orphans at once — to the backup each orphan has already switched to when that has room.
-It never oversubscribes: when no member and not the seed has a free slot, the newcomer gets a
-`Reject` that says so.
+It never oversubscribes: when no member and not the seed has a free slot, the channel is first
+stretched (parents may then use `STRETCH_HEADROOM` of their upload instead of `HEADROOM`), and
+only when that is used up too does a newcomer get a `Reject` that says so.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from meshcast.effects import Close, Link, Notice, Send
 from meshcast.errors import RemoteProtocolError
 from meshcast.node import NodeBase
 from meshcast.policy import HEADROOM as HEADROOM_FACTOR
-from meshcast.policy import child_slots
+from meshcast.policy import STRETCH_HEADROOM, child_slots
 from tracker.forest import Forest, Member
 from tracker.placement import TreePlacement, make_strategy
 
@@ -32,7 +33,7 @@ MESH_NEIGHBOURS = 6
 
 class Channel:
     __slots__ = ("name", "public_key", "bitrate_kbps", "substreams", "chunk_ms", "forest",
-                 "seed_link", "banned")
+                 "seed_link", "banned", "headroom")
 
     def __init__(self, name: str, public_key: bytes, bitrate_kbps: int, substreams: int,
                  chunk_ms: int) -> None:
@@ -41,6 +42,11 @@ class Channel:
         self.forest = Forest(substreams)
         self.seed_link: Link | None = None
         self.banned: set[str] = set()
+        self.headroom = HEADROOM_FACTOR
+        """Share of each member's upload its slots use: `STRETCH_HEADROOM` once it ran out."""
+
+    def slots(self, upload_kbps: int) -> int:
+        return child_slots(upload_kbps, self.bitrate_kbps, self.substreams, self.headroom)
 
 
 class TrackerNode(NodeBase):
@@ -134,7 +140,7 @@ class TrackerNode(NodeBase):
         elif ch.seed_link is not None and ch.seed_link in self.links:
             self._drop_link(ch.seed_link, "replaced by a new seed connection", now)
         ch.bitrate_kbps, ch.chunk_ms = msg.bitrate_kbps, msg.chunk_ms
-        seed = Member(self._new_id(), link, msg.address, msg.upload_kbps, slots, (), now,
+        seed = Member(self._new_id(), link, msg.address, msg.upload_kbps, ch.slots(msg.upload_kbps), (), now,
                       ch.substreams, is_seed=True)
         ch.forest.add(seed)
         ch.seed_link = link
@@ -156,7 +162,7 @@ class TrackerNode(NodeBase):
         if msg.address and msg.address in ch.banned:
             self._reject(link, "evicted from this channel", now)
             return
-        slots = child_slots(msg.upload_kbps, ch.bitrate_kbps, ch.substreams) if msg.address else 0
+        slots = ch.slots(msg.upload_kbps) if msg.address else 0
         member = Member(self._new_id(), link, msg.address, msg.upload_kbps, slots,
                         tuple(msg.coords), now, ch.substreams)
         ch.forest.add(member)
@@ -184,6 +190,9 @@ class TrackerNode(NodeBase):
         """Give `member` a parent (and backup) in tree k; tell it. False: no capacity anywhere."""
         forest = ch.forest
         parent, displaced = self.strategy.parent(forest, member, k, avoid)
+        if parent is None and ch.headroom < STRETCH_HEADROOM:
+            self._stretch(ch)
+            parent, displaced = self.strategy.parent(forest, member, k, avoid)
         if parent is None:
             return False
         if displaced is not None:
@@ -193,6 +202,15 @@ class TrackerNode(NodeBase):
         if displaced is not None and not self._place(ch, displaced, k, now):
             self._evict_for_capacity(ch, displaced, now)
         return True
+
+    def _stretch(self, ch: Channel) -> None:
+        """Out of slots: let every relay use `STRETCH_HEADROOM` of its upload from now on."""
+        ch.headroom = STRETCH_HEADROOM
+        for member in ch.forest.members.values():
+            if member.address:
+                ch.forest.set_slots(member, ch.slots(member.upload_kbps))
+        self._out.append(Notice(f"channel {ch.name!r} is out of slots at {HEADROOM_FACTOR:.0%} of "
+                                f"upload: parents now carry up to {STRETCH_HEADROOM:.0%}"))
 
     def _assign(self, ch: Channel, member: Member, k: int, now: float) -> None:
         forest = ch.forest

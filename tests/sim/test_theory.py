@@ -276,3 +276,15 @@ def test_same_seed_same_metrics_in_another_process(tmp_path):
                    check=True, timeout=120)
     b = ((tmp_path / "b" / "metrics.json").read_bytes(), (tmp_path / "b" / "peers.csv").read_bytes())
     assert a == b
+
+
+# --- admission --------------------------------------------------------------------------------
+
+
+def test_viewers_the_tracker_refuses_are_counted_and_play_nothing(scarce, rich):
+    sim, probe, result = scarce
+    refused = [s.id for s in sim.specs if sim.nodes[s.id] is not None and sim.nodes[s.id].rejected]
+    assert refused, "the scarce scenario runs out of slots"
+    assert result.summary()["rejected"] == probe.rejected == len(refused)
+    assert all(probe.verified[i] == 0 for i in refused)
+    assert rich[2].summary()["rejected"] == 0

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from meshcast.crypto import Crypto, SigningKey
-from meshcast.policy import HEADROOM, child_slots
+from meshcast.policy import HEADROOM, STRETCH_HEADROOM, child_slots
 from peer.node import LATE_SLACK, PeerNode
 from seed.node import SeedNode
 from tests.harness import Wiring
@@ -87,6 +87,21 @@ def test_newcomer_is_rejected_with_a_reason_when_capacity_runs_out():
     assert tracker.rejections == 2
     stream(w, seed, 10)
     assert played(w, peers[0])[-1] == 9  # the admitted viewer is not hurt by the others
+
+
+def test_a_full_channel_is_stretched_before_anyone_is_refused():
+    # 2,200 kbps carries 3 slots at HEADROOM (3.5) but 4 at STRETCH_HEADROOM (4.2): at 80 % the
+    # channel fills up after 6 viewers; at 95 % each viewer brings the 4 slots it uses.
+    assert child_slots(2200, BITRATE, 4) == 3 and child_slots(2200, BITRATE, 4, STRETCH_HEADROOM) == 4
+    w, tracker, seed, peers = build(12, seed_kbps=4000, peer_kbps=2200)
+    assert tracker.rejections == 0 and not any(p.rejected for p in peers)
+    assert any("out of slots" in n for n in w.notices)
+    forest = tracker.channels["ch"].forest
+    assert all(m.used <= m.slots for m in forest.members.values())
+    for p in peers:
+        assert p._children() <= child_slots(p.upload_kbps, BITRATE, 4, STRETCH_HEADROOM)
+    stream(w, seed, 20)
+    assert all(played(w, p)[-1] == 19 for p in peers)
 
 
 def test_seed_too_small_for_one_copy_is_told_how_much_it_needs():

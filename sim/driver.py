@@ -56,6 +56,7 @@ IDLE_TIMEOUT = LINK_IDLE_TIMEOUT_S
 GOP_MS = 1000
 """Default keyframe interval (`[stream] gop_ms`)."""
 TRACKER = 0
+JOIN_RETRY_S = 0.05
 
 
 @dataclass
@@ -173,6 +174,11 @@ class Simulation:
         self.sched.at(now + self.scenario.stream.chunk_ms / 1000, self._ingest, index)
 
     def _join(self, spec: PeerSpec) -> None:
+        if self.nodes[1 + spec.channel].id < 0:
+            # The broadcast is not live yet (its seed has not been welcomed): a viewer who
+            # arrives early waits for it rather than being told there is no such channel.
+            self.sched.after(JOIN_RETRY_S, self._join, spec)
+            return
         i = spec.id
         can_relay = spec.upload_kbps > 0 and not spec.nat
         node = PeerNode(channel=self._channel(spec.channel), crypto=self.crypto,

@@ -288,3 +288,9 @@ def test_viewers_the_tracker_refuses_are_counted_and_play_nothing(scarce, rich):
     assert result.summary()["rejected"] == probe.rejected == len(refused)
     assert all(probe.verified[i] == 0 for i in refused)
     assert rich[2].summary()["rejected"] == 0
+
+
+def test_viewers_who_arrive_before_the_broadcast_is_live_wait_for_it():
+    sim, probe, result = run(scenario(peers=50, duration=6, arrival={"kind": "all"}))
+    assert result.summary()["rejected"] == 0
+    assert all(probe.verified[s.id] > 0 for s in sim.specs)

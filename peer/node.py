@@ -47,7 +47,11 @@ that much later than that has a broken path upstream (a relay above our parent d
 waiting for the deadline leaves too little time to pull it. Simulated on the churn scenario
 (2k viewers, 80 % abrupt departures): continuity 97.5 % → 98.8 %; with 3 s link idle time-outs
 (`policy.LINK_IDLE_TIMEOUT_S`) 99.1 % → 99.87 %. It also made an earlier rule redundant (pull
-what is still missing once every sub-stream is two rounds past it: 99.86 % without it)."""
+what is still missing once every sub-stream is two rounds past it: 99.86 % without it).
+The price, in a steady 10k audience: ~1.5 % of chunks are pulled though merely late, and p95
+latency rises ~9 % (889 → 971 ms over 30 s); 0.3 s of slack, or an envelope of the path's
+lag instead of its last value, cost as much and repaired less."""
+
 PULL_WINDOW = 4
 """Pulls in flight per source in tree mode."""
 REQUEST_TIMEOUT = 1.0

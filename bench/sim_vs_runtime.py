@@ -188,16 +188,24 @@ class _Probe(MetricsCollector):
 
 
 def _record_arrivals(node: PeerNode, index: int, arrival: dict[tuple[int, int], float]) -> None:
-    """Wrap this node's `chunk_end` to note when each chunk was first complete and verified."""
-    chunk_end = node.chunk_end
+    """Wrap this node's `chunk_end` (runtime) and `chunk_received` (simulator) to note when each
+    chunk was first complete and verified."""
+    chunk_end, chunk_received = node.chunk_end, node.chunk_received
 
-    def wrapped(link: int, seq: int, *, now: float, aborted: bool = False) -> None:
-        chunk_end(link, seq, now=now, aborted=aborted)
+    def note(seq: int, now: float) -> None:
         entry = node.buffer.get(seq)
         if entry is not None and (index, seq) not in arrival:
             arrival[(index, seq)] = now - entry[0].ts
 
-    node.chunk_end = wrapped
+    def end(link: int, seq: int, *, now: float, aborted: bool = False) -> None:
+        chunk_end(link, seq, now=now, aborted=aborted)
+        note(seq, now)
+
+    def received(link: int, head: Any, payload: bytes, *, now: float, aborted: bool = False) -> None:
+        chunk_received(link, head, payload, now=now, aborted=aborted)
+        note(head.seq, now)
+
+    node.chunk_end, node.chunk_received = end, received
 
 
 class _ProbeSimulation(Simulation):

@@ -8,8 +8,8 @@ window of recent chunks, and exchanging have-maps. `SeedNode` and `PeerNode` are
 
 Drivers call, always with the time: `handle(link, msg, now=)`, `link_opened(link, now=, ref=)`,
 `open_failed(ref, now=, reason=)`, `link_closed(link, now=, reason=)`, `chunk_begin/
-chunk_data/chunk_end(...)`, `chunk_dropped(link, seq, now=)`, `handle_timer(now=)`; then pull
-`drain()` and `next_timer()`.
+chunk_data/chunk_end(...)` (or `chunk_received(...)` for a chunk that arrived whole),
+`chunk_dropped(link, seq, now=)`, `handle_timer(now=)`; then pull `drain()` and `next_timer()`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 from meshcast import messages as m
 from meshcast.crypto import Crypto
-from meshcast.effects import ChunkBegin, ChunkBytes, ChunkEnd, Close, Effect, Link, Notice, Send
+from meshcast.effects import Close, Effect, Link, Notice, Send, SendChunk
 from meshcast.errors import LocalProtocolError, RemoteProtocolError
 from meshcast.policy import child_slots, handoff_slack
 
@@ -310,10 +310,7 @@ class RelayNode(NodeBase):
 
     def _send_chunk(self, link: Link, seq: int, push: bool = True) -> None:
         head, payload = self.buffer[seq]
-        out = self._out
-        out.append(ChunkBegin(link, head, push))
-        out.append(ChunkBytes(link, seq, payload))
-        out.append(ChunkEnd(link, seq, True))
+        self._out.append(SendChunk(link, head, payload, push))
         self.bytes_up += head.size
 
     def _push_targets(self, seq: int) -> list[Link]:

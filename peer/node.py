@@ -25,7 +25,8 @@ from typing import Any
 
 from meshcast import messages as m
 from meshcast.crypto import Crypto
-from meshcast.effects import ChunkBegin, ChunkBytes, ChunkEnd, Deliver, Link, Notice, Open, Send, Skip
+from meshcast.effects import (ChunkBegin, ChunkBytes, ChunkEnd, Deliver, Link, Notice, Open, Send,
+                              SendChunk, Skip)
 from meshcast.errors import RemoteProtocolError
 from meshcast.node import Conn, RelayNode
 from meshcast.policy import MAX_BACKLOG_S
@@ -188,7 +189,7 @@ class PeerNode(RelayNode):
             rx = self.rx.pop(key)
             if rx is not None:
                 self.receiving.pop(key[1], None)
-                self._end_targets(rx, False)
+                self._end_targets(rx.targets, rx.head, None, False)
         self._peer_gone(conn.node_id, now, reason)
 
     def _peer_gone(self, node_id: int, now: float, reason: str) -> None:
@@ -321,25 +322,15 @@ class PeerNode(RelayNode):
 
     def chunk_begin(self, link: Link, head: m.ChunkHead, *, now: float) -> None:
         """A chunk stream opened on `link` and its head arrived."""
-        conn = self.conns.get(link)
+        conn = self._chunk_conn(link, head, now)
         if conn is None:
             return
         seq = head.seq
-        key = (link, seq)
-        if head.channel != self.channel or head.size > m.MAX_CHUNK or key in self.rx:
-            self.protocol_error(link, RemoteProtocolError(
-                f"bad chunk head for {head.channel!r}/{seq}"), now=now)
+        targets = self._relay_targets(conn, link, head, now)
+        if targets is None:
+            self.rx[(link, seq)] = None  # duplicate or too late: swallow its bytes
             return
-        stale = self.play_next is not None and seq < self.play_next
-        if seq in self.buffer or seq in self.receiving or stale:
-            self.rx[key] = None  # duplicate or too late: swallow its bytes
-            return
-        k = seq % self.substreams
-        slot = self.primary[k] if self.primary else None
-        if slot is not None and slot.ref.id == conn.node_id:
-            self.last_rx[k] = now
-        targets = [t for t in self._push_targets(seq) if t != link]
-        self.rx[key] = Rx(head, targets, conn)
+        self.rx[(link, seq)] = Rx(head, targets, conn)
         self.receiving[seq] = link
         out = self._out
         for t in targets:
@@ -370,27 +361,82 @@ class PeerNode(RelayNode):
         if rx is None:
             return
         del self.receiving[seq]
+        payload = rx.parts[0] if len(rx.parts) == 1 else b"".join(rx.parts)
+        self._complete(link, rx.head, payload, rx.targets, rx.conn, aborted, now, False)
+
+    def chunk_received(self, link: Link, head: m.ChunkHead, payload: bytes, *, now: float,
+                       aborted: bool = False) -> None:
+        """A whole chunk arrived on `link` at once: `chunk_begin`, `chunk_data` and `chunk_end`
+        back to back, except that each child gets one `SendChunk` (the simulator's fast path)."""
+        conn = self._chunk_conn(link, head, now)
+        if conn is None:
+            return
+        targets = self._relay_targets(conn, link, head, now)
+        if targets is None:
+            return
+        if len(payload) > head.size:
+            self.protocol_error(link, RemoteProtocolError(
+                f"chunk {head.seq} longer than its declared {head.size} bytes"), now=now)
+            return
+        self.bytes_up += len(payload) * len(targets)
+        self._complete(link, head, payload, targets, conn, aborted, now, True)
+
+    def _chunk_conn(self, link: Link, head: m.ChunkHead, now: float) -> Conn | None:
+        """The link's `Conn` if a chunk may start on it; a bad head is a protocol error (None)."""
+        conn = self.conns.get(link)
+        if conn is None:
+            return None
+        if head.channel != self.channel or head.size > m.MAX_CHUNK or (link, head.seq) in self.rx:
+            self.protocol_error(link, RemoteProtocolError(
+                f"bad chunk head for {head.channel!r}/{head.seq}"), now=now)
+            return None
+        return conn
+
+    def _relay_targets(self, conn: Conn, link: Link, head: m.ChunkHead, now: float) -> list[Link] | None:
+        """The children a new chunk goes on to; None if we have it, are receiving it or it is
+        too late (its bytes are ignored)."""
+        seq = head.seq
+        if (seq in self.buffer or seq in self.receiving
+                or (self.play_next is not None and seq < self.play_next)):
+            return None
+        k = seq % self.substreams
+        slot = self.primary[k] if self.primary else None
+        if slot is not None and slot.ref.id == conn.node_id:
+            self.last_rx[k] = now
+        return [t for t in self._push_targets(seq) if t != link]
+
+    def _complete(self, link: Link, head: m.ChunkHead, payload: bytes, targets: list[Link],
+                  conn: Conn, aborted: bool, now: float, whole: bool) -> None:
+        """All of a chunk is here (or the sender aborted it): finish it for the children, then
+        verify, keep and play it. `whole`: the children get it as one `SendChunk` each."""
+        seq = head.seq
+        end = payload if whole else None
         if aborted:
-            self._end_targets(rx, False)
+            self._end_targets(targets, head, end, False)
             self._note_gap(seq, now)
             return
-        if rx.got != rx.head.size:
-            self._end_targets(rx, False)
+        if len(payload) != head.size:
+            self._end_targets(targets, head, end, False)
             self.protocol_error(link, RemoteProtocolError(
-                f"chunk {seq} ended after {rx.got} of {rx.head.size} bytes"), now=now)
+                f"chunk {seq} ended after {len(payload)} of {head.size} bytes"), now=now)
             return
-        payload = rx.parts[0] if len(rx.parts) == 1 else b"".join(rx.parts)
-        if not self.crypto.verify_chunk(self.public_key, rx.head, payload):
-            self._end_targets(rx, False)
-            self._forged(rx.conn, seq, now)
+        if not self.crypto.verify_chunk(self.public_key, head, payload):
+            self._end_targets(targets, head, end, False)
+            self._forged(conn, seq, now)
             return
-        self._end_targets(rx, True)
-        self._accept(rx.head, payload, rx.conn, now)
+        self._end_targets(targets, head, end, True)
+        self._accept(head, payload, conn, now)
 
-    def _end_targets(self, rx: Rx, ok: bool) -> None:
-        out, seq = self._out, rx.head.seq
-        for t in rx.targets:
-            out.append(ChunkEnd(t, seq, ok))
+    def _end_targets(self, targets: list[Link], head: m.ChunkHead, payload: bytes | None,
+                     ok: bool) -> None:
+        """End the chunk's streams to `targets` (`ChunkEnd`), or send it whole if `payload`."""
+        out, seq = self._out, head.seq
+        if payload is None:
+            for t in targets:
+                out.append(ChunkEnd(t, seq, ok))
+        else:
+            for t in targets:
+                out.append(SendChunk(t, head, payload, True, ok))
 
     def _forged(self, conn: Conn, seq: int, now: float) -> None:
         self.forged += 1

@@ -13,10 +13,11 @@ Modelling choices that mirror the runtime, in one place:
   delay, the opener after two. A connection to a node that is gone fails after
   `CONNECT_TIMEOUT` (the runtime's connect time-out).
 - Control messages: propagation only (`Network.send_control`), in order per link.
-- A chunk transfer is one event at its last byte's arrival, where the receiver gets
-  `chunk_begin` + `chunk_data` + `chunk_end` at once; cut-through is in the timing: a relay's
-  onward transfers start from the time the chunk's head reached it (`sim.network.transfer`),
-  so a relay forwards before it has the whole chunk, as the runtime does.
+- A chunk transfer is one event at its last byte's arrival, where the receiver gets the whole
+  chunk at once (`chunk_received`) and passes it on whole (`SendChunk`); cut-through is in the
+  timing: a relay's onward transfers start from the time the chunk's head reached it
+  (`sim.network.transfer`), so a relay forwards before it has the whole chunk, as the runtime
+  does.
 - Back-pressure as in `meshcast.runtime`: a chunk is dropped for a child when it would wait
   too long in the sender's queue (`meshcast.policy.drop_chunk`: pushes wait up to 2 s, pulls
   only 0.1 s), and the node is told (`chunk_dropped`).
@@ -120,7 +121,6 @@ class Simulation:
         self._next_link = 2
         self._ctx: tuple[int, int, float] | None = None
         """(node, seq, head arrival) while a relay reacts to a chunk it just received."""
-        self._chunk_out: dict[tuple[int, int], tuple[m.ChunkHead, bytes | None, bool]] = {}
         chunk_bytes = int(sc.stream.bitrate_kbps * sc.stream.chunk_ms / 8)
         self.payload = bytes(chunk_bytes)
         self.rap_every = max(1, round(sc.stream.gop_ms / sc.stream.chunk_ms))
@@ -233,35 +233,27 @@ class Simulation:
         now = self.sched.now
         net, sched, metrics = self.net, self.sched, self.metrics
         ctx = self._ctx
+        owner = self.owner
         dropped = []
         for eff in effects:
             t = type(eff)
-            if t is fx.ChunkEnd:
+            if t is fx.SendChunk:
                 link = eff.link
                 remote = link ^ 1
-                if link not in self.owner or remote not in self.owner:
+                if link not in owner or remote not in owner:
                     continue
-                dst = self.owner[remote]
-                pending = self._chunk_out.pop((link, eff.seq), None)
-                if pending is None:
-                    continue
-                head, payload, push = pending
-                t_head = ctx[2] if ctx is not None and ctx[0] == i and ctx[1] == eff.seq else now
-                if drop_chunk(net.uplinks[i].free_at - now, push):
-                    dropped.append((link, eff.seq))
+                dst = owner[remote]
+                head = eff.head
+                seq = head.seq
+                t_head = ctx[2] if ctx is not None and ctx[0] == i and ctx[1] == seq else now
+                if drop_chunk(net.uplinks[i].free_at - now, eff.push):
+                    dropped.append((link, seq))
                     continue
                 arrival = net.send_chunk(i, dst, head.size, t_head, now)
                 metrics.bytes_sent(i, head.size, "media", 1 <= i <= self.channels, now=now)
                 if arrival is not None:
-                    sched.at(arrival[1], self._chunk_arrives, dst, remote, head, payload, eff.ok,
+                    sched.at(arrival[1], self._chunk_arrives, dst, remote, head, eff.payload, eff.ok,
                              arrival[0])
-            elif t is fx.ChunkBegin:
-                self._chunk_out[(eff.link, eff.head.seq)] = (eff.head, None, eff.push)
-            elif t is fx.ChunkBytes:
-                key = (eff.link, eff.seq)
-                pending = self._chunk_out.get(key)
-                if pending is not None:
-                    self._chunk_out[key] = (pending[0], eff.data, pending[2])
             elif t is fx.Send:
                 link = eff.link
                 remote = link ^ 1
@@ -350,12 +342,8 @@ class Simulation:
         if not self.alive[dst] or link not in self.owner:
             return
         node = self.nodes[dst]
-        now = self.sched.now
-        seq = head.seq
-        node.chunk_begin(link, head, now=now)
-        node.chunk_data(link, seq, payload, now=now)
-        self._ctx = (dst, seq, t_head)
-        node.chunk_end(link, seq, now=now, aborted=not ok)
+        self._ctx = (dst, head.seq, t_head)
+        node.chunk_received(link, head, payload, now=self.sched.now, aborted=not ok)
         self._pump(dst)
         self._ctx = None
 

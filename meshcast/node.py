@@ -118,6 +118,7 @@ class RelayNode(NodeBase):
         self.buffer: dict[int, tuple[m.ChunkHead, bytes]] = {}
         self.newest = -1
         self.bytes_up = 0
+        self.window = self._window()
 
     # -- configuration, once the channel is known --------------------------------------------
 
@@ -127,14 +128,16 @@ class RelayNode(NodeBase):
         self.substreams, self.chunk_ms, self.bitrate_kbps, self.mode = (
             substreams, chunk_ms, bitrate_kbps, mode)
         self._subscribers = [[] for _ in range(substreams)]
+        self.window = self._window()
 
     @property
     def slots(self) -> int:
         """Children (per sub-stream) this node's upload carries: the same rule as the tracker's."""
         return child_slots(self.upload_kbps, self.bitrate_kbps, self.substreams)
 
-    @property
-    def window(self) -> int:
+    def _window(self) -> int:
+        """Chunks kept for pulls (`buffer_s` worth, at least 8): the `window` attribute, set
+        whenever `chunk_ms` is, since the hot path reads it for every chunk."""
         return max(8, int(self.buffer_s * 1000 / self.chunk_ms))
 
     # -- links ---------------------------------------------------------------------------------
@@ -298,26 +301,27 @@ class RelayNode(NodeBase):
 
     def _store(self, head: m.ChunkHead, payload: bytes) -> None:
         seq = head.seq
-        self.buffer[seq] = (head, payload)
+        buffer = self.buffer
+        buffer[seq] = (head, payload)
         if seq > self.newest:
             self.newest = seq
             floor = seq - self.window
-            while self.buffer:
-                oldest = next(iter(self.buffer))
+            while buffer:
+                oldest = next(iter(buffer))
                 if oldest > floor:
                     break
-                del self.buffer[oldest]
+                del buffer[oldest]
 
     def _send_chunk(self, link: Link, seq: int, push: bool = True) -> None:
         head, payload = self.buffer[seq]
         self._out.append(SendChunk(link, head, payload, push))
         self.bytes_up += head.size
 
-    def _push_targets(self, seq: int) -> list[Link]:
-        """Children that get chunk `seq` pushed (sub-stream subscribers, relaying ones first)."""
-        lst = self._subscribers[seq % self.substreams]
+    def _push_targets(self, seq: int, but: Link | None = None) -> list[Link]:
+        """Children that get chunk `seq` pushed (sub-stream subscribers, relaying ones first),
+        except link `but`."""
         k = seq % self.substreams
-        return [c.link for c in lst if c.subs.get(k, -1) <= seq]
+        return [c.link for c in self._subscribers[k] if c.subs.get(k, -1) <= seq and c.link != but]
 
     def _start_haves(self, now: float) -> None:
         """Mesh mode: advertise have-maps to neighbours every other chunk period."""

@@ -403,7 +403,7 @@ class PeerNode(RelayNode):
         slot = self.primary[k] if self.primary else None
         if slot is not None and slot.ref.id == conn.node_id:
             self.last_rx[k] = now
-        return [t for t in self._push_targets(seq) if t != link]
+        return self._push_targets(seq, but=link)
 
     def _complete(self, link: Link, head: m.ChunkHead, payload: bytes, targets: list[Link],
                   conn: Conn, aborted: bool, now: float, whole: bool) -> None:
@@ -451,35 +451,38 @@ class PeerNode(RelayNode):
 
     def _accept(self, head: m.ChunkHead, payload: bytes, conn: Conn, now: float) -> None:
         seq = head.seq
-        k = seq % self.substreams
+        K = self.substreams
+        k = seq % K
         if conn.node_id == self.seed_id:
             self.bytes_from_seed += head.size
             self._from_seed.add(seq)
         else:
             self.bytes_from_peers += head.size
-        previous, previous_k = self.newest, self.newest_in[k]
+        newest_in = self.newest_in
+        previous, previous_k = self.newest, newest_in[k]
         self._store(head, payload)
-        self.gaps.pop(seq, None)
+        buffer, gaps, window = self.buffer, self.gaps, self.window
+        gaps.pop(seq, None)
         self.requested.pop(seq, None)
-        K, buffer, gaps = self.substreams, self.buffer, self.gaps
         if seq > previous_k:
-            self.newest_in[k] = seq
+            newest_in[k] = seq
             if previous_k >= 0:
                 # A parent pushes its sub-stream in order: what it skipped is lost, pull it now.
-                for s in range(max(previous_k + K, seq - self.window), seq, K):
+                for s in range(max(previous_k + K, seq - window), seq, K):
                     if s not in buffer:
                         gaps[s] = now
         if previous >= 0 and seq > previous + 1:
             # Other sub-streams' chunks may just be slower: pull them only near their deadline...
-            for s in range(max(previous + 1, seq - self.window), seq):
+            for s in range(max(previous + 1, seq - window), seq):
                 if s not in buffer and s not in gaps:
                     gaps[s] = math.inf
         # ...unless the stream has moved on two whole rounds without them: their sub-stream's
         # path is broken upstream (a relay above our parent died), pull them now.
-        overdue = seq - LOSS_ROUNDS * K
-        for s, due in gaps.items():
-            if due == math.inf and s <= overdue:
-                gaps[s] = now
+        if gaps:
+            overdue = seq - LOSS_ROUNDS * K
+            for s, due in gaps.items():
+                if due == math.inf and s <= overdue:
+                    gaps[s] = now
         if self.play_next is None:
             self._lat[k] = now - head.ts
             if head.rap and self._start_rap is None:
@@ -520,15 +523,17 @@ class PeerNode(RelayNode):
         return self.play_t0 + (seq - self.play_s0) * self.chunk_s + self.playout_delay
 
     def _release(self, now: float) -> None:
-        out = self._out
-        while self.play_next is not None:
-            seq = self.play_next
-            entry = self.buffer.get(seq)
+        seq = self.play_next
+        if seq is None:
+            return
+        out, buffer, from_seed_set = self._out, self.buffer, self._from_seed
+        while True:
+            entry = buffer.get(seq)
             if entry is not None:
                 head, payload = entry
-                from_seed = seq in self._from_seed
+                from_seed = seq in from_seed_set
                 if from_seed:
-                    self._from_seed.discard(seq)
+                    from_seed_set.discard(seq)
                 out.append(Deliver(head, payload, now - head.ts, from_seed))
                 self.delivered += 1
             elif seq > self.newest:
@@ -536,13 +541,14 @@ class PeerNode(RelayNode):
             elif now >= self.deadline(seq):
                 out.append(Skip(seq))
                 self.skipped += 1
-                self._from_seed.discard(seq)
+                from_seed_set.discard(seq)
                 self.gaps.pop(seq, None)
                 self.requested.pop(seq, None)
             else:
                 self._set_timer("play", self.deadline(seq))
                 break
-            self.play_next = seq + 1
+            seq += 1
+        self.play_next = seq
 
     # -- repair --------------------------------------------------------------------------------
 
@@ -554,10 +560,22 @@ class PeerNode(RelayNode):
         return min(explicit, self.deadline(seq) - self.playout_delay * REPAIR_MARGIN)
 
     def _schedule_repair(self, now: float) -> None:
-        if self.mode != "tree" or not self.gaps:
+        gaps = self.gaps
+        if not gaps or self.mode != "tree":
             return
-        due = min((self._due(seq, t) for seq, t in self.gaps.items()
-                   if seq not in self.requested and seq not in self.receiving), default=math.inf)
+        # Deadlines grow with seq, so the earliest due time is the earliest explicit one or the
+        # lowest seq's deadline-based one.
+        requested, receiving = self.requested, self.receiving
+        explicit, first = math.inf, None
+        for seq, t in gaps.items():
+            if seq not in requested and seq not in receiving:
+                if t < explicit:
+                    explicit = t
+                if first is None or seq < first:
+                    first = seq
+        if first is None:
+            return
+        due = self._due(first, explicit)
         if due < math.inf:
             self._set_timer("repair", max(due, now + 0.05))
 

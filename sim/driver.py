@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import random
+from array import array
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,11 +125,12 @@ class Simulation:
         chunk_bytes = int(sc.stream.bitrate_kbps * sc.stream.chunk_ms / 8)
         self.payload = bytes(chunk_bytes)
         self.rap_every = max(1, round(sc.stream.gop_ms / sc.stream.chunk_ms))
-        self.joined: dict[int, float] = {}
+        self.joined = array("d", [math.nan]) * n
         self.peer_rng = random.Random(self.rng.random())
         """One generator for all peers: a Mersenne Twister is 2.5 KB, and one timeline keeps
         the draws in a deterministic order anyway."""
-        self.started: set[int] = set()
+        self.started = bytearray(n)
+        """1 once a peer has played its first chunk."""
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -231,9 +233,11 @@ class Simulation:
 
     def _apply(self, i: int, effects: list[fx.Effect]) -> None:
         now = self.sched.now
-        net, sched, metrics = self.net, self.sched, self.metrics
+        net, sched, metrics, owner = self.net, self.sched, self.metrics, self.owner
+        by_seed = 1 <= i <= self.channels
+        # A chunk this node is relaying right now leaves from when its head arrived (cut-through).
         ctx = self._ctx
-        owner = self.owner
+        ctx_seq, ctx_head = (ctx[1], ctx[2]) if ctx is not None and ctx[0] == i else (-1, now)
         dropped = []
         for eff in effects:
             t = type(eff)
@@ -242,33 +246,31 @@ class Simulation:
                 remote = link ^ 1
                 if link not in owner or remote not in owner:
                     continue
-                dst = owner[remote]
                 head = eff.head
-                seq = head.seq
-                t_head = ctx[2] if ctx is not None and ctx[0] == i and ctx[1] == seq else now
+                seq, size = head.seq, head.size
                 if drop_chunk(net.uplinks[i].free_at - now, eff.push):
                     dropped.append((link, seq))
                     continue
-                arrival = net.send_chunk(i, dst, head.size, t_head, now)
-                metrics.bytes_sent(i, head.size, "media", 1 <= i <= self.channels, now=now)
+                dst = owner[remote]
+                arrival = net.send_chunk(i, dst, size, ctx_head if seq == ctx_seq else now, now)
+                metrics.bytes_sent(i, size, "media", by_seed, now=now)
                 if arrival is not None:
                     sched.at(arrival[1], self._chunk_arrives, dst, remote, head, eff.payload, eff.ok,
                              arrival[0])
+            elif t is fx.Deliver:
+                seq = eff.head.seq
+                if not self.started[i]:
+                    self.started[i] = 1
+                    metrics.startup(i, now - self.joined[i])
+                metrics.chunk_verified(i, seq, eff.latency, now <= self.nodes[i].deadline(seq) + 1e-9,
+                                       not eff.from_seed, eff.head.size, now=now)
             elif t is fx.Send:
                 link = eff.link
                 remote = link ^ 1
-                if link in self.owner and remote in self.owner:
-                    dst = self.owner[remote]
-                    metrics.bytes_sent(i, _control_size(eff.msg), "control", 1 <= i <= self.channels, now=now)
+                if link in owner and remote in owner:
+                    dst = owner[remote]
+                    metrics.bytes_sent(i, _control_size(eff.msg), "control", by_seed, now=now)
                     sched.at(net.send_control(i, dst, now), self._message, dst, remote, eff.msg)
-            elif t is fx.Deliver:
-                node = self.nodes[i]
-                seq = eff.head.seq
-                if i not in self.started:
-                    self.started.add(i)
-                    metrics.startup(i, now - self.joined[i])
-                metrics.chunk_verified(i, seq, eff.latency, now <= node.deadline(seq) + 1e-9,
-                                       not eff.from_seed, eff.head.size, now=now)
             elif t is fx.Skip:
                 metrics.chunk_missed(i, eff.seq, now=now)
             elif t is fx.Open:
@@ -276,9 +278,9 @@ class Simulation:
             elif t is fx.Close:
                 link = eff.link
                 remote = link ^ 1
-                self.owner.pop(link, None)
-                if remote in self.owner:
-                    dst = self.owner[remote]
+                owner.pop(link, None)
+                if remote in owner:
+                    dst = owner[remote]
                     sched.at(net.send_control(i, dst, now), self._closed, remote, eff.reason)
         if dropped:
             node = self.nodes[i]

@@ -76,6 +76,13 @@ class Rx:
 class PeerNode(RelayNode):
     """A viewer peer (and relay)."""
 
+    __slots__ = ("rng", "tracker", "address", "coords", "pinned_key", "playout_delay",
+                 "tracker_link", "rejected", "leaving", "joined_at", "primary", "backup", "relays",
+                 "last_rx", "newest_in", "peer_links", "opening", "neighbours", "seed_id",
+                 "blocked", "rx", "receiving", "gaps", "requested", "_from_seed", "_start_rap",
+                 "_lat", "play_next", "play_s0", "play_t0", "delivered", "skipped",
+                 "bytes_from_seed", "bytes_from_peers", "forged", "first_play")
+
     def __init__(self, *, channel: str, crypto: Crypto, rng: random.Random, tracker: str,
                  address: str = "", upload_kbps: int = 0, coords: tuple[float, ...] = (),
                  public_key: bytes | None = None, playout_delay: float = 0.5,
@@ -119,10 +126,6 @@ class PeerNode(RelayNode):
         self.bytes_from_peers = 0
         self.forged = 0
         self.first_play: float | None = None
-
-    @property
-    def chunk_s(self) -> float:
-        return self.chunk_ms / 1000
 
     @property
     def stall_timeout(self) -> float:

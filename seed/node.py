@@ -24,6 +24,8 @@ RECONNECT_S = 2.0
 class SeedNode(RelayNode):
     """Signs and pushes one channel's chunks."""
 
+    __slots__ = ("key", "tracker", "address", "next_seq", "tracker_link", "rejected", "chunks_sent")
+
     def __init__(self, *, channel: str, key: Any, crypto: Crypto, tracker: str, address: str,
                  upload_kbps: int, bitrate_kbps: int, substreams: int = 4, chunk_ms: int = 200,
                  buffer_s: float = 10.0) -> None:

@@ -16,11 +16,21 @@ queued.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from meshcast.messages import ChunkHead, Message
 
 Link = int
+
+
+class Chunk(NamedTuple):
+    """A whole chunk as a node keeps it (`RelayNode.buffer`) and sends it (`SendChunk`).
+
+    Immutable, so a relay passes on the very object it received: a simulated swarm then holds
+    each chunk once, not once per peer."""
+
+    head: ChunkHead
+    payload: bytes
 
 
 @dataclass(slots=True)
@@ -81,8 +91,7 @@ class SendChunk:
     """Send a whole chunk on a stream of its own: `ChunkBegin` + `ChunkBytes` + `ChunkEnd` in one."""
 
     link: Link
-    head: ChunkHead
-    payload: bytes
+    chunk: Chunk
     push: bool = True
     """As `ChunkBegin.push`."""
     ok: bool = True

@@ -20,7 +20,7 @@ from typing import Any
 
 from meshcast import messages as m
 from meshcast.crypto import Crypto
-from meshcast.effects import Close, Effect, Link, Notice, Send, SendChunk
+from meshcast.effects import Chunk, Close, Effect, Link, Notice, Send, SendChunk
 from meshcast.errors import LocalProtocolError, RemoteProtocolError
 from meshcast.policy import child_slots, handoff_slack
 
@@ -125,7 +125,7 @@ class RelayNode(NodeBase):
         self.mode = "tree"
         self.conns: dict[Link, Conn] = {}
         self._subscribers: list[list[Conn]] = []
-        self.buffer: dict[int, tuple[m.ChunkHead, bytes]] = {}
+        self.buffer: dict[int, Chunk] = {}
         self.newest = -1
         self.bytes_up = 0
         self.window = self._window()
@@ -310,10 +310,10 @@ class RelayNode(NodeBase):
 
     # -- chunks out ----------------------------------------------------------------------------
 
-    def _store(self, head: m.ChunkHead, payload: bytes) -> None:
-        seq = head.seq
+    def _store(self, chunk: Chunk) -> None:
+        seq = chunk.head.seq
         buffer = self.buffer
-        buffer[seq] = (head, payload)
+        buffer[seq] = chunk
         if seq > self.newest:
             self.newest = seq
             floor = seq - self.window
@@ -324,9 +324,9 @@ class RelayNode(NodeBase):
                 del buffer[oldest]
 
     def _send_chunk(self, link: Link, seq: int, push: bool = True) -> None:
-        head, payload = self.buffer[seq]
-        self._out.append(SendChunk(link, head, payload, push))
-        self.bytes_up += head.size
+        chunk = self.buffer[seq]
+        self._out.append(SendChunk(link, chunk, push))
+        self.bytes_up += chunk.head.size
 
     def _push_targets(self, seq: int, but: Link | None = None) -> list[Link]:
         """Children that get chunk `seq` pushed (sub-stream subscribers, relaying ones first),

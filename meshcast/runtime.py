@@ -235,10 +235,11 @@ class NodeRunner:
             self._chunk_end(eff.link, eff.seq, eff.ok)
             return None
         if t is fx.SendChunk:
-            dropped = self._chunk_begin(eff.link, eff.head, eff.push)
+            head, payload = eff.chunk
+            dropped = self._chunk_begin(eff.link, head, eff.push)
             if dropped is None:
-                self._chunk_bytes(eff.link, eff.head.seq, eff.payload)
-                self._chunk_end(eff.link, eff.head.seq, eff.ok)
+                self._chunk_bytes(eff.link, head.seq, payload)
+                self._chunk_end(eff.link, head.seq, eff.ok)
             return dropped
         if t is fx.Send:
             qlink = self.links.get(eff.link)

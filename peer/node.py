@@ -25,8 +25,8 @@ from typing import Any
 
 from meshcast import messages as m
 from meshcast.crypto import Crypto
-from meshcast.effects import (ChunkBegin, ChunkBytes, ChunkEnd, Deliver, Link, Notice, Open, Send,
-                              SendChunk, Skip)
+from meshcast.effects import (Chunk, ChunkBegin, ChunkBytes, ChunkEnd, Deliver, Link, Notice, Open,
+                              Send, SendChunk, Skip)
 from meshcast.errors import RemoteProtocolError
 from meshcast.node import Conn, RelayNode
 from meshcast.policy import MAX_BACKLOG_S
@@ -192,7 +192,7 @@ class PeerNode(RelayNode):
             rx = self.rx.pop(key)
             if rx is not None:
                 self.receiving.pop(key[1], None)
-                self._end_targets(rx.targets, rx.head, None, False)
+                self._end_targets(rx.targets, key[1], False)
         self._peer_gone(conn.node_id, now, reason)
 
     def _peer_gone(self, node_id: int, now: float, reason: str) -> None:
@@ -365,12 +365,12 @@ class PeerNode(RelayNode):
             return
         del self.receiving[seq]
         payload = rx.parts[0] if len(rx.parts) == 1 else b"".join(rx.parts)
-        self._complete(link, rx.head, payload, rx.targets, rx.conn, aborted, now, False)
+        self._complete(link, Chunk(rx.head, payload), rx.targets, rx.conn, aborted, now, False)
 
-    def chunk_received(self, link: Link, head: m.ChunkHead, payload: bytes, *, now: float,
-                       aborted: bool = False) -> None:
+    def chunk_received(self, link: Link, chunk: Chunk, *, now: float, aborted: bool = False) -> None:
         """A whole chunk arrived on `link` at once: `chunk_begin`, `chunk_data` and `chunk_end`
         back to back, except that each child gets one `SendChunk` (the simulator's fast path)."""
+        head, payload = chunk
         conn = self._chunk_conn(link, head, now)
         if conn is None:
             return
@@ -382,7 +382,7 @@ class PeerNode(RelayNode):
                 f"chunk {head.seq} longer than its declared {head.size} bytes"), now=now)
             return
         self.bytes_up += len(payload) * len(targets)
-        self._complete(link, head, payload, targets, conn, aborted, now, True)
+        self._complete(link, chunk, targets, conn, aborted, now, True)
 
     def _chunk_conn(self, link: Link, head: m.ChunkHead, now: float) -> Conn | None:
         """The link's `Conn` if a chunk may start on it; a bad head is a protocol error (None)."""
@@ -408,38 +408,38 @@ class PeerNode(RelayNode):
             self.last_rx[k] = now
         return self._push_targets(seq, but=link)
 
-    def _complete(self, link: Link, head: m.ChunkHead, payload: bytes, targets: list[Link],
-                  conn: Conn, aborted: bool, now: float, whole: bool) -> None:
+    def _complete(self, link: Link, chunk: Chunk, targets: list[Link], conn: Conn, aborted: bool,
+                  now: float, whole: bool) -> None:
         """All of a chunk is here (or the sender aborted it): finish it for the children, then
         verify, keep and play it. `whole`: the children get it as one `SendChunk` each."""
+        head, payload = chunk
         seq = head.seq
-        end = payload if whole else None
+        end = chunk if whole else None
         if aborted:
-            self._end_targets(targets, head, end, False)
+            self._end_targets(targets, seq, False, end)
             self._note_gap(seq, now)
             return
         if len(payload) != head.size:
-            self._end_targets(targets, head, end, False)
+            self._end_targets(targets, seq, False, end)
             self.protocol_error(link, RemoteProtocolError(
                 f"chunk {seq} ended after {len(payload)} of {head.size} bytes"), now=now)
             return
         if not self.crypto.verify_chunk(self.public_key, head, payload):
-            self._end_targets(targets, head, end, False)
+            self._end_targets(targets, seq, False, end)
             self._forged(conn, seq, now)
             return
-        self._end_targets(targets, head, end, True)
-        self._accept(head, payload, conn, now)
+        self._end_targets(targets, seq, True, end)
+        self._accept(chunk, conn, now)
 
-    def _end_targets(self, targets: list[Link], head: m.ChunkHead, payload: bytes | None,
-                     ok: bool) -> None:
-        """End the chunk's streams to `targets` (`ChunkEnd`), or send it whole if `payload`."""
-        out, seq = self._out, head.seq
-        if payload is None:
+    def _end_targets(self, targets: list[Link], seq: int, ok: bool, chunk: Chunk | None = None) -> None:
+        """End chunk `seq`'s streams to `targets` (`ChunkEnd`), or send it whole if `chunk`."""
+        out = self._out
+        if chunk is None:
             for t in targets:
                 out.append(ChunkEnd(t, seq, ok))
         else:
             for t in targets:
-                out.append(SendChunk(t, head, payload, True, ok))
+                out.append(SendChunk(t, chunk, True, ok))
 
     def _forged(self, conn: Conn, seq: int, now: float) -> None:
         self.forged += 1
@@ -452,7 +452,8 @@ class PeerNode(RelayNode):
         self._close(conn.link, f"forged chunk {seq}", now)
         self._note_gap(seq, now)
 
-    def _accept(self, head: m.ChunkHead, payload: bytes, conn: Conn, now: float) -> None:
+    def _accept(self, chunk: Chunk, conn: Conn, now: float) -> None:
+        head = chunk.head
         seq = head.seq
         K = self.substreams
         k = seq % K
@@ -463,7 +464,7 @@ class PeerNode(RelayNode):
             self.bytes_from_peers += head.size
         newest_in = self.newest_in
         previous, previous_k = self.newest, newest_in[k]
-        self._store(head, payload)
+        self._store(chunk)
         buffer, gaps, window = self.buffer, self.gaps, self.window
         gaps.pop(seq, None)
         self.requested.pop(seq, None)

@@ -246,7 +246,8 @@ class Simulation:
                 remote = link ^ 1
                 if link not in owner or remote not in owner:
                     continue
-                head = eff.head
+                chunk = eff.chunk
+                head = chunk.head
                 seq, size = head.seq, head.size
                 if drop_chunk(net.uplinks[i].free_at - now, eff.push):
                     dropped.append((link, seq))
@@ -255,8 +256,7 @@ class Simulation:
                 arrival = net.send_chunk(i, dst, size, ctx_head if seq == ctx_seq else now, now)
                 metrics.bytes_sent(i, size, "media", by_seed, now=now)
                 if arrival is not None:
-                    sched.at(arrival[1], self._chunk_arrives, dst, remote, head, eff.payload, eff.ok,
-                             arrival[0])
+                    sched.at(arrival[1], self._chunk_arrives, dst, remote, chunk, eff.ok, arrival[0])
             elif t is fx.Deliver:
                 seq = eff.head.seq
                 if not self.started[i]:
@@ -339,13 +339,12 @@ class Simulation:
         node = self.nodes[dst]
         self._call(dst, lambda now: node.link_closed(link, now=now, reason=reason))
 
-    def _chunk_arrives(self, dst: int, link: int, head: m.ChunkHead, payload: bytes, ok: bool,
-                       t_head: float) -> None:
+    def _chunk_arrives(self, dst: int, link: int, chunk: fx.Chunk, ok: bool, t_head: float) -> None:
         if not self.alive[dst] or link not in self.owner:
             return
         node = self.nodes[dst]
-        self._ctx = (dst, head.seq, t_head)
-        node.chunk_received(link, head, payload, now=self.sched.now, aborted=not ok)
+        self._ctx = (dst, chunk.head.seq, t_head)
+        node.chunk_received(link, chunk, now=self.sched.now, aborted=not ok)
         self._pump(dst)
         self._ctx = None
 

@@ -121,8 +121,9 @@ class Wiring:
         elif t is fx.ChunkEnd:
             peer.chunk_end(plink, eff.seq, now=now, aborted=not eff.ok)
         elif t is fx.SendChunk:  # a receiver sees a stream, however the sender queued it
-            seq = eff.head.seq
-            data = self.tamper[node](eff.payload) if node in self.tamper else eff.payload
-            peer.chunk_begin(plink, wire.decode(wire.encode(eff.head)), now=now)
+            head, payload = eff.chunk
+            seq = head.seq
+            data = self.tamper[node](payload) if node in self.tamper else payload
+            peer.chunk_begin(plink, wire.decode(wire.encode(head)), now=now)
             peer.chunk_data(plink, seq, data, now=now)
             peer.chunk_end(plink, seq, now=now, aborted=not eff.ok)

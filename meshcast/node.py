@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Hashable
-from typing import Any
+from types import MappingProxyType
+from typing import Any, cast
 
 from meshcast import messages as m
 from meshcast.crypto import Crypto
@@ -79,6 +80,11 @@ class NodeBase:
         raise LocalProtocolError(f"{type(self).__name__} has no timer {key!r}")
 
 
+NO_SUBS = cast("dict[int, int]", MappingProxyType({}))
+"""The subscriptions of a link that has none: shared and read-only (writing to it raises), so a
+link gets a dict of its own only when it first subscribes."""
+
+
 class Conn:
     """One link as a relay sees it."""
 
@@ -91,8 +97,9 @@ class Conn:
         self.node_id = m.NO_PEER
         self.authorized = False
         """The remote showed a valid token naming us (it may pull and subscribe)."""
-        self.subs: dict[int, int] = {}
-        """Sub-streams this remote subscribed to → first seq wanted."""
+        self.subs: dict[int, int] = NO_SUBS
+        """Sub-streams this remote subscribed to → first seq wanted (most links, the tracker's
+        and our parents', never have one)."""
         self.relays = 0
         """Bit k set: the remote relays sub-stream k further (it is sent to first)."""
         self.have: tuple[int, int] | None = None
@@ -178,7 +185,7 @@ class RelayNode(NodeBase):
             lst = self._subscribers[k]
             if conn in lst:
                 lst.remove(conn)
-        conn.subs.clear()
+        conn.subs = NO_SUBS
 
     def protocol_error(self, link: Link, error: RemoteProtocolError, *, now: float) -> None:
         """The driver could not decode what `link` sent: close it with the reason, keep going."""
@@ -269,6 +276,8 @@ class RelayNode(NodeBase):
                 lst.insert(i, conn)
             else:
                 lst.append(conn)
+        if conn.subs is NO_SUBS:
+            conn.subs = {}
         conn.subs[k] = msg.from_seq
         if msg.from_seq >= 0:  # catch-up: send what we hold of this sub-stream from from_seq
             for seq in sorted(self.buffer):
@@ -276,7 +285,8 @@ class RelayNode(NodeBase):
                     self._send_chunk(conn.link, seq)
 
     def _drop_sub(self, conn: Conn, k: int) -> None:
-        if conn.subs.pop(k, None) is not None:
+        if k in conn.subs:
+            del conn.subs[k]
             self._subscribers[k].remove(conn)
         conn.relays &= ~(1 << k)
 

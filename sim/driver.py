@@ -118,8 +118,12 @@ class Simulation:
         self.nodes: list[Any] = [None] * n
         self.alive = bytearray(n)
         self.timer_at = [math.inf] * n
-        self.owner: dict[int, int] = {}
-        self._next_link = 2
+        self.owner = array("i", [-1, -1])
+        """Link → the node at that end, -1 once closed (links are indexes, from 2 on)."""
+        self.accepted = array("q", [0, 0])
+        """Link → when its end was registered (a counter): a dead node's links close in that
+        order."""
+        self._registered = 0
         self._ctx: tuple[int, int, float] | None = None
         """(node, seq, head arrival) while a relay reacts to a chunk it just received."""
         chunk_bytes = int(sc.stream.bitrate_kbps * sc.stream.chunk_ms / 8)
@@ -200,12 +204,24 @@ class Simulation:
         # kill -9: nothing is sent; every remote end notices only at its idle time-out.
         self.alive[i] = 0
         node.drain()
-        for link, owner in list(self.owner.items()):
-            if owner == i:
-                remote = link ^ 1
-                del self.owner[link]
-                if remote in self.owner:
-                    self.sched.after(IDLE_TIMEOUT, self._closed, remote, "idle timeout")
+        owner = self.owner
+        for link in self._links_of(i):
+            owner[link] = -1
+            if owner[link ^ 1] >= 0:
+                self.sched.after(IDLE_TIMEOUT, self._closed, link ^ 1, "idle timeout")
+
+    def _links_of(self, i: int) -> list[int]:
+        """Node i's open links, in the order they were registered."""
+        owner, links, at = self.owner, [], 0
+        while True:
+            try:
+                at = owner.index(i, at)
+            except ValueError:
+                break
+            links.append(at)
+            at += 1
+        links.sort(key=self.accepted.__getitem__)
+        return links
 
     # -- pumping -------------------------------------------------------------------------------
 
@@ -244,7 +260,8 @@ class Simulation:
             if t is fx.SendChunk:
                 link = eff.link
                 remote = link ^ 1
-                if link not in owner or remote not in owner:
+                dst = owner[remote]
+                if owner[link] < 0 or dst < 0:
                     continue
                 chunk = eff.chunk
                 head = chunk.head
@@ -252,7 +269,6 @@ class Simulation:
                 if drop_chunk(net.uplinks[i].free_at - now, eff.push):
                     dropped.append((link, seq))
                     continue
-                dst = owner[remote]
                 arrival = net.send_chunk(i, dst, size, ctx_head if seq == ctx_seq else now, now)
                 metrics.bytes_sent(i, size, "media", by_seed, now=now)
                 if arrival is not None:
@@ -267,8 +283,8 @@ class Simulation:
             elif t is fx.Send:
                 link = eff.link
                 remote = link ^ 1
-                if link in owner and remote in owner:
-                    dst = owner[remote]
+                dst = owner[remote]
+                if owner[link] >= 0 and dst >= 0:
                     metrics.bytes_sent(i, _control_size(eff.msg), "control", by_seed, now=now)
                     sched.at(net.send_control(i, dst, now), self._message, dst, remote, eff.msg)
             elif t is fx.Skip:
@@ -278,9 +294,9 @@ class Simulation:
             elif t is fx.Close:
                 link = eff.link
                 remote = link ^ 1
-                owner.pop(link, None)
-                if remote in owner:
-                    dst = owner[remote]
+                owner[link] = -1
+                dst = owner[remote]
+                if dst >= 0:
                     sched.at(net.send_control(i, dst, now), self._closed, remote, eff.reason)
         if dropped:
             node = self.nodes[i]
@@ -296,9 +312,11 @@ class Simulation:
         if not 0 <= dst < self.n or not self.alive[dst]:
             self.sched.at(now + CONNECT_TIMEOUT, self._open_failed, i, ref)
             return
-        a = self._next_link
-        self._next_link += 2
+        owner = self.owner
+        a = len(owner)
         b = a ^ 1
+        owner.extend((-1, -1))
+        self.accepted.extend((0, 0))
         one_way = self.net.latency.one_way(i, dst)
         self.sched.at(now + one_way, self._accepted, dst, b, a, i)
         self.sched.at(now + 2 * one_way, self._opened, i, a, ref)
@@ -306,8 +324,10 @@ class Simulation:
     def _accepted(self, dst: int, link: int, remote: int, src: int) -> None:
         if not self.alive[dst] or not self.alive[src]:
             return
-        self.owner[link] = dst
-        self.owner[remote] = src
+        owner, accepted, n = self.owner, self.accepted, self._registered
+        owner[link], owner[remote] = dst, src
+        accepted[link], accepted[remote] = n, n + 1
+        self._registered = n + 2
         node = self.nodes[dst]
         self._call(dst, lambda now: node.link_opened(link, now=now))
 
@@ -315,7 +335,7 @@ class Simulation:
         if not self.alive[i]:
             return
         node = self.nodes[i]
-        if link not in self.owner:  # the other end died during the handshake
+        if self.owner[link] < 0:  # the other end died during the handshake
             self._call(i, lambda now: node.open_failed(ref, now=now, reason="connection refused"))
             return
         self._call(i, lambda now: node.link_opened(link, now=now, ref=ref))
@@ -326,21 +346,22 @@ class Simulation:
             self._call(i, lambda now: node.open_failed(ref, now=now, reason="no answer"))
 
     def _message(self, dst: int, link: int, msg: m.Message) -> None:
-        if not self.alive[dst] or link not in self.owner:
+        if not self.alive[dst] or self.owner[link] < 0:
             return
         node = self.nodes[dst]
         node.handle(link, msg, now=self.sched.now)
         self._pump(dst)
 
     def _closed(self, link: int, reason: str) -> None:
-        dst = self.owner.pop(link, None)
-        if dst is None or not self.alive[dst]:
+        dst = self.owner[link]
+        self.owner[link] = -1
+        if dst < 0 or not self.alive[dst]:
             return
         node = self.nodes[dst]
         self._call(dst, lambda now: node.link_closed(link, now=now, reason=reason))
 
     def _chunk_arrives(self, dst: int, link: int, chunk: fx.Chunk, ok: bool, t_head: float) -> None:
-        if not self.alive[dst] or link not in self.owner:
+        if not self.alive[dst] or self.owner[link] < 0:
             return
         node = self.nodes[dst]
         self._ctx = (dst, chunk.head.seq, t_head)

@@ -217,7 +217,8 @@ class _ProbeSimulation(Simulation):
     def _chunk_arrives(self, dst: int, link: int, chunk: Any, ok: bool, t_head: float) -> None:
         super()._chunk_arrives(dst, link, chunk, ok, t_head)
         if self.alive[dst]:
-            _note_arrival(self.nodes[dst], dst, chunk.head.seq, self.sched.now, self.figures.arrival)
+            _note_arrival(self.nodes[dst], dst, chunk.head.seq, self.sched.now,
+                          self.figures.arrival)
 
 
 def run_sim(scenario: Scenario) -> Figures:

@@ -88,7 +88,7 @@ class ChunkEnd:
 
 @dataclass(slots=True)
 class SendChunk:
-    """Send a whole chunk on a stream of its own: `ChunkBegin` + `ChunkBytes` + `ChunkEnd` in one."""
+    """Send a whole chunk on a stream of its own: `ChunkBegin`, `ChunkBytes`, `ChunkEnd` in one."""
 
     link: Link
     chunk: Chunk

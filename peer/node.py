@@ -396,7 +396,8 @@ class PeerNode(RelayNode):
             return None
         return conn
 
-    def _relay_targets(self, conn: Conn, link: Link, head: m.ChunkHead, now: float) -> list[Link] | None:
+    def _relay_targets(self, conn: Conn, link: Link, head: m.ChunkHead,
+                       now: float) -> list[Link] | None:
         """The children a new chunk goes on to; None if we have it, are receiving it or it is
         too late (its bytes are ignored)."""
         seq = head.seq
@@ -432,7 +433,8 @@ class PeerNode(RelayNode):
         self._end_targets(targets, seq, True, end)
         self._accept(chunk, conn, now)
 
-    def _end_targets(self, targets: list[Link], seq: int, ok: bool, chunk: Chunk | None = None) -> None:
+    def _end_targets(self, targets: list[Link], seq: int, ok: bool,
+                     chunk: Chunk | None = None) -> None:
         """End chunk `seq`'s streams to `targets` (`ChunkEnd`), or send it whole if `chunk`."""
         out = self._out
         if chunk is None:

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import math
 import random
-from array import array
 import time
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -120,7 +120,7 @@ class Simulation:
         self.timer_at = [math.inf] * n
         self.owner = array("i", [-1, -1])
         """Link → the node at that end, -1 once closed (links are indexes, from 2 on)."""
-        self.accepted = array("q", [0, 0])
+        self.link_order = array("q", [0, 0])
         """Link → when its end was registered (a counter): a dead node's links close in that
         order."""
         self._registered = 0
@@ -220,7 +220,7 @@ class Simulation:
                 break
             links.append(at)
             at += 1
-        links.sort(key=self.accepted.__getitem__)
+        links.sort(key=self.link_order.__getitem__)
         return links
 
     # -- pumping -------------------------------------------------------------------------------
@@ -272,14 +272,16 @@ class Simulation:
                 arrival = net.send_chunk(i, dst, size, ctx_head if seq == ctx_seq else now, now)
                 metrics.bytes_sent(i, size, "media", by_seed, now=now)
                 if arrival is not None:
-                    sched.at(arrival[1], self._chunk_arrives, dst, remote, chunk, eff.ok, arrival[0])
+                    sched.at(arrival[1], self._chunk_arrives, dst, remote, chunk, eff.ok,
+                             arrival[0])
             elif t is fx.Deliver:
                 seq = eff.head.seq
                 if not self.started[i]:
                     self.started[i] = 1
                     metrics.startup(i, now - self.joined[i])
-                metrics.chunk_verified(i, seq, eff.latency, now <= self.nodes[i].deadline(seq) + 1e-9,
-                                       not eff.from_seed, eff.head.size, now=now)
+                on_time = now <= self.nodes[i].deadline(seq) + 1e-9
+                metrics.chunk_verified(i, seq, eff.latency, on_time, not eff.from_seed,
+                                       eff.head.size, now=now)
             elif t is fx.Send:
                 link = eff.link
                 remote = link ^ 1
@@ -316,7 +318,7 @@ class Simulation:
         a = len(owner)
         b = a ^ 1
         owner.extend((-1, -1))
-        self.accepted.extend((0, 0))
+        self.link_order.extend((0, 0))
         one_way = self.net.latency.one_way(i, dst)
         self.sched.at(now + one_way, self._accepted, dst, b, a, i)
         self.sched.at(now + 2 * one_way, self._opened, i, a, ref)
@@ -324,9 +326,9 @@ class Simulation:
     def _accepted(self, dst: int, link: int, remote: int, src: int) -> None:
         if not self.alive[dst] or not self.alive[src]:
             return
-        owner, accepted, n = self.owner, self.accepted, self._registered
+        owner, order, n = self.owner, self.link_order, self._registered
         owner[link], owner[remote] = dst, src
-        accepted[link], accepted[remote] = n, n + 1
+        order[link], order[remote] = n, n + 1
         self._registered = n + 2
         node = self.nodes[dst]
         self._call(dst, lambda now: node.link_opened(link, now=now))

@@ -23,7 +23,8 @@ def payload(seq: int, size: int = 3000) -> bytes:
 
 
 def build(n_peers: int, *, seed_kbps: int = 4000, peer_kbps: int = 3000, strategy: str = "tree",
-          rng_seed: int = 1, whole: bool = False) -> tuple[Wiring, TrackerNode, SeedNode, list[PeerNode]]:
+          rng_seed: int = 1,
+          whole: bool = False) -> tuple[Wiring, TrackerNode, SeedNode, list[PeerNode]]:
     crypto = Crypto()
     w = Wiring(whole=whole)
     tracker = w.add("tracker", TrackerNode(key=SigningKey(), crypto=crypto,

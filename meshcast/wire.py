@@ -187,9 +187,17 @@ def encode(msg: m.Message) -> bytes:
 
 def frame_size(msg: m.Message) -> int:
     """Bytes `frame(msg)` takes, without the checks `encode` makes (for accounting: the simulator
-    counts control bytes for messages the nodes built, which are valid by construction)."""
-    return 4 + len(msgpack.packb([m.PROTOCOL_VERSION, SCHEMA[type(msg)][0], *_flatten(msg)],
-                                 use_bin_type=True))
+    counts control bytes for messages the nodes built, which are valid by construction).
+
+    msgpack packs tuples as arrays and asks `_fields` for nested messages, so nothing is
+    flattened in Python: the same bytes as `encode`'s."""
+    t = type(msg)
+    return 4 + len(msgpack.packb([m.PROTOCOL_VERSION, SCHEMA[t][0], *_VALUES[t](msg)],
+                                 use_bin_type=True, default=_fields))
+
+
+def _fields(obj: Any) -> tuple[Any, ...]:
+    return _VALUES[type(obj)](obj)
 
 
 def decode(data: bytes) -> m.Message:

@@ -187,17 +187,26 @@ class _Probe(MetricsCollector):
         self.figures.skipped += 1
 
 
-def _record_arrivals(node: PeerNode, index: int, arrival: dict[tuple[int, int], float]) -> None:
-    """Wrap this node's `chunk_end` to note when each chunk was first complete and verified."""
-    chunk_end = node.chunk_end
+def _note_arrival(node: PeerNode, index: int, seq: int, now: float,
+                  arrival: dict[tuple[int, int], float]) -> None:
+    """Note when chunk `seq` was first complete and verified at peer `index`."""
+    entry = node.buffer.get(seq)
+    if entry is not None and (index, seq) not in arrival:
+        arrival[(index, seq)] = now - entry[0].ts
 
-    def wrapped(link: int, seq: int, *, now: float, aborted: bool = False) -> None:
-        chunk_end(link, seq, now=now, aborted=aborted)
-        entry = node.buffer.get(seq)
-        if entry is not None and (index, seq) not in arrival:
-            arrival[(index, seq)] = now - entry[0].ts
 
-    node.chunk_end = wrapped
+class _ArrivalPeer(PeerNode):
+    """A runtime peer that notes its chunk arrivals (`_note_arrival`)."""
+
+    __slots__ = ("index", "arrival")
+
+    def __init__(self, index: int, arrival: dict[tuple[int, int], float], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.index, self.arrival = index, arrival
+
+    def chunk_end(self, link: int, seq: int, *, now: float, aborted: bool = False) -> None:
+        super().chunk_end(link, seq, now=now, aborted=aborted)
+        _note_arrival(self, self.index, seq, now, self.arrival)
 
 
 class _ProbeSimulation(Simulation):
@@ -205,9 +214,11 @@ class _ProbeSimulation(Simulation):
         super().__init__(scenario)
         self.figures = figures
 
-    def _join(self, spec: Any) -> None:
-        super()._join(spec)
-        _record_arrivals(self.nodes[spec.id], spec.id, self.figures.arrival)
+    def _chunk_arrives(self, dst: int, link: int, chunk: Any, ok: bool, t_head: float) -> None:
+        super()._chunk_arrives(dst, link, chunk, ok, t_head)
+        if self.alive[dst]:
+            _note_arrival(self.nodes[dst], dst, chunk.head.seq, self.sched.now,
+                          self.figures.arrival)
 
 
 def run_sim(scenario: Scenario) -> Figures:
@@ -282,12 +293,14 @@ class _Env:
         return open_endpoint("127.0.0.1", self.base_port + i,
                              upload_bps=up * 1000 if up else None, delay=delay)
 
-    def peer(self, i: int, upload_kbps: float) -> PeerNode:
+    def peer(self, i: int, upload_kbps: float, arrival: dict[tuple[int, int], float]) -> PeerNode:
         sim, sc = self.sim, self.sc
-        return PeerNode(channel="ch0", crypto=Crypto(), rng=random.Random(i * 7919 + sc.run.seed),
-                        tracker=self.address(TRACKER), address=self.address(i),
-                        upload_kbps=int(upload_kbps), coords=sim.coords[i] if sim.coords else (),
-                        playout_delay=sim.playout_delay)
+        return _ArrivalPeer(i, arrival, channel="ch0", crypto=Crypto(),
+                            rng=random.Random(i * 7919 + sc.run.seed),
+                            tracker=self.address(TRACKER), address=self.address(i),
+                            upload_kbps=int(upload_kbps),
+                            coords=sim.coords[i] if sim.coords else (),
+                            playout_delay=sim.playout_delay)
 
 
 def udp_rcvbuf_errors() -> int:
@@ -371,8 +384,7 @@ class _PeerGroup:
         self.cpu0 = time.process_time()
         self.wait0 = runqueue_wait()
         for i in self.indexes:
-            node = self.nodes[i] = self.env.peer(i, uploads[i])
-            _record_arrivals(node, i, self.arrival)
+            node = self.nodes[i] = self.env.peer(i, uploads[i], self.arrival)
             self.joined[i] = time.time()
             await tg.start(NodeRunner(node, self.eps[i], on_effect=self._recorder(i)).run)
 

@@ -3,22 +3,34 @@
 A `Link` is the driver's handle for one connection (an int). A node names the connections it
 wants with `Open(address, ref)`; the driver answers `link_opened(link, ref=ref)` or
 `open_failed(ref, reason)`. After a node emits `Close(link)` the driver does not report that
-link again. Chunks travel as `ChunkBegin` → `ChunkBytes`* → `ChunkEnd`, on a stream of their
-own: the runtime writes bytes as they come (cut-through), the simulator times them with its
-link model.
+link again. Chunks travel on a stream of their own, as `ChunkBegin` → `ChunkBytes`* → `ChunkEnd`
+while a relay forwards bytes as they come (cut-through), or as one `SendChunk` when the node
+holds the whole chunk already (the seed, a pull answer, a chunk that arrived in one piece). The
+runtime writes bytes as they come, the simulator times them with its link model.
 
-Effects are slotted dataclasses, not frozen ones: a relay makes three per child per chunk, and a
-frozen dataclass's constructor costs twice as much. Nobody mutates one after it is queued.
+Effects are slotted dataclasses, not frozen ones: a relay makes one to three per child per
+chunk, and a frozen dataclass's constructor costs twice as much. Nobody mutates one after it is
+queued.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from meshcast.messages import ChunkHead, Message
 
 Link = int
+
+
+class Chunk(NamedTuple):
+    """A whole chunk as a node keeps it (`RelayNode.buffer`) and sends it (`SendChunk`).
+
+    Immutable, so a relay passes on the very object it received: a simulated swarm then holds
+    each chunk once, not once per peer."""
+
+    head: ChunkHead
+    payload: bytes
 
 
 @dataclass(slots=True)
@@ -75,6 +87,18 @@ class ChunkEnd:
 
 
 @dataclass(slots=True)
+class SendChunk:
+    """Send a whole chunk on a stream of its own: `ChunkBegin`, `ChunkBytes`, `ChunkEnd` in one."""
+
+    link: Link
+    chunk: Chunk
+    push: bool = True
+    """As `ChunkBegin.push`."""
+    ok: bool = True
+    """As `ChunkEnd.ok`: a relay also passes on, aborted, a chunk that failed verification."""
+
+
+@dataclass(slots=True)
 class Deliver:
     """A verified chunk for the player, in stream order."""
 
@@ -100,4 +124,5 @@ class Notice:
     text: str
 
 
-Effect = Send | Open | Close | ChunkBegin | ChunkBytes | ChunkEnd | Deliver | Skip | Notice
+Effect = (Send | Open | Close | ChunkBegin | ChunkBytes | ChunkEnd | SendChunk | Deliver | Skip
+          | Notice)

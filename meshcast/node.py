@@ -8,19 +8,20 @@ window of recent chunks, and exchanging have-maps. `SeedNode` and `PeerNode` are
 
 Drivers call, always with the time: `handle(link, msg, now=)`, `link_opened(link, now=, ref=)`,
 `open_failed(ref, now=, reason=)`, `link_closed(link, now=, reason=)`, `chunk_begin/
-chunk_data/chunk_end(...)`, `chunk_dropped(link, seq, now=)`, `handle_timer(now=)`; then pull
-`drain()` and `next_timer()`.
+chunk_data/chunk_end(...)` (or `chunk_received(...)` for a chunk that arrived whole),
+`chunk_dropped(link, seq, now=)`, `handle_timer(now=)`; then pull `drain()` and `next_timer()`.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Hashable
-from typing import Any
+from types import MappingProxyType
+from typing import Any, cast
 
 from meshcast import messages as m
 from meshcast.crypto import Crypto
-from meshcast.effects import ChunkBegin, ChunkBytes, ChunkEnd, Close, Effect, Link, Notice, Send
+from meshcast.effects import Chunk, Close, Effect, Link, Notice, Send, SendChunk
 from meshcast.errors import LocalProtocolError, RemoteProtocolError
 from meshcast.policy import STRETCH_HEADROOM, child_slots, handoff_slack
 
@@ -29,7 +30,12 @@ SLOW_DROPS = 3
 
 
 class NodeBase:
-    """Effect queue and timers (a dict of named deadlines; the earliest is `next_timer()`)."""
+    """Effect queue and timers (a dict of named deadlines; the earliest is `next_timer()`).
+
+    Nodes are slotted: a simulation holds 100k of them, and slot attributes are both smaller
+    and faster to read than an instance dict."""
+
+    __slots__ = ("_out", "_timers", "_heap", "_tseq")
 
     def __init__(self) -> None:
         self._out: list[Effect] = []
@@ -74,6 +80,11 @@ class NodeBase:
         raise LocalProtocolError(f"{type(self).__name__} has no timer {key!r}")
 
 
+NO_SUBS = cast("dict[int, int]", MappingProxyType({}))
+"""The subscriptions of a link that has none: shared and read-only (writing to it raises), so a
+link gets a dict of its own only when it first subscribes."""
+
+
 class Conn:
     """One link as a relay sees it."""
 
@@ -86,8 +97,9 @@ class Conn:
         self.node_id = m.NO_PEER
         self.authorized = False
         """The remote showed a valid token naming us (it may pull and subscribe)."""
-        self.subs: dict[int, int] = {}
-        """Sub-streams this remote subscribed to → first seq wanted."""
+        self.subs: dict[int, int] = NO_SUBS
+        """Sub-streams this remote subscribed to → first seq wanted (most links, the tracker's
+        and our parents', never have one)."""
         self.relays = 0
         """Bit k set: the remote relays sub-stream k further (it is sent to first)."""
         self.have: tuple[int, int] | None = None
@@ -100,6 +112,10 @@ class Conn:
 class RelayNode(NodeBase):
     """The parent side of the protocol, shared by the seed and every peer."""
 
+    __slots__ = ("crypto", "upload_kbps", "buffer_s", "id", "channel", "public_key", "tracker_key",
+                 "substreams", "chunk_ms", "chunk_s", "bitrate_kbps", "mode", "conns",
+                 "_subscribers", "buffer", "newest", "bytes_up", "window")
+
     def __init__(self, *, crypto: Crypto, upload_kbps: int, buffer_s: float = 10.0) -> None:
         super().__init__()
         self.crypto = crypto
@@ -111,13 +127,15 @@ class RelayNode(NodeBase):
         self.tracker_key = b""
         self.substreams = 4
         self.chunk_ms = 200
+        self.chunk_s = 0.2
         self.bitrate_kbps = 0
         self.mode = "tree"
         self.conns: dict[Link, Conn] = {}
         self._subscribers: list[list[Conn]] = []
-        self.buffer: dict[int, tuple[m.ChunkHead, bytes]] = {}
+        self.buffer: dict[int, Chunk] = {}
         self.newest = -1
         self.bytes_up = 0
+        self.window = self._window()
 
     # -- configuration, once the channel is known --------------------------------------------
 
@@ -127,6 +145,8 @@ class RelayNode(NodeBase):
         self.substreams, self.chunk_ms, self.bitrate_kbps, self.mode = (
             substreams, chunk_ms, bitrate_kbps, mode)
         self._subscribers = [[] for _ in range(substreams)]
+        self.chunk_s = chunk_ms / 1000
+        self.window = self._window()
 
     @property
     def slots(self) -> int:
@@ -134,8 +154,9 @@ class RelayNode(NodeBase):
         tracker's, at the headroom of a stretched channel."""
         return child_slots(self.upload_kbps, self.bitrate_kbps, self.substreams, STRETCH_HEADROOM)
 
-    @property
-    def window(self) -> int:
+    def _window(self) -> int:
+        """Chunks kept for pulls (`buffer_s` worth, at least 8): the `window` attribute, set
+        whenever `chunk_ms` is (as is `chunk_s`), since the hot path reads both per chunk."""
         return max(8, int(self.buffer_s * 1000 / self.chunk_ms))
 
     # -- links ---------------------------------------------------------------------------------
@@ -165,7 +186,7 @@ class RelayNode(NodeBase):
             lst = self._subscribers[k]
             if conn in lst:
                 lst.remove(conn)
-        conn.subs.clear()
+        conn.subs = NO_SUBS
 
     def protocol_error(self, link: Link, error: RemoteProtocolError, *, now: float) -> None:
         """The driver could not decode what `link` sent: close it with the reason, keep going."""
@@ -256,6 +277,8 @@ class RelayNode(NodeBase):
                 lst.insert(i, conn)
             else:
                 lst.append(conn)
+        if conn.subs is NO_SUBS:
+            conn.subs = {}
         conn.subs[k] = msg.from_seq
         if msg.from_seq >= 0:  # catch-up: send what we hold of this sub-stream from from_seq
             for seq in sorted(self.buffer):
@@ -263,7 +286,8 @@ class RelayNode(NodeBase):
                     self._send_chunk(conn.link, seq)
 
     def _drop_sub(self, conn: Conn, k: int) -> None:
-        if conn.subs.pop(k, None) is not None:
+        if k in conn.subs:
+            del conn.subs[k]
             self._subscribers[k].remove(conn)
         conn.relays &= ~(1 << k)
 
@@ -297,31 +321,29 @@ class RelayNode(NodeBase):
 
     # -- chunks out ----------------------------------------------------------------------------
 
-    def _store(self, head: m.ChunkHead, payload: bytes) -> None:
-        seq = head.seq
-        self.buffer[seq] = (head, payload)
+    def _store(self, chunk: Chunk) -> None:
+        seq = chunk.head.seq
+        buffer = self.buffer
+        buffer[seq] = chunk
         if seq > self.newest:
             self.newest = seq
             floor = seq - self.window
-            while self.buffer:
-                oldest = next(iter(self.buffer))
+            while buffer:
+                oldest = next(iter(buffer))
                 if oldest > floor:
                     break
-                del self.buffer[oldest]
+                del buffer[oldest]
 
     def _send_chunk(self, link: Link, seq: int, push: bool = True) -> None:
-        head, payload = self.buffer[seq]
-        out = self._out
-        out.append(ChunkBegin(link, head, push))
-        out.append(ChunkBytes(link, seq, payload))
-        out.append(ChunkEnd(link, seq, True))
-        self.bytes_up += head.size
+        chunk = self.buffer[seq]
+        self._out.append(SendChunk(link, chunk, push))
+        self.bytes_up += chunk.head.size
 
-    def _push_targets(self, seq: int) -> list[Link]:
-        """Children that get chunk `seq` pushed (sub-stream subscribers, relaying ones first)."""
-        lst = self._subscribers[seq % self.substreams]
+    def _push_targets(self, seq: int, but: Link | None = None) -> list[Link]:
+        """Children that get chunk `seq` pushed (sub-stream subscribers, relaying ones first),
+        except link `but`."""
         k = seq % self.substreams
-        return [c.link for c in lst if c.subs.get(k, -1) <= seq]
+        return [c.link for c in self._subscribers[k] if c.subs.get(k, -1) <= seq and c.link != but]
 
     def _start_haves(self, now: float) -> None:
         """Mesh mode: advertise have-maps to neighbours every other chunk period."""

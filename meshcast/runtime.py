@@ -227,32 +227,20 @@ class NodeRunner:
     def _apply(self, eff: fx.Effect) -> tuple[int, int] | None:
         t = type(eff)
         if t is fx.ChunkBytes:
-            sid = self._out_streams.get((eff.link, eff.seq))
-            if sid is not None:
-                self.links[eff.link].send_stream(sid, eff.data)
-                self.bytes_out += len(eff.data)
+            self._chunk_bytes(eff.link, eff.seq, eff.data)
             return None
         if t is fx.ChunkBegin:
-            qlink = self.links.get(eff.link)
-            if qlink is None:
-                return None
-            key = (eff.link, eff.head.seq)
-            if drop_chunk(self._backlog_s(), eff.push):
-                return key
-            sid = qlink.open_stream()
-            self._out_streams[key] = sid
-            qlink.send_stream(sid, wire.frame(eff.head))
-            return None
+            return self._chunk_begin(eff.link, eff.head, eff.push)
         if t is fx.ChunkEnd:
-            key = (eff.link, eff.seq)
-            sid = self._out_streams.pop(key, None)
-            qlink = self.links.get(eff.link)
-            if sid is not None and qlink is not None:
-                if eff.ok:
-                    qlink.send_stream(sid, b"", end=True)
-                else:
-                    qlink.reset_stream(sid)
+            self._chunk_end(eff.link, eff.seq, eff.ok)
             return None
+        if t is fx.SendChunk:
+            head, payload = eff.chunk
+            dropped = self._chunk_begin(eff.link, head, eff.push)
+            if dropped is None:
+                self._chunk_bytes(eff.link, head.seq, payload)
+                self._chunk_end(eff.link, head.seq, eff.ok)
+            return dropped
         if t is fx.Send:
             qlink = self.links.get(eff.link)
             if qlink is not None:
@@ -274,6 +262,34 @@ class NodeRunner:
             return None
         self.on_effect(eff)
         return None
+
+    def _chunk_begin(self, link: int, head: m.ChunkHead, push: bool) -> tuple[int, int] | None:
+        """Open a chunk stream and write its head; (link, seq) if back-pressure drops it."""
+        qlink = self.links.get(link)
+        if qlink is None:
+            return None
+        key = (link, head.seq)
+        if drop_chunk(self._backlog_s(), push):
+            return key
+        sid = qlink.open_stream()
+        self._out_streams[key] = sid
+        qlink.send_stream(sid, wire.frame(head))
+        return None
+
+    def _chunk_bytes(self, link: int, seq: int, data: bytes) -> None:
+        sid = self._out_streams.get((link, seq))
+        if sid is not None:
+            self.links[link].send_stream(sid, data)
+            self.bytes_out += len(data)
+
+    def _chunk_end(self, link: int, seq: int, ok: bool) -> None:
+        sid = self._out_streams.pop((link, seq), None)
+        qlink = self.links.get(link)
+        if sid is not None and qlink is not None:
+            if ok:
+                qlink.send_stream(sid, b"", end=True)
+            else:
+                qlink.reset_stream(sid)
 
     def _backlog_s(self) -> float:
         """Seconds of upload the node's links still have to send."""

@@ -13,6 +13,7 @@ import math
 import struct
 from collections.abc import Callable
 from dataclasses import fields
+from operator import attrgetter
 from typing import Any
 
 import msgpack
@@ -144,12 +145,26 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     return cls(*(check(v, f"{where}.{names[i]}") for i, (check, v) in enumerate(zip(checks, raw))))
 
 
+def _getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
+    get = attrgetter(*names)
+    return get if len(names) > 1 else lambda obj: (get(obj),)
+
+
+_VALUES = {cls: _getter(names) for cls, names in _NAMES.items()}
+"""A message's field values, in order, as a tuple."""
+_LEAVES = frozenset({int, float, str, bytes, bool, type(None)})
+
+
 def _flatten(obj: Any) -> Any:
-    if type(obj) in SCHEMA:
-        return [_flatten(getattr(obj, name)) for name in _NAMES[type(obj)]]
-    if type(obj) is tuple:
-        return [_flatten(x) for x in obj]
-    return obj
+    """Messages and tuples as (nested) lists of plain values, the shape msgpack packs."""
+    t = type(obj)
+    if t in SCHEMA:
+        values = _VALUES[t](obj)
+    elif t is tuple:
+        values = obj
+    else:
+        return obj
+    return [v if type(v) in _LEAVES else _flatten(v) for v in values]
 
 
 def encode(msg: m.Message) -> bytes:
@@ -172,9 +187,17 @@ def encode(msg: m.Message) -> bytes:
 
 def frame_size(msg: m.Message) -> int:
     """Bytes `frame(msg)` takes, without the checks `encode` makes (for accounting: the simulator
-    counts control bytes for messages the nodes built, which are valid by construction)."""
-    return 4 + len(msgpack.packb([m.PROTOCOL_VERSION, SCHEMA[type(msg)][0], *_flatten(msg)],
-                                 use_bin_type=True))
+    counts control bytes for messages the nodes built, which are valid by construction).
+
+    msgpack packs tuples as arrays and asks `_fields` for nested messages, so nothing is
+    flattened in Python: the same bytes as `encode`'s."""
+    t = type(msg)
+    return 4 + len(msgpack.packb([m.PROTOCOL_VERSION, SCHEMA[t][0], *_VALUES[t](msg)],
+                                 use_bin_type=True, default=_fields))
+
+
+def _fields(obj: Any) -> tuple[Any, ...]:
+    return _VALUES[type(obj)](obj)
 
 
 def decode(data: bytes) -> m.Message:

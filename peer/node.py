@@ -25,7 +25,8 @@ from typing import Any
 
 from meshcast import messages as m
 from meshcast.crypto import Crypto
-from meshcast.effects import ChunkBegin, ChunkBytes, ChunkEnd, Deliver, Link, Notice, Open, Send, Skip
+from meshcast.effects import (Chunk, ChunkBegin, ChunkBytes, ChunkEnd, Deliver, Link, Notice, Open,
+                              Send, SendChunk, Skip)
 from meshcast.errors import RemoteProtocolError
 from meshcast.node import Conn, RelayNode
 from meshcast.policy import MAX_BACKLOG_S
@@ -83,6 +84,13 @@ class Rx:
 class PeerNode(RelayNode):
     """A viewer peer (and relay)."""
 
+    __slots__ = ("rng", "tracker", "address", "coords", "pinned_key", "playout_delay",
+                 "tracker_link", "rejected", "leaving", "joined_at", "primary", "backup", "relays",
+                 "last_rx", "newest_in", "peer_links", "opening", "neighbours", "seed_id",
+                 "blocked", "rx", "receiving", "gaps", "requested", "_from_seed", "_start_rap",
+                 "_lat", "play_next", "play_s0", "play_t0", "delivered", "skipped",
+                 "bytes_from_seed", "bytes_from_peers", "forged", "first_play")
+
     def __init__(self, *, channel: str, crypto: Crypto, rng: random.Random, tracker: str,
                  address: str = "", upload_kbps: int = 0, coords: tuple[float, ...] = (),
                  public_key: bytes | None = None, playout_delay: float = 0.5,
@@ -108,12 +116,13 @@ class PeerNode(RelayNode):
         self.opening: dict[int, m.Token | None] = {}
         self.neighbours: dict[int, tuple[m.PeerRef, m.Token]] = {}
         self.seed_id = m.NO_PEER
-        self.blocked: set[int] = set()
+        # Sets that are nearly always empty are dicts (→ None): 64 bytes empty, not 216.
+        self.blocked: dict[int, None] = {}
         self.rx: dict[tuple[Link, int], Rx | None] = {}
         self.receiving: dict[int, Link] = {}
         self.gaps: dict[int, float] = {}
         self.requested: dict[int, tuple[Link, float, set[Link]]] = {}
-        self._from_seed: set[int] = set()
+        self._from_seed: dict[int, None] = {}
         self._start_rap: tuple[int, float, float] | None = None
         self._lat: list[float | None] = []
         self.play_next: int | None = None
@@ -126,10 +135,6 @@ class PeerNode(RelayNode):
         self.bytes_from_peers = 0
         self.forged = 0
         self.first_play: float | None = None
-
-    @property
-    def chunk_s(self) -> float:
-        return self.chunk_ms / 1000
 
     @property
     def stall_timeout(self) -> float:
@@ -196,7 +201,7 @@ class PeerNode(RelayNode):
             rx = self.rx.pop(key)
             if rx is not None:
                 self.receiving.pop(key[1], None)
-                self._end_targets(rx, False)
+                self._end_targets(rx.targets, key[1], False)
         self._peer_gone(conn.node_id, now, reason)
 
     def _peer_gone(self, node_id: int, now: float, reason: str) -> None:
@@ -329,25 +334,15 @@ class PeerNode(RelayNode):
 
     def chunk_begin(self, link: Link, head: m.ChunkHead, *, now: float) -> None:
         """A chunk stream opened on `link` and its head arrived."""
-        conn = self.conns.get(link)
+        conn = self._chunk_conn(link, head, now)
         if conn is None:
             return
         seq = head.seq
-        key = (link, seq)
-        if head.channel != self.channel or head.size > m.MAX_CHUNK or key in self.rx:
-            self.protocol_error(link, RemoteProtocolError(
-                f"bad chunk head for {head.channel!r}/{seq}"), now=now)
+        targets = self._relay_targets(conn, link, head, now)
+        if targets is None:
+            self.rx[(link, seq)] = None  # duplicate or too late: swallow its bytes
             return
-        stale = self.play_next is not None and seq < self.play_next
-        if seq in self.buffer or seq in self.receiving or stale:
-            self.rx[key] = None  # duplicate or too late: swallow its bytes
-            return
-        k = seq % self.substreams
-        slot = self.primary[k] if self.primary else None
-        if slot is not None and slot.ref.id == conn.node_id:
-            self.last_rx[k] = now
-        targets = [t for t in self._push_targets(seq) if t != link]
-        self.rx[key] = Rx(head, targets, conn)
+        self.rx[(link, seq)] = Rx(head, targets, conn)
         self.receiving[seq] = link
         out = self._out
         for t in targets:
@@ -378,32 +373,89 @@ class PeerNode(RelayNode):
         if rx is None:
             return
         del self.receiving[seq]
+        payload = rx.parts[0] if len(rx.parts) == 1 else b"".join(rx.parts)
+        self._complete(link, Chunk(rx.head, payload), rx.targets, rx.conn, aborted, now, False)
+
+    def chunk_received(self, link: Link, chunk: Chunk, *, now: float, aborted: bool = False) -> None:
+        """A whole chunk arrived on `link` at once: `chunk_begin`, `chunk_data` and `chunk_end`
+        back to back, except that each child gets one `SendChunk` (the simulator's fast path)."""
+        head, payload = chunk
+        conn = self._chunk_conn(link, head, now)
+        if conn is None:
+            return
+        targets = self._relay_targets(conn, link, head, now)
+        if targets is None:
+            return
+        if len(payload) > head.size:
+            self.protocol_error(link, RemoteProtocolError(
+                f"chunk {head.seq} longer than its declared {head.size} bytes"), now=now)
+            return
+        self.bytes_up += len(payload) * len(targets)
+        self._complete(link, chunk, targets, conn, aborted, now, True)
+
+    def _chunk_conn(self, link: Link, head: m.ChunkHead, now: float) -> Conn | None:
+        """The link's `Conn` if a chunk may start on it; a bad head is a protocol error (None)."""
+        conn = self.conns.get(link)
+        if conn is None:
+            return None
+        if head.channel != self.channel or head.size > m.MAX_CHUNK or (link, head.seq) in self.rx:
+            self.protocol_error(link, RemoteProtocolError(
+                f"bad chunk head for {head.channel!r}/{head.seq}"), now=now)
+            return None
+        return conn
+
+    def _relay_targets(self, conn: Conn, link: Link, head: m.ChunkHead,
+                       now: float) -> list[Link] | None:
+        """The children a new chunk goes on to; None if we have it, are receiving it or it is
+        too late (its bytes are ignored)."""
+        seq = head.seq
+        if (seq in self.buffer or seq in self.receiving
+                or (self.play_next is not None and seq < self.play_next)):
+            return None
+        k = seq % self.substreams
+        slot = self.primary[k] if self.primary else None
+        if slot is not None and slot.ref.id == conn.node_id:
+            self.last_rx[k] = now
+        return self._push_targets(seq, but=link)
+
+    def _complete(self, link: Link, chunk: Chunk, targets: list[Link], conn: Conn, aborted: bool,
+                  now: float, whole: bool) -> None:
+        """All of a chunk is here (or the sender aborted it): finish it for the children, then
+        verify, keep and play it. `whole`: the children get it as one `SendChunk` each."""
+        head, payload = chunk
+        seq = head.seq
+        end = chunk if whole else None
         if aborted:
-            self._end_targets(rx, False)
+            self._end_targets(targets, seq, False, end)
             self._note_gap(seq, now)
             return
-        if rx.got != rx.head.size:
-            self._end_targets(rx, False)
+        if len(payload) != head.size:
+            self._end_targets(targets, seq, False, end)
             self.protocol_error(link, RemoteProtocolError(
-                f"chunk {seq} ended after {rx.got} of {rx.head.size} bytes"), now=now)
+                f"chunk {seq} ended after {len(payload)} of {head.size} bytes"), now=now)
             return
-        payload = rx.parts[0] if len(rx.parts) == 1 else b"".join(rx.parts)
-        if not self.crypto.verify_chunk(self.public_key, rx.head, payload):
-            self._end_targets(rx, False)
-            self._forged(rx.conn, seq, now)
+        if not self.crypto.verify_chunk(self.public_key, head, payload):
+            self._end_targets(targets, seq, False, end)
+            self._forged(conn, seq, now)
             return
-        self._end_targets(rx, True)
-        self._accept(rx.head, payload, rx.conn, now)
+        self._end_targets(targets, seq, True, end)
+        self._accept(chunk, conn, now)
 
-    def _end_targets(self, rx: Rx, ok: bool) -> None:
-        out, seq = self._out, rx.head.seq
-        for t in rx.targets:
-            out.append(ChunkEnd(t, seq, ok))
+    def _end_targets(self, targets: list[Link], seq: int, ok: bool,
+                     chunk: Chunk | None = None) -> None:
+        """End chunk `seq`'s streams to `targets` (`ChunkEnd`), or send it whole if `chunk`."""
+        out = self._out
+        if chunk is None:
+            for t in targets:
+                out.append(ChunkEnd(t, seq, ok))
+        else:
+            for t in targets:
+                out.append(SendChunk(t, chunk, True, ok))
 
     def _forged(self, conn: Conn, seq: int, now: float) -> None:
         self.forged += 1
         who = conn.node_id
-        self.blocked.add(who)
+        self.blocked[who] = None
         self.neighbours.pop(who, None)
         self._out.append(Notice(f"chunk {seq} from node {who} failed verification: cutting it off"))
         if self.tracker_link is not None:
@@ -411,24 +463,27 @@ class PeerNode(RelayNode):
         self._close(conn.link, f"forged chunk {seq}", now)
         self._note_gap(seq, now)
 
-    def _accept(self, head: m.ChunkHead, payload: bytes, conn: Conn, now: float) -> None:
+    def _accept(self, chunk: Chunk, conn: Conn, now: float) -> None:
+        head = chunk.head
         seq = head.seq
-        k = seq % self.substreams
+        K = self.substreams
+        k = seq % K
         if conn.node_id == self.seed_id:
             self.bytes_from_seed += head.size
-            self._from_seed.add(seq)
+            self._from_seed[seq] = None
         else:
             self.bytes_from_peers += head.size
-        previous, previous_k = self.newest, self.newest_in[k]
-        self._store(head, payload)
-        self.gaps.pop(seq, None)
+        newest_in = self.newest_in
+        previous, previous_k = self.newest, newest_in[k]
+        self._store(chunk)
+        buffer, gaps, window = self.buffer, self.gaps, self.window
+        gaps.pop(seq, None)
         self.requested.pop(seq, None)
-        K, buffer, gaps = self.substreams, self.buffer, self.gaps
         if seq > previous_k:
-            self.newest_in[k] = seq
+            newest_in[k] = seq
             if previous_k >= 0:
                 # A parent pushes its sub-stream in order: what it skipped is lost, pull it now.
-                for s in range(max(previous_k + K, seq - self.window), seq, K):
+                for s in range(max(previous_k + K, seq - window), seq, K):
                     if s not in buffer:
                         gaps[s] = now
         slot = self.primary[k]
@@ -437,11 +492,12 @@ class PeerNode(RelayNode):
         if previous >= 0 and seq > previous + 1:
             # Other sub-streams' chunks may just be slower: pull them once they are later than
             # their path usually delivers (or near their deadline: `_due`).
-            for s in range(max(previous + 1, seq - self.window), seq):
+            chunk_s = self.chunk_s
+            for s in range(max(previous + 1, seq - window), seq):
                 if s not in buffer and s not in gaps:
                     lag = self._lat[s % K]
                     gaps[s] = (math.inf if lag is None
-                               else head.ts + (s - seq) * self.chunk_s + lag + LATE_SLACK)
+                               else head.ts + (s - seq) * chunk_s + lag + LATE_SLACK)
         if self.play_next is None:
             if head.rap and self._start_rap is None:
                 self._start_rap = (seq, now, now - head.ts)
@@ -481,15 +537,17 @@ class PeerNode(RelayNode):
         return self.play_t0 + (seq - self.play_s0) * self.chunk_s + self.playout_delay
 
     def _release(self, now: float) -> None:
-        out = self._out
-        while self.play_next is not None:
-            seq = self.play_next
-            entry = self.buffer.get(seq)
+        seq = self.play_next
+        if seq is None:
+            return
+        out, buffer, from_seed_set = self._out, self.buffer, self._from_seed
+        while True:
+            entry = buffer.get(seq)
             if entry is not None:
                 head, payload = entry
-                from_seed = seq in self._from_seed
+                from_seed = seq in from_seed_set
                 if from_seed:
-                    self._from_seed.discard(seq)
+                    del from_seed_set[seq]
                 out.append(Deliver(head, payload, now - head.ts, from_seed))
                 self.delivered += 1
             elif seq > self.newest:
@@ -497,13 +555,14 @@ class PeerNode(RelayNode):
             elif now >= self.deadline(seq):
                 out.append(Skip(seq))
                 self.skipped += 1
-                self._from_seed.discard(seq)
+                from_seed_set.pop(seq, None)
                 self.gaps.pop(seq, None)
                 self.requested.pop(seq, None)
             else:
                 self._set_timer("play", self.deadline(seq))
                 break
-            self.play_next = seq + 1
+            seq += 1
+        self.play_next = seq
 
     # -- repair --------------------------------------------------------------------------------
 
@@ -515,10 +574,22 @@ class PeerNode(RelayNode):
         return min(explicit, self.deadline(seq) - self.playout_delay * REPAIR_MARGIN)
 
     def _schedule_repair(self, now: float) -> None:
-        if self.mode != "tree" or not self.gaps:
+        gaps = self.gaps
+        if not gaps or self.mode != "tree":
             return
-        due = min((self._due(seq, t) for seq, t in self.gaps.items()
-                   if seq not in self.requested and seq not in self.receiving), default=math.inf)
+        # Deadlines grow with seq, so the earliest due time is the earliest explicit one or the
+        # lowest seq's deadline-based one.
+        requested, receiving = self.requested, self.receiving
+        explicit, first = math.inf, None
+        for seq, t in gaps.items():
+            if seq not in requested and seq not in receiving:
+                if t < explicit:
+                    explicit = t
+                if first is None or seq < first:
+                    first = seq
+        if first is None:
+            return
+        due = self._due(first, explicit)
         if due < math.inf:
             self._set_timer("repair", max(due, now + 0.05))
 

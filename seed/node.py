@@ -13,7 +13,7 @@ from typing import Any
 
 from meshcast import messages as m
 from meshcast.crypto import Crypto
-from meshcast.effects import Link, Notice, Open, Send
+from meshcast.effects import Chunk, Link, Notice, Open, Send
 from meshcast.errors import RemoteProtocolError
 from meshcast.node import Conn, RelayNode
 
@@ -23,6 +23,8 @@ RECONNECT_S = 2.0
 
 class SeedNode(RelayNode):
     """Signs and pushes one channel's chunks."""
+
+    __slots__ = ("key", "tracker", "address", "next_seq", "tracker_link", "rejected", "chunks_sent")
 
     def __init__(self, *, channel: str, key: Any, crypto: Crypto, tracker: str, address: str,
                  upload_kbps: int, bitrate_kbps: int, substreams: int = 4, chunk_ms: int = 200,
@@ -89,7 +91,7 @@ class SeedNode(RelayNode):
         self.next_seq += 1
         head = self.crypto.sign_chunk(self.key, self.channel, seq, m.FLAG_RAP if rap else 0,
                                       now, payload)
-        self._store(head, payload)
+        self._store(Chunk(head, payload))
         for link in self._push_targets(seq):
             self._send_chunk(link, seq)
         self.chunks_sent += 1

@@ -13,10 +13,11 @@ Modelling choices that mirror the runtime, in one place:
   delay, the opener after two. A connection to a node that is gone fails after
   `CONNECT_TIMEOUT` (the runtime's connect time-out).
 - Control messages: propagation only (`Network.send_control`), in order per link.
-- A chunk transfer is one event at its last byte's arrival, where the receiver gets
-  `chunk_begin` + `chunk_data` + `chunk_end` at once; cut-through is in the timing: a relay's
-  onward transfers start from the time the chunk's head reached it (`sim.network.transfer`),
-  so a relay forwards before it has the whole chunk, as the runtime does.
+- A chunk transfer is one event at its last byte's arrival, where the receiver gets the whole
+  chunk at once (`chunk_received`) and passes it on whole (`SendChunk`); cut-through is in the
+  timing: a relay's onward transfers start from the time the chunk's head reached it
+  (`sim.network.transfer`), so a relay forwards before it has the whole chunk, as the runtime
+  does.
 - Back-pressure as in `meshcast.runtime`: a chunk is dropped for a child when it would wait
   too long in the sender's queue (`meshcast.policy.drop_chunk`: pushes wait up to 2 s, pulls
   only 0.1 s), and the node is told (`chunk_dropped`).
@@ -31,6 +32,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -118,19 +120,23 @@ class Simulation:
         self.nodes: list[Any] = [None] * n
         self.alive = bytearray(n)
         self.timer_at = [math.inf] * n
-        self.owner: dict[int, int] = {}
-        self._next_link = 2
+        self.owner = array("i", [-1, -1])
+        """Link → the node at that end, -1 once closed (links are indexes, from 2 on)."""
+        self.link_order = array("q", [0, 0])
+        """Link → when its end was registered (a counter): a dead node's links close in that
+        order."""
+        self._registered = 0
         self._ctx: tuple[int, int, float] | None = None
         """(node, seq, head arrival) while a relay reacts to a chunk it just received."""
-        self._chunk_out: dict[tuple[int, int], tuple[m.ChunkHead, bytes | None, bool]] = {}
         chunk_bytes = int(sc.stream.bitrate_kbps * sc.stream.chunk_ms / 8)
         self.payload = bytes(chunk_bytes)
         self.rap_every = max(1, round(sc.stream.gop_ms / sc.stream.chunk_ms))
-        self.joined: dict[int, float] = {}
+        self.joined = array("d", [math.nan]) * n
         self.peer_rng = random.Random(self.rng.random())
         """One generator for all peers: a Mersenne Twister is 2.5 KB, and one timeline keeps
         the draws in a deterministic order anyway."""
-        self.started: set[int] = set()
+        self.started = bytearray(n)
+        """1 once a peer has played its first chunk."""
         self.refused: set[int] = set()
 
     # -- set-up --------------------------------------------------------------------------------
@@ -206,12 +212,24 @@ class Simulation:
         # kill -9: nothing is sent; every remote end notices only at its idle time-out.
         self.alive[i] = 0
         node.drain()
-        for link, owner in list(self.owner.items()):
-            if owner == i:
-                remote = link ^ 1
-                del self.owner[link]
-                if remote in self.owner:
-                    self.sched.after(IDLE_TIMEOUT, self._closed, remote, "idle timeout")
+        owner = self.owner
+        for link in self._links_of(i):
+            owner[link] = -1
+            if owner[link ^ 1] >= 0:
+                self.sched.after(IDLE_TIMEOUT, self._closed, link ^ 1, "idle timeout")
+
+    def _links_of(self, i: int) -> list[int]:
+        """Node i's open links, in the order they were registered."""
+        owner, links, at = self.owner, [], 0
+        while True:
+            try:
+                at = owner.index(i, at)
+            except ValueError:
+                break
+            links.append(at)
+            at += 1
+        links.sort(key=self.link_order.__getitem__)
+        return links
 
     # -- pumping -------------------------------------------------------------------------------
 
@@ -239,52 +257,46 @@ class Simulation:
 
     def _apply(self, i: int, effects: list[fx.Effect]) -> None:
         now = self.sched.now
-        net, sched, metrics = self.net, self.sched, self.metrics
+        net, sched, metrics, owner = self.net, self.sched, self.metrics, self.owner
+        by_seed = 1 <= i <= self.channels
+        # A chunk this node is relaying right now leaves from when its head arrived (cut-through).
         ctx = self._ctx
+        ctx_seq, ctx_head = (ctx[1], ctx[2]) if ctx is not None and ctx[0] == i else (-1, now)
         dropped = []
         for eff in effects:
             t = type(eff)
-            if t is fx.ChunkEnd:
+            if t is fx.SendChunk:
                 link = eff.link
                 remote = link ^ 1
-                if link not in self.owner or remote not in self.owner:
+                dst = owner[remote]
+                if owner[link] < 0 or dst < 0:
                     continue
-                dst = self.owner[remote]
-                pending = self._chunk_out.pop((link, eff.seq), None)
-                if pending is None:
+                chunk = eff.chunk
+                head = chunk.head
+                seq, size = head.seq, head.size
+                if drop_chunk(net.uplinks[i].free_at - now, eff.push):
+                    dropped.append((link, seq))
                     continue
-                head, payload, push = pending
-                t_head = ctx[2] if ctx is not None and ctx[0] == i and ctx[1] == eff.seq else now
-                if drop_chunk(net.uplinks[i].free_at - now, push):
-                    dropped.append((link, eff.seq))
-                    continue
-                arrival = net.send_chunk(i, dst, head.size, t_head, now)
-                metrics.bytes_sent(i, head.size, "media", 1 <= i <= self.channels, now=now)
+                arrival = net.send_chunk(i, dst, size, ctx_head if seq == ctx_seq else now, now)
+                metrics.bytes_sent(i, size, "media", by_seed, now=now)
                 if arrival is not None:
-                    sched.at(arrival[1], self._chunk_arrives, dst, remote, head, payload, eff.ok,
+                    sched.at(arrival[1], self._chunk_arrives, dst, remote, chunk, eff.ok,
                              arrival[0])
-            elif t is fx.ChunkBegin:
-                self._chunk_out[(eff.link, eff.head.seq)] = (eff.head, None, eff.push)
-            elif t is fx.ChunkBytes:
-                key = (eff.link, eff.seq)
-                pending = self._chunk_out.get(key)
-                if pending is not None:
-                    self._chunk_out[key] = (pending[0], eff.data, pending[2])
+            elif t is fx.Deliver:
+                seq = eff.head.seq
+                if not self.started[i]:
+                    self.started[i] = 1
+                    metrics.startup(i, now - self.joined[i])
+                on_time = now <= self.nodes[i].deadline(seq) + 1e-9
+                metrics.chunk_verified(i, seq, eff.latency, on_time, not eff.from_seed,
+                                       eff.head.size, now=now)
             elif t is fx.Send:
                 link = eff.link
                 remote = link ^ 1
-                if link in self.owner and remote in self.owner:
-                    dst = self.owner[remote]
-                    metrics.bytes_sent(i, _control_size(eff.msg), "control", 1 <= i <= self.channels, now=now)
+                dst = owner[remote]
+                if owner[link] >= 0 and dst >= 0:
+                    metrics.bytes_sent(i, _control_size(eff.msg), "control", by_seed, now=now)
                     sched.at(net.send_control(i, dst, now), self._message, dst, remote, eff.msg)
-            elif t is fx.Deliver:
-                node = self.nodes[i]
-                seq = eff.head.seq
-                if i not in self.started:
-                    self.started.add(i)
-                    metrics.startup(i, now - self.joined[i])
-                metrics.chunk_verified(i, seq, eff.latency, now <= node.deadline(seq) + 1e-9,
-                                       not eff.from_seed, eff.head.size, now=now)
             elif t is fx.Skip:
                 metrics.chunk_missed(i, eff.seq, now=now)
             elif t is fx.Open:
@@ -297,9 +309,9 @@ class Simulation:
             elif t is fx.Close:
                 link = eff.link
                 remote = link ^ 1
-                self.owner.pop(link, None)
-                if remote in self.owner:
-                    dst = self.owner[remote]
+                owner[link] = -1
+                dst = owner[remote]
+                if dst >= 0:
                     sched.at(net.send_control(i, dst, now), self._closed, remote, eff.reason)
         if dropped:
             node = self.nodes[i]
@@ -315,9 +327,11 @@ class Simulation:
         if not 0 <= dst < self.n or not self.alive[dst]:
             self.sched.at(now + CONNECT_TIMEOUT, self._open_failed, i, ref)
             return
-        a = self._next_link
-        self._next_link += 2
+        owner = self.owner
+        a = len(owner)
         b = a ^ 1
+        owner.extend((-1, -1))
+        self.link_order.extend((0, 0))
         one_way = self.net.latency.one_way(i, dst)
         self.sched.at(now + one_way, self._accepted, dst, b, a, i)
         self.sched.at(now + 2 * one_way, self._opened, i, a, ref)
@@ -325,8 +339,10 @@ class Simulation:
     def _accepted(self, dst: int, link: int, remote: int, src: int) -> None:
         if not self.alive[dst] or not self.alive[src]:
             return
-        self.owner[link] = dst
-        self.owner[remote] = src
+        owner, order, n = self.owner, self.link_order, self._registered
+        owner[link], owner[remote] = dst, src
+        order[link], order[remote] = n, n + 1
+        self._registered = n + 2
         node = self.nodes[dst]
         self._call(dst, lambda now: node.link_opened(link, now=now))
 
@@ -334,7 +350,7 @@ class Simulation:
         if not self.alive[i]:
             return
         node = self.nodes[i]
-        if link not in self.owner:  # the other end died during the handshake
+        if self.owner[link] < 0:  # the other end died during the handshake
             self._call(i, lambda now: node.open_failed(ref, now=now, reason="connection refused"))
             return
         self._call(i, lambda now: node.link_opened(link, now=now, ref=ref))
@@ -345,30 +361,26 @@ class Simulation:
             self._call(i, lambda now: node.open_failed(ref, now=now, reason="no answer"))
 
     def _message(self, dst: int, link: int, msg: m.Message) -> None:
-        if not self.alive[dst] or link not in self.owner:
+        if not self.alive[dst] or self.owner[link] < 0:
             return
         node = self.nodes[dst]
         node.handle(link, msg, now=self.sched.now)
         self._pump(dst)
 
     def _closed(self, link: int, reason: str) -> None:
-        dst = self.owner.pop(link, None)
-        if dst is None or not self.alive[dst]:
+        dst = self.owner[link]
+        self.owner[link] = -1
+        if dst < 0 or not self.alive[dst]:
             return
         node = self.nodes[dst]
         self._call(dst, lambda now: node.link_closed(link, now=now, reason=reason))
 
-    def _chunk_arrives(self, dst: int, link: int, head: m.ChunkHead, payload: bytes, ok: bool,
-                       t_head: float) -> None:
-        if not self.alive[dst] or link not in self.owner:
+    def _chunk_arrives(self, dst: int, link: int, chunk: fx.Chunk, ok: bool, t_head: float) -> None:
+        if not self.alive[dst] or self.owner[link] < 0:
             return
         node = self.nodes[dst]
-        now = self.sched.now
-        seq = head.seq
-        node.chunk_begin(link, head, now=now)
-        node.chunk_data(link, seq, payload, now=now)
-        self._ctx = (dst, seq, t_head)
-        node.chunk_end(link, seq, now=now, aborted=not ok)
+        self._ctx = (dst, chunk.head.seq, t_head)
+        node.chunk_received(link, chunk, now=self.sched.now, aborted=not ok)
         self._pump(dst)
         self._ctx = None
 

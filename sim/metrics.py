@@ -175,7 +175,9 @@ class MetricsCollector:
         self.verified[peer] += 1
         self.latency_sum[peer] += latency_s
         self.latency.add(latency_s)
-        b = self._bucket(now)
+        i = int(now / self.bucket_s)
+        buckets = self.buckets
+        b = buckets[i] if i < len(buckets) else self._bucket(now)
         b.verified += 1
         b.latency.add(latency_s)
         b.chunk_bytes += nbytes

@@ -15,7 +15,10 @@ from meshcast import wire
 
 
 class Wiring:
-    def __init__(self) -> None:
+    def __init__(self, *, whole: bool = False) -> None:
+        """`whole`: a receiver gets each `SendChunk` in one `chunk_received` call, as in the
+        simulator (by default, as a stream of head, bytes and end, as from the runtime)."""
+        self.whole = whole
         self.now = 0.0
         self.nodes: dict[str, Any] = {}
         self.peer_of: dict[int, tuple[Any, int]] = {}
@@ -120,3 +123,13 @@ class Wiring:
             peer.chunk_data(plink, eff.seq, data, now=now)
         elif t is fx.ChunkEnd:
             peer.chunk_end(plink, eff.seq, now=now, aborted=not eff.ok)
+        elif t is fx.SendChunk:  # a receiver sees a stream, however the sender queued it
+            head, payload = eff.chunk
+            seq = head.seq
+            data = self.tamper[node](payload) if node in self.tamper else payload
+            if self.whole:
+                peer.chunk_received(plink, fx.Chunk(head, data), now=now, aborted=not eff.ok)
+                return
+            peer.chunk_begin(plink, wire.decode(wire.encode(head)), now=now)
+            peer.chunk_data(plink, seq, data, now=now)
+            peer.chunk_end(plink, seq, now=now, aborted=not eff.ok)

@@ -128,6 +128,9 @@ class ForgingRunner(NodeRunner):
     def _apply(self, eff: fx.Effect):
         if type(eff) is fx.ChunkBytes and eff.data:
             eff = replace(eff, data=bytes([eff.data[0] ^ 0xFF]) + eff.data[1:])
+        elif type(eff) is fx.SendChunk and eff.chunk.payload:
+            head, payload = eff.chunk
+            eff = replace(eff, chunk=fx.Chunk(head, bytes([payload[0] ^ 0xFF]) + payload[1:]))
         return super()._apply(eff)
 
 

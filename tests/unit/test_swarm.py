@@ -23,9 +23,10 @@ def payload(seq: int, size: int = 3000) -> bytes:
 
 
 def build(n_peers: int, *, seed_kbps: int = 4000, peer_kbps: int = 3000, strategy: str = "tree",
-          rng_seed: int = 1) -> tuple[Wiring, TrackerNode, SeedNode, list[PeerNode]]:
+          rng_seed: int = 1,
+          whole: bool = False) -> tuple[Wiring, TrackerNode, SeedNode, list[PeerNode]]:
     crypto = Crypto()
-    w = Wiring()
+    w = Wiring(whole=whole)
     tracker = w.add("tracker", TrackerNode(key=SigningKey(), crypto=crypto,
                                            rng=random.Random(rng_seed), strategy=strategy))
     seed = w.add("seed", SeedNode(channel="ch", key=SigningKey(), crypto=crypto, tracker="tracker",
@@ -178,6 +179,26 @@ def test_forging_relay_is_cut_off_reported_and_evicted():
         seqs = played(w, p)
         assert seqs[-1] == 29
     assert any("failed verification" in n for n in w.notices)
+
+
+def test_whole_chunks_play_out_exactly_as_streamed_ones():
+    """The simulator hands each chunk over whole (`chunk_received`), the runtime as a stream
+    (`chunk_begin`/`chunk_data`/`chunk_end`): the nodes decide the same either way, through a
+    relay's death and a forger's eviction."""
+
+    def run(whole: bool) -> tuple[list, list[str]]:
+        w, tracker, seed, peers = build(20, seed_kbps=4000, peer_kbps=3000, whole=whole)
+        stream(w, seed, 10)
+        by_children = sorted(peers, key=lambda p: p._children())
+        w.tamper[by_children[-1]] = lambda data: bytes([data[0] ^ 0xFF]) + data[1:]
+        w.kill(by_children[-2])
+        stream(w, seed, 20)
+        w.advance(w.now + 3)
+        return [(played(w, p), w.skipped[p], p.bytes_up, p.forged) for p in peers], w.notices
+
+    streamed, whole = run(False), run(True)
+    assert any("failed verification" in n for n in streamed[1])
+    assert whole == streamed
 
 
 @pytest.mark.parametrize("strategy", ["random", "mesh"])

@@ -221,12 +221,31 @@ async def feed(seed: Seed, *, bitrate_kbps: int, chunk_ms: int, duration: float,
 # --- peer worker subprocess ----------------------------------------------------------------------
 
 
-class Worker:
-    """A `python bench/_common.py worker` subprocess seen from the orchestrating process."""
+class JsonLineProcess:
+    """A subprocess that answers with one JSON object per line on stdout."""
 
     def __init__(self, proc: anyio.abc.Process) -> None:
         self.proc = proc
         self._buf = b""
+
+    async def read_json(self, timeout: float, what: str) -> dict:
+        """The next line as JSON; a line with an "error" key, an exit or a time-out raises."""
+        with anyio.move_on_after(timeout):
+            while b"\n" not in self._buf:
+                try:
+                    self._buf += await self.proc.stdout.receive()
+                except anyio.EndOfStream:
+                    raise RuntimeError(f"worker exited while waiting for {what}") from None
+            line, self._buf = self._buf.split(b"\n", 1)
+            msg = json.loads(line)
+            if "error" in msg:
+                raise RuntimeError(f"worker failed: {msg['error']}")
+            return msg
+        raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+class Worker(JsonLineProcess):
+    """A `python bench/_common.py worker` subprocess seen from the orchestrating process."""
 
     @classmethod
     @asynccontextmanager
@@ -244,18 +263,6 @@ class Worker:
             yield w
         finally:
             await stop_worker(proc)
-
-    async def read_json(self, timeout: float, what: str) -> dict:
-        with anyio.move_on_after(timeout):
-            while b"\n" not in self._buf:
-                chunk = await self.proc.stdout.receive()
-                self._buf += chunk
-            line, self._buf = self._buf.split(b"\n", 1)
-            msg = json.loads(line)
-            if "error" in msg:
-                raise RuntimeError(f"worker failed: {msg['error']}")
-            return msg
-        raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
 
     async def dump(self, timeout: float = 10.0) -> dict[int, dict[int, float]]:
         await self.proc.stdin.send(b"dump\n")

@@ -56,7 +56,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import anyio
 
-from bench._common import stop_worker
+from bench._common import JsonLineProcess, stop_worker
 from meshcast import effects as fx
 from meshcast.crypto import Crypto, SigningKey
 from meshcast.net.quic import open_endpoint
@@ -513,12 +513,8 @@ async def run_runtime(scenario: Scenario, *, workers: int = 2, ready_timeout: fl
     return fig
 
 
-class _Worker:
+class _Worker(JsonLineProcess):
     """A `python bench/sim_vs_runtime.py worker` subprocess running some of the peers."""
-
-    def __init__(self, proc: Any) -> None:
-        self.proc = proc
-        self._buf = b""
 
     @classmethod
     @asynccontextmanager
@@ -538,19 +534,6 @@ class _Worker:
     async def send(self, line: str) -> None:
         await self.proc.stdin.send(line.encode() + b"\n")
 
-    async def read_json(self, timeout: float, what: str) -> dict:
-        with anyio.move_on_after(timeout):
-            while b"\n" not in self._buf:
-                try:
-                    self._buf += await self.proc.stdout.receive()
-                except anyio.EndOfStream:
-                    raise RuntimeError(f"worker exited while waiting for {what}") from None
-            line, self._buf = self._buf.split(b"\n", 1)
-            msg = json.loads(line)
-            if "error" in msg:
-                raise RuntimeError(f"worker failed: {msg['error']}")
-            return msg
-        raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 async def _worker_main(base_port: int, indexes: list[int]) -> None:

@@ -240,7 +240,7 @@ def run_sim(scenario: Scenario) -> Figures:
 def _depths(fig: Figures, tracker: TrackerNode, peers: dict[int, Any], seed: SeedNode) -> None:
     index_of = {node.id: i for i, node in peers.items() if node is not None}
     for k, conns in enumerate(seed._subscribers):
-        for pos, conn in enumerate(conns):
+        for pos, (conn, _) in enumerate(conns):
             if conn.node_id in index_of:
                 fig.position[(index_of[conn.node_id], k)] = pos
     members = tracker.channels["ch0"].forest.members

@@ -14,9 +14,7 @@ chunk_data/chunk_end(...)` (or `chunk_received(...)` for a chunk that arrived wh
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Hashable
-from types import MappingProxyType
 from typing import Any, cast
 
 from meshcast import messages as m
@@ -24,6 +22,7 @@ from meshcast.crypto import Crypto
 from meshcast.effects import Chunk, Close, Effect, Link, Notice, Send, SendChunk
 from meshcast.errors import LocalProtocolError, RemoteProtocolError
 from meshcast.policy import STRETCH_HEADROOM, child_slots, handoff_slack
+from meshcast.window import ChunkWindow
 
 SLOW_DROPS = 3
 """Chunks dropped for one child (its queue was full) before the tracker hears it is slow."""
@@ -33,15 +32,16 @@ class NodeBase:
     """Effect queue and timers (a dict of named deadlines; the earliest is `next_timer()`).
 
     Nodes are slotted: a simulation holds 100k of them, and slot attributes are both smaller
-    and faster to read than an instance dict."""
+    and faster to read than an instance dict. A node has a handful of named timers, so they
+    are a dict alone, kept in the order they were last set; due timers fire earliest first,
+    and among equal deadlines in that order (as a (deadline, sequence) heap would pop them,
+    without a heap's stale entries: 365 bytes per simulated peer)."""
 
-    __slots__ = ("_out", "_timers", "_heap", "_tseq")
+    __slots__ = ("_out", "_timers")
 
     def __init__(self) -> None:
         self._out: list[Effect] = []
         self._timers: dict[Hashable, float] = {}
-        self._heap: list[tuple[float, int, Hashable]] = []
-        self._tseq = 0
 
     def drain(self) -> list[Effect]:
         """Take the effects queued since the last call."""
@@ -49,29 +49,25 @@ class NodeBase:
         return out
 
     def next_timer(self) -> float | None:
-        heap, timers = self._heap, self._timers
-        while heap:
-            when, _, key = heap[0]
-            if timers.get(key) == when:
-                return when
-            heapq.heappop(heap)  # stale: rescheduled or cancelled
-        return None
+        timers = self._timers
+        return min(timers.values()) if timers else None
 
     def handle_timer(self, *, now: float) -> None:
-        """Fire every timer due at `now`."""
-        heap, timers = self._heap, self._timers
-        while heap and heap[0][0] <= now:
-            when, _, key = heapq.heappop(heap)
-            if timers.get(key) == when:
-                del timers[key]
-                self._on_timer(key, now)
+        """Fire every timer due at `now` (including any a firing one sets for `now` or before)."""
+        timers = self._timers
+        while timers:
+            key = min(timers, key=timers.__getitem__)  # the first set among equal deadlines
+            if timers[key] > now:
+                return
+            del timers[key]
+            self._on_timer(key, now)
 
     def _set_timer(self, key: Hashable, when: float) -> None:
-        if self._timers.get(key) == when:
+        timers = self._timers
+        if timers.get(key) == when:
             return
-        self._timers[key] = when
-        self._tseq += 1
-        heapq.heappush(self._heap, (when, self._tseq, key))
+        timers.pop(key, None)  # re-set: now the last set
+        timers[key] = when
 
     def _cancel_timer(self, key: Hashable) -> None:
         self._timers.pop(key, None)
@@ -80,32 +76,32 @@ class NodeBase:
         raise LocalProtocolError(f"{type(self).__name__} has no timer {key!r}")
 
 
-NO_SUBS = cast("dict[int, int]", MappingProxyType({}))
-"""The subscriptions of a link that has none: shared and read-only (writing to it raises), so a
-link gets a dict of its own only when it first subscribes."""
+
+
+NO_SUBSCRIBERS = cast("list[tuple[Conn, int]]", ())
+"""The subscribers of a sub-stream nobody subscribed to: one shared empty tuple, not a list
+per node and sub-stream (most peers relay none, or one, of their sub-streams)."""
 
 
 class Conn:
     """One link as a relay sees it."""
 
-    __slots__ = ("link", "node_id", "authorized", "subs", "relays", "have", "drops", "ref",
-                 "reported_slow", "neighbour")
+    __slots__ = ("link", "node_id", "authorized", "subs", "relays", "have", "drops", "neighbour")
 
-    def __init__(self, link: Link, ref: Any = None) -> None:
+    def __init__(self, link: Link) -> None:
         self.link = link
-        self.ref = ref
         self.node_id = m.NO_PEER
         self.authorized = False
         """The remote showed a valid token naming us (it may pull and subscribe)."""
-        self.subs: dict[int, int] = NO_SUBS
-        """Sub-streams this remote subscribed to → first seq wanted (most links, the tracker's
-        and our parents', never have one)."""
+        self.subs = 0
+        """Bit k set: the remote subscribed to sub-stream k (its first seq wanted is in the
+        node's subscriber list; most links, the tracker's and our parents', have none)."""
         self.relays = 0
         """Bit k set: the remote relays sub-stream k further (it is sent to first)."""
         self.have: tuple[int, int] | None = None
         """Latest have-map from the remote: (base, bits as int)."""
         self.drops = 0
-        self.reported_slow = False
+        """Chunks dropped for the remote (its queue was full); reported once at `SLOW_DROPS`."""
         self.neighbour = False
 
 
@@ -131,11 +127,12 @@ class RelayNode(NodeBase):
         self.bitrate_kbps = 0
         self.mode = "tree"
         self.conns: dict[Link, Conn] = {}
-        self._subscribers: list[list[Conn]] = []
-        self.buffer: dict[int, Chunk] = {}
+        self._subscribers: list[list[tuple[Conn, int]]] = []
+        """Per sub-stream: (child, first seq it wants), relaying children first."""
         self.newest = -1
         self.bytes_up = 0
         self.window = self._window()
+        self.buffer = ChunkWindow(self.window)
 
     # -- configuration, once the channel is known --------------------------------------------
 
@@ -144,9 +141,10 @@ class RelayNode(NodeBase):
         self.channel, self.public_key, self.tracker_key = channel, public_key, tracker_key
         self.substreams, self.chunk_ms, self.bitrate_kbps, self.mode = (
             substreams, chunk_ms, bitrate_kbps, mode)
-        self._subscribers = [[] for _ in range(substreams)]
+        self._subscribers = [NO_SUBSCRIBERS] * substreams
         self.chunk_s = chunk_ms / 1000
         self.window = self._window()
+        self.buffer = ChunkWindow(self.window)
 
     @property
     def slots(self) -> int:
@@ -162,7 +160,7 @@ class RelayNode(NodeBase):
     # -- links ---------------------------------------------------------------------------------
 
     def link_opened(self, link: Link, *, now: float, ref: Any = None) -> None:
-        self.conns[link] = Conn(link, ref)
+        self.conns[link] = Conn(link)
 
     def link_closed(self, link: Link, *, now: float, reason: str = "") -> None:
         conn = self.conns.pop(link, None)
@@ -182,11 +180,9 @@ class RelayNode(NodeBase):
         """Hook: a subclass reacts to a lost link (a parent gone, a neighbour gone)."""
 
     def _drop_subscriber(self, conn: Conn) -> None:
-        for k in conn.subs:
-            lst = self._subscribers[k]
-            if conn in lst:
-                lst.remove(conn)
-        conn.subs = NO_SUBS
+        for k in range(self.substreams):
+            if conn.subs >> k & 1:
+                self._drop_sub(conn, k)
 
     def protocol_error(self, link: Link, error: RemoteProtocolError, *, now: float) -> None:
         """The driver could not decode what `link` sent: close it with the reason, keep going."""
@@ -260,36 +256,49 @@ class RelayNode(NodeBase):
         if k >= self.substreams:
             raise RemoteProtocolError(f"Subscribe to sub-stream {k} of {self.substreams}")
         why = self._check_token(msg.token, conn.node_id, now, k)
-        if not why and k not in conn.subs and self._children() >= self.slots + handoff_slack(self.slots):
+        subscribed = conn.subs >> k & 1
+        if not why and not subscribed and self._children() >= self.slots + handoff_slack(self.slots):
             why = f"no capacity ({self.slots} slots in use)"
         if why:
             self._out.append(Send(conn.link, m.Refuse(k, why)))
             return
         conn.authorized = True
-        if k not in conn.subs:
-            lst = self._subscribers[k]
+        lst = self._subscribers[k]
+        if lst is NO_SUBSCRIBERS:
+            lst = self._subscribers[k] = []
+        entry = (conn, msg.from_seq)
+        if subscribed:
+            lst[self._find(conn, k)] = entry
+        elif msg.relays:
             # Relaying children first: their subtrees wait on them (see DESIGN §3, latency).
-            if msg.relays:
-                conn.relays |= 1 << k
-                i = 0
-                while i < len(lst) and lst[i].relays >> k & 1:
-                    i += 1
-                lst.insert(i, conn)
-            else:
-                lst.append(conn)
-        if conn.subs is NO_SUBS:
-            conn.subs = {}
-        conn.subs[k] = msg.from_seq
+            conn.relays |= 1 << k
+            i = 0
+            while i < len(lst) and lst[i][0].relays >> k & 1:
+                i += 1
+            lst.insert(i, entry)
+        else:
+            lst.append(entry)
+        conn.subs |= 1 << k
         if msg.from_seq >= 0:  # catch-up: send what we hold of this sub-stream from from_seq
-            for seq in sorted(self.buffer):
+            for seq in self.buffer:  # oldest first
                 if seq >= msg.from_seq and seq % self.substreams == k:
                     self._send_chunk(conn.link, seq)
 
     def _drop_sub(self, conn: Conn, k: int) -> None:
-        if k in conn.subs:
-            del conn.subs[k]
-            self._subscribers[k].remove(conn)
+        if conn.subs >> k & 1:
+            conn.subs &= ~(1 << k)
+            lst = self._subscribers[k]
+            del lst[self._find(conn, k)]
+            if not lst:
+                self._subscribers[k] = NO_SUBSCRIBERS
         conn.relays &= ~(1 << k)
+
+    def _find(self, conn: Conn, k: int) -> int:
+        """Where subscriber `conn` is in sub-stream k's list (it must be there)."""
+        for i, (c, _) in enumerate(self._subscribers[k]):
+            if c is conn:
+                return i
+        raise LocalProtocolError(f"link {conn.link} is not subscribed to sub-stream {k}")
 
     def _children(self) -> int:
         return sum(len(lst) for lst in self._subscribers)
@@ -322,17 +331,8 @@ class RelayNode(NodeBase):
     # -- chunks out ----------------------------------------------------------------------------
 
     def _store(self, chunk: Chunk) -> None:
-        seq = chunk.head.seq
-        buffer = self.buffer
-        buffer[seq] = chunk
-        if seq > self.newest:
-            self.newest = seq
-            floor = seq - self.window
-            while buffer:
-                oldest = next(iter(buffer))
-                if oldest > floor:
-                    break
-                del buffer[oldest]
+        if self.buffer.put(chunk) and chunk[0].seq > self.newest:
+            self.newest = chunk[0].seq
 
     def _send_chunk(self, link: Link, seq: int, push: bool = True) -> None:
         chunk = self.buffer[seq]
@@ -343,7 +343,7 @@ class RelayNode(NodeBase):
         """Children that get chunk `seq` pushed (sub-stream subscribers, relaying ones first),
         except link `but`."""
         k = seq % self.substreams
-        return [c.link for c in self._subscribers[k] if c.subs.get(k, -1) <= seq and c.link != but]
+        return [c.link for c, first in self._subscribers[k] if first <= seq and c.link != but]
 
     def _start_haves(self, now: float) -> None:
         """Mesh mode: advertise have-maps to neighbours every other chunk period."""
@@ -364,13 +364,13 @@ class RelayNode(NodeBase):
         conn = self.conns.get(link)
         if conn is None:
             return
-        if conn.subs.get(seq % self.substreams, seq + 1) > seq:
+        k = seq % self.substreams
+        if not conn.subs >> k & 1 or self._subscribers[k][self._find(conn, k)][1] > seq:
             # An answer to a pull: say so at once, so the puller asks someone else.
             self._out.append(Send(link, m.Missing((seq,))))
             return
         conn.drops += 1
-        if conn.drops >= SLOW_DROPS and not conn.reported_slow:
-            conn.reported_slow = True
+        if conn.drops == SLOW_DROPS:
             self._report_slow(conn, now)
 
     def _report_slow(self, conn: Conn, now: float) -> None:

@@ -15,26 +15,33 @@ one sub-stream, not the stream.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import MappingProxyType
+from typing import cast
 
-from meshcast.messages import NO_PEER
+from meshcast.messages import NO_PEER, PeerRef
 
 Bucket = dict[int, None]
+NO_CHILDREN = cast("dict[int, bool]", MappingProxyType({}))
+"""A member's children in a tree where it has none: shared, read-only (writing to it raises)."""
 
 
 class Member:
-    __slots__ = ("id", "link", "address", "upload_kbps", "slots", "used", "coords", "joined",
+    __slots__ = ("id", "link", "address", "ref", "upload_kbps", "slots", "used", "coords", "joined",
                  "home", "parent", "backup", "children", "depth", "is_seed")
 
     def __init__(self, id: int, link: int, address: str, upload_kbps: int, slots: int,
                  coords: tuple[float, ...], joined: float, substreams: int, is_seed: bool = False):
         self.id, self.link, self.address = id, link, address
+        self.ref = PeerRef(id, address)
+        """How children reach this member: one object shared by every Assign naming it."""
         self.upload_kbps, self.slots, self.used = upload_kbps, slots, 0
         self.coords, self.joined, self.is_seed = coords, joined, is_seed
         self.home = NO_PEER
         self.parent = [NO_PEER] * substreams
         self.backup = [NO_PEER] * substreams
-        self.children: list[dict[int, bool]] = [{} for _ in range(substreams)]
-        """Per tree: child id → whether that child relays this sub-stream."""
+        self.children: list[dict[int, bool]] = [NO_CHILDREN] * substreams
+        """Per tree: child id → whether that child relays this sub-stream (most members are
+        leaves in most trees: they share one read-only empty mapping until they get a child)."""
         self.depth = [0 if is_seed else -1] * substreams
 
     @property
@@ -116,7 +123,10 @@ class Forest:
             self.detach(child, k)
         self._unindex(parent)
         child.parent[k] = parent.id
-        parent.children[k][child.id] = child.relays(k)
+        kids = parent.children[k]
+        if kids is NO_CHILDREN:
+            kids = parent.children[k] = {}
+        kids[child.id] = child.relays(k)
         parent.used += 1
         self._index(parent)
         self._set_depth(child, k, parent.depth[k] + 1)
@@ -129,7 +139,10 @@ class Forest:
         child.parent[k] = NO_PEER
         if parent is not None and child.id in parent.children[k]:
             self._unindex(parent)
-            del parent.children[k][child.id]
+            kids = parent.children[k]
+            del kids[child.id]
+            if not kids:
+                parent.children[k] = NO_CHILDREN
             parent.used -= 1
             self._index(parent)
         self._set_depth(child, k, -1)

@@ -183,8 +183,8 @@ class TrackerNode(NodeBase):
 
     # -- placement and repair -------------------------------------------------------------------
 
-    def _token(self, ch: Channel, child: Member, parent: Member, k: int, now: float) -> m.Token:
-        return self.crypto.issue_token(self.key, child.id, parent.id, ch.name, k, now + TOKEN_LIFETIME)
+    def _token(self, ch: Channel, child: Member, parent: Member, k: int, expires: float) -> m.Token:
+        return self.crypto.issue_token(self.key, child.id, parent.id, ch.name, k, expires)
 
     def _place(self, ch: Channel, member: Member, k: int, now: float, avoid: int = m.NO_PEER) -> bool:
         """Give `member` a parent (and backup) in tree k; tell it. False: no capacity anywhere."""
@@ -217,9 +217,10 @@ class TrackerNode(NodeBase):
         parent = forest.members[member.parent[k]]
         backup = self.strategy.backup(forest, member, k)
         member.backup[k] = backup.id if backup is not None else m.NO_PEER
-        msg = m.Assign(k, m.PeerRef(parent.id, parent.address), self._token(ch, member, parent, k, now),
-                       m.PeerRef(backup.id, backup.address) if backup else None,
-                       self._token(ch, member, backup, k, now) if backup else None,
+        expires = now + TOKEN_LIFETIME
+        msg = m.Assign(k, parent.ref, self._token(ch, member, parent, k, expires),
+                       backup.ref if backup else None,
+                       self._token(ch, member, backup, k, expires) if backup else None,
                        member.relays(k))
         self._out.append(Send(member.link, msg))
 
@@ -237,10 +238,9 @@ class TrackerNode(NodeBase):
                     peers.append(cand)
         if forest.seed is not None:
             peers.append(forest.seed)
-        msg = m.Neighbours(tuple(m.PeerRef(p.id, p.address) for p in peers),
-                           tuple(self.crypto.issue_token(self.key, member.id, p.id, ch.name,
-                                                         m.NO_PEER, now + TOKEN_LIFETIME)
-                                 for p in peers))
+        expires = now + TOKEN_LIFETIME
+        msg = m.Neighbours(tuple(p.ref for p in peers),
+                           tuple(self._token(ch, member, p, m.NO_PEER, expires) for p in peers))
         self._out.append(Send(member.link, msg))
 
     def _remove(self, ch: Channel, member: Member, now: float) -> None:

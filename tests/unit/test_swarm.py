@@ -148,7 +148,7 @@ def test_chunks_of_a_silent_relay_are_pulled_once_later_than_their_path_usually_
         p.playout_delay = 2.0
     stream(w, seed, 30)
     relay = max(peers, key=lambda p: p._children())
-    orphaned = [(p, k) for k, subs in enumerate(relay._subscribers) for c in subs
+    orphaned = [(p, k) for k, subs in enumerate(relay._subscribers) for c, _ in subs
                 for p in peers if p.id == c.node_id]
     assert orphaned
     w.dead.add(relay)  # silent: nothing more from it, no link closed

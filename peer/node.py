@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import random
+from array import array
 from typing import Any
 
 from meshcast import messages as m
@@ -110,7 +111,7 @@ class PeerNode(RelayNode):
         self.primary: list[Slot | None] = []
         self.backup: list[Slot | None] = []
         self.relays: list[bool] = []
-        self.last_rx: list[float] = []
+        self.last_rx = array("d")
         self.newest_in: list[int] = []
         self.peer_links: dict[int, Link] = {}
         self.opening: dict[int, m.Token | None] = {}
@@ -165,7 +166,7 @@ class PeerNode(RelayNode):
                                                self.coords)))
         elif ref is not None:
             node_id = ref
-            token = self.opening.pop(node_id, None)
+            token = self._opened(node_id)
             conn.node_id = node_id
             conn.authorized = True  # the tracker sent us here: we trust what it vouched for
             self.peer_links[node_id] = link
@@ -184,8 +185,15 @@ class PeerNode(RelayNode):
             self.rejected = f"tracker unreachable: {reason}"
             self._out.append(Notice(self.rejected))
             return
-        self.opening.pop(ref, None)
+        self._opened(ref)
         self._peer_gone(ref, now, f"cannot connect: {reason}")
+
+    def _opened(self, node_id: int) -> m.Token | None:
+        """A link to `node_id` is open, or failed to: forget we were opening it."""
+        token = self.opening.pop(node_id, None)
+        if not self.opening:
+            self.opening = {}  # an emptied dict keeps its grown table: 64 bytes, not ~230
+        return token
 
     def _conn_lost(self, conn: Conn, now: float, reason: str) -> None:
         if self.leaving:
@@ -261,7 +269,7 @@ class PeerNode(RelayNode):
                         msg.bitrate_kbps, msg.mode)
         k = msg.substreams
         self.primary, self.backup = [None] * k, [None] * k
-        self.relays, self.last_rx, self.newest_in = [False] * k, [now] * k, [-1] * k
+        self.relays, self.last_rx, self.newest_in = [False] * k, array("d", [now]) * k, [-1] * k
         self._lat: list[float | None] = [None] * k
         if self.mode == "tree":
             self._set_timer("stall", now + self.stall_timeout)
@@ -524,6 +532,7 @@ class PeerNode(RelayNode):
         self.play_next, self.play_s0 = r, r
         self.play_t0 = max(now, t_r + spread)
         self.first_play = now
+        self._start_rap = None  # done with (playback never restarts)
         self._cancel_timer("start")
 
     def _note_gap(self, seq: int, now: float) -> None:

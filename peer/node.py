@@ -112,7 +112,7 @@ class PeerNode(RelayNode):
         self.backup: list[Slot | None] = []
         self.relays: list[bool] = []
         self.last_rx = array("d")
-        self.newest_in: list[int] = []
+        self.newest_in = array("q")
         self.peer_links: dict[int, Link] = {}
         self.opening: dict[int, m.Token | None] = {}
         self.neighbours: dict[int, tuple[m.PeerRef, m.Token]] = {}
@@ -269,7 +269,8 @@ class PeerNode(RelayNode):
                         msg.bitrate_kbps, msg.mode)
         k = msg.substreams
         self.primary, self.backup = [None] * k, [None] * k
-        self.relays, self.last_rx, self.newest_in = [False] * k, array("d", [now]) * k, [-1] * k
+        # Per-sub-stream numbers as arrays: unboxed, ~100 bytes less per list of 4.
+        self.relays, self.last_rx, self.newest_in = [False] * k, array("d", [now]) * k, array("q", [-1]) * k
         self._lat: list[float | None] = [None] * k
         if self.mode == "tree":
             self._set_timer("stall", now + self.stall_timeout)

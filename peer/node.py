@@ -624,6 +624,9 @@ class PeerNode(RelayNode):
     def _sources(self, seq: int, exclude: set[Link]) -> list[Link]:
         """Where to pull `seq` from, best first."""
         k = seq % self.substreams
+        # Our parents in the other trees (they have the whole stream; the seed is asked last).
+        others = ({s.ref.id for j, s in enumerate(self.primary) if s is not None and j != k}
+                  if self.mode == "tree" else ())
         have, other = [], []
         for conn in self.conns.values():
             if conn.link in exclude or conn.link == self.tracker_link or not conn.node_id >= 0:
@@ -635,9 +638,7 @@ class PeerNode(RelayNode):
                 if seq >= base and (bits >> (seq - base)) & 1:
                     have.append(conn.link)
                     continue
-            if self.mode == "tree" and conn.node_id != self.seed_id and any(
-                    s is not None and s.ref.id == conn.node_id for j, s in enumerate(self.primary)
-                    if j != k):
+            if conn.node_id in others and conn.node_id != self.seed_id:
                 other.append(conn.link)
         self.rng.shuffle(have)
         self.rng.shuffle(other)

@@ -15,9 +15,9 @@ chunk_data/chunk_end(...)` (or `chunk_received(...)` for a chunk that arrived wh
 from __future__ import annotations
 
 import heapq
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from types import MappingProxyType
-from typing import Any, cast
+from typing import Any
 
 from meshcast import messages as m
 from meshcast.crypto import Crypto
@@ -80,7 +80,7 @@ class NodeBase:
         raise LocalProtocolError(f"{type(self).__name__} has no timer {key!r}")
 
 
-NO_SUBS = cast("dict[int, int]", MappingProxyType({}))
+NO_SUBS: Mapping[int, int] = MappingProxyType({})
 """The subscriptions of a link that has none: shared and read-only (writing to it raises), so a
 link gets a dict of its own only when it first subscribes."""
 
@@ -97,7 +97,7 @@ class Conn:
         self.node_id = m.NO_PEER
         self.authorized = False
         """The remote showed a valid token naming us (it may pull and subscribe)."""
-        self.subs: dict[int, int] = NO_SUBS
+        self.subs: Mapping[int, int] = NO_SUBS
         """Sub-streams this remote subscribed to → first seq wanted (most links, the tracker's
         and our parents', never have one)."""
         self.relays = 0
@@ -206,16 +206,17 @@ class RelayNode(NodeBase):
             self.protocol_error(link, exc, now=now)
 
     def _dispatch(self, conn: Conn, msg: m.Message, now: float) -> None:
-        t = type(msg)
-        if t is m.Hello:
+        # isinstance, not `type(msg) is`: it narrows the type (for mypy and mypyc), and no
+        # message class has subclasses.
+        if isinstance(msg, m.Hello):
             self._on_hello(conn, msg, now)
-        elif t is m.Subscribe:
+        elif isinstance(msg, m.Subscribe):
             self._on_subscribe(conn, msg, now)
-        elif t is m.Unsubscribe:
+        elif isinstance(msg, m.Unsubscribe):
             self._drop_sub(conn, msg.substream)
-        elif t is m.Request:
+        elif isinstance(msg, m.Request):
             self._on_request(conn, msg, now)
-        elif t is m.Have:
+        elif isinstance(msg, m.Have):
             self._require_auth(conn, msg)
             self._on_have(conn, msg, now)
         else:
@@ -277,17 +278,19 @@ class RelayNode(NodeBase):
                 lst.insert(i, conn)
             else:
                 lst.append(conn)
-        if conn.subs is NO_SUBS:
-            conn.subs = {}
-        conn.subs[k] = msg.from_seq
+        subs = conn.subs
+        if not isinstance(subs, dict):  # NO_SUBS: the link's first subscription
+            subs = conn.subs = {}
+        subs[k] = msg.from_seq
         if msg.from_seq >= 0:  # catch-up: send what we hold of this sub-stream from from_seq
             for seq in sorted(self.buffer):
                 if seq >= msg.from_seq and seq % self.substreams == k:
                     self._send_chunk(conn.link, seq)
 
     def _drop_sub(self, conn: Conn, k: int) -> None:
-        if k in conn.subs:
-            del conn.subs[k]
+        subs = conn.subs
+        if isinstance(subs, dict) and k in subs:  # (NO_SUBS holds none)
+            del subs[k]
             self._subscribers[k].remove(conn)
         conn.relays &= ~(1 << k)
 

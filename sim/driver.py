@@ -78,10 +78,9 @@ class RunResult:
 
 def _control_size(msg: m.Message) -> int:
     """Bytes a control message takes on the wire (estimated for the frequent, variable ones)."""
-    t = type(msg)
-    if t is m.Have:
+    if isinstance(msg, m.Have):
         return 14 + len(msg.bitmap)
-    if t is m.Request or t is m.Missing:
+    if isinstance(msg, (m.Request, m.Missing)):
         return 10 + 5 * len(msg.seqs)
     return wire.frame_size(msg)
 
@@ -159,7 +158,8 @@ class Simulation:
                             chunk_ms=sc.stream.chunk_ms)
             self.nodes[index] = seed
             self.alive[index] = 1
-            self._call(index, lambda now, s=seed: s.start(now=now))
+            seed.start(now=self.sched.now)
+            self._pump(index)
             self.sched.at(0.1, self._ingest, index)
         for spec in self.specs:
             if spec.join_at < sc.stream.duration_s:
@@ -264,8 +264,7 @@ class Simulation:
         ctx_seq, ctx_head = (ctx[1], ctx[2]) if ctx is not None and ctx[0] == i else (-1, now)
         dropped = []
         for eff in effects:
-            t = type(eff)
-            if t is fx.SendChunk:
+            if isinstance(eff, fx.SendChunk):
                 link = eff.link
                 remote = link ^ 1
                 dst = owner[remote]
@@ -282,7 +281,7 @@ class Simulation:
                 if arrival is not None:
                     sched.at(arrival[1], self._chunk_arrives, dst, remote, chunk, eff.ok,
                              arrival[0])
-            elif t is fx.Deliver:
+            elif isinstance(eff, fx.Deliver):
                 seq = eff.head.seq
                 if not self.started[i]:
                     self.started[i] = 1
@@ -290,23 +289,23 @@ class Simulation:
                 on_time = now <= self.nodes[i].deadline(seq) + 1e-9
                 metrics.chunk_verified(i, seq, eff.latency, on_time, not eff.from_seed,
                                        eff.head.size, now=now)
-            elif t is fx.Send:
+            elif isinstance(eff, fx.Send):
                 link = eff.link
                 remote = link ^ 1
                 dst = owner[remote]
                 if owner[link] >= 0 and dst >= 0:
                     metrics.bytes_sent(i, _control_size(eff.msg), "control", by_seed, now=now)
                     sched.at(net.send_control(i, dst, now), self._message, dst, remote, eff.msg)
-            elif t is fx.Skip:
+            elif isinstance(eff, fx.Skip):
                 metrics.chunk_missed(i, eff.seq, now=now)
-            elif t is fx.Open:
+            elif isinstance(eff, fx.Open):
                 self._open(i, eff.address, eff.ref)
-            elif t is fx.Notice:
+            elif isinstance(eff, fx.Notice):
                 node = self.nodes[i]
                 if i > self.channels and node.rejected and i not in self.refused:
                     self.refused.add(i)
                     metrics.peer_rejected(i)
-            elif t is fx.Close:
+            elif isinstance(eff, fx.Close):
                 link = eff.link
                 remote = link ^ 1
                 owner[link] = -1

@@ -5,16 +5,44 @@ peer, one row per audience size (each size in a fresh process, so peak RSS is it
 
     python bench/sim_scale.py                 # 10k and 100k, 60 s each (100k takes a while)
     python bench/sim_scale.py --peers 10000 --duration 20
+
+Compiled (mypyc, opt-in): `bench/build_compiled.sh`, then run with `PYTHONPATH=build/mypyc`;
+the output says `compiled: yes` or `no` (and warns when the compiled snapshot is stale).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+HOT_MODULES = ["sim.driver", "sim.scheduler", "peer.node", "meshcast.node"]
+
+
+def compiled_status() -> str:
+    """"yes" if the simulator's hot modules are extension modules (mypyc), else "no"; with a
+    warning if their sources differ from this checkout's (a stale compiled snapshot)."""
+    files = [Path(importlib.import_module(name).__file__ or "") for name in HOT_MODULES]
+    so = [f for f in files if f.suffix == ".so"]
+    if not so:
+        return "no"
+    status = "yes" if len(so) == len(files) else f"partly ({len(so)} of {len(files)})"
+    stale = []
+    for name, f in zip(HOT_MODULES, files):
+        rel = Path(*name.split(".")).with_suffix(".py")
+        built, here = f.parent / rel.name, REPO / rel
+        if here.is_file() and (not built.is_file() or built.read_bytes() != here.read_bytes()):
+            stale.append(str(rel))
+    where = so[0].parent.parent
+    if stale:
+        return f"{status}, STALE: {', '.join(stale)} changed since the build in {where}"
+    return f"{status} ({where})"
 
 
 def one(peers: int, duration: float, chunk_ms: int) -> dict:
@@ -38,7 +66,7 @@ def one(peers: int, duration: float, chunk_ms: int) -> dict:
         "deliveries": deliveries, "deliveries_per_s": round(deliveries / wall),
         "peak_rss_mb": round(peak_kb / 1024), "kb_per_peer": round((peak_kb - base) / peers, 2),
         "latency_p95_ms": s["latency_ms"]["p95"], "continuity": s["continuity"],
-        "offload": s["offload"],
+        "offload": s["offload"], "compiled": compiled_status(),
     }
 
 
@@ -59,6 +87,8 @@ def main() -> None:
                              stdout=subprocess.PIPE, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = rows[-1]
+        if len(rows) == 1:
+            print(f"compiled: {r['compiled']}", flush=True)
         print(f"{r['peers']:>7} peers  {r['wall_s']:>8.1f} s wall  {r['events_per_s']:>9,} ev/s  "
               f"{r['deliveries_per_s']:>8,} deliveries/s  peak {r['peak_rss_mb']:>6,} MB  "
               f"{r['kb_per_peer']:>6.1f} KB/peer  p95 {r['latency_p95_ms']} ms  "

@@ -14,8 +14,8 @@ chunk_data/chunk_end(...)` (or `chunk_received(...)` for a chunk that arrived wh
 
 from __future__ import annotations
 
-from collections.abc import Hashable
-from typing import Any, cast
+from collections.abc import Hashable, Sequence
+from typing import Any
 
 from meshcast import messages as m
 from meshcast.crypto import Crypto
@@ -76,9 +76,7 @@ class NodeBase:
         raise LocalProtocolError(f"{type(self).__name__} has no timer {key!r}")
 
 
-
-
-NO_SUBSCRIBERS = cast("list[tuple[Conn, int]]", ())
+NO_SUBSCRIBERS: tuple[()] = ()
 """The subscribers of a sub-stream nobody subscribed to: one shared empty tuple, not a list
 per node and sub-stream (most peers relay none, or one, of their sub-streams)."""
 
@@ -127,7 +125,7 @@ class RelayNode(NodeBase):
         self.bitrate_kbps = 0
         self.mode = "tree"
         self.conns: dict[Link, Conn] = {}
-        self._subscribers: list[list[tuple[Conn, int]]] = []
+        self._subscribers: list[Sequence[tuple[Conn, int]]] = []
         """Per sub-stream: (child, first seq it wants), relaying children first."""
         self.newest = -1
         self.bytes_up = 0
@@ -202,16 +200,17 @@ class RelayNode(NodeBase):
             self.protocol_error(link, exc, now=now)
 
     def _dispatch(self, conn: Conn, msg: m.Message, now: float) -> None:
-        t = type(msg)
-        if t is m.Hello:
+        # isinstance, not `type(msg) is`: it narrows the type (for mypy and mypyc), and no
+        # message class has subclasses.
+        if isinstance(msg, m.Hello):
             self._on_hello(conn, msg, now)
-        elif t is m.Subscribe:
+        elif isinstance(msg, m.Subscribe):
             self._on_subscribe(conn, msg, now)
-        elif t is m.Unsubscribe:
+        elif isinstance(msg, m.Unsubscribe):
             self._drop_sub(conn, msg.substream)
-        elif t is m.Request:
+        elif isinstance(msg, m.Request):
             self._on_request(conn, msg, now)
-        elif t is m.Have:
+        elif isinstance(msg, m.Have):
             self._require_auth(conn, msg)
             self._on_have(conn, msg, now)
         else:
@@ -264,8 +263,9 @@ class RelayNode(NodeBase):
             return
         conn.authorized = True
         lst = self._subscribers[k]
-        if lst is NO_SUBSCRIBERS:
-            lst = self._subscribers[k] = []
+        if not isinstance(lst, list):  # NO_SUBSCRIBERS: sub-stream k's first subscriber
+            lst = []
+            self._subscribers[k] = lst
         entry = (conn, msg.from_seq)
         if subscribed:
             lst[self._find(conn, k)] = entry
@@ -288,6 +288,7 @@ class RelayNode(NodeBase):
         if conn.subs >> k & 1:
             conn.subs &= ~(1 << k)
             lst = self._subscribers[k]
+            assert isinstance(lst, list)  # it has a subscriber: conn
             del lst[self._find(conn, k)]
             if not lst:
                 self._subscribers[k] = NO_SUBSCRIBERS

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import random
 from array import array
+from collections.abc import Set
 from typing import Any
 
 from meshcast import messages as m
@@ -231,32 +232,31 @@ class PeerNode(RelayNode):
     # -- control messages ----------------------------------------------------------------------
 
     def _dispatch_other(self, conn: Conn, msg: m.Message, now: float) -> None:
-        t = type(msg)
         if conn.link == self.tracker_link:
-            if t is m.Welcome:
+            if isinstance(msg, m.Welcome):
                 self._on_welcome(msg, now)
-            elif t is m.Assign:
+            elif isinstance(msg, m.Assign):
                 self._on_assign(msg, now)
-            elif t is m.Neighbours:
+            elif isinstance(msg, m.Neighbours):
                 self._on_neighbours(msg, now)
-            elif t is m.Reject:
+            elif isinstance(msg, m.Reject):
                 # Refused or evicted: leave the swarm entirely, so no parent keeps counting us.
                 self.rejected = msg.reason
                 self._out.append(Notice(f"tracker: {msg.reason}"))
                 for link in list(self.conns):
                     self._close(link, f"rejected by the tracker: {msg.reason}", now)
             else:
-                raise RemoteProtocolError(f"unexpected {t.__name__} from the tracker")
-        elif t is m.Refuse:
+                raise RemoteProtocolError(f"unexpected {type(msg).__name__} from the tracker")
+        elif isinstance(msg, m.Refuse):
             self._on_refuse(conn, msg, now)
-        elif t is m.Missing:
+        elif isinstance(msg, m.Missing):
             for seq in msg.seqs:
                 req = self.requested.get(seq)
                 if req is not None and req[0] == conn.link:
                     del self.requested[seq]
                     self._pull([seq], now, exclude=req[2] | {conn.link})
         else:
-            raise RemoteProtocolError(f"unexpected {t.__name__} from a peer")
+            raise RemoteProtocolError(f"unexpected {type(msg).__name__} from a peer")
 
     def _on_welcome(self, msg: m.Welcome, now: float) -> None:
         if self.pinned_key is not None and msg.public_key != self.pinned_key:
@@ -271,7 +271,7 @@ class PeerNode(RelayNode):
         self.primary, self.backup = [None] * k, [None] * k
         # Per-sub-stream numbers as arrays: unboxed, ~100 bytes less per list of 4.
         self.relays, self.last_rx, self.newest_in = [False] * k, array("d", [now]) * k, array("q", [-1]) * k
-        self._lat: list[float | None] = [None] * k
+        self._lat = [None] * k
         if self.mode == "tree":
             self._set_timer("stall", now + self.stall_timeout)
         else:
@@ -621,7 +621,7 @@ class PeerNode(RelayNode):
         self._arm_request_timeout()
         self._schedule_repair(now)
 
-    def _sources(self, seq: int, exclude: set[Link]) -> list[Link]:
+    def _sources(self, seq: int, exclude: Set[Link]) -> list[Link]:
         """Where to pull `seq` from, best first."""
         k = seq % self.substreams
         # Our parents in the other trees (they have the whole stream; the seed is asked last).
@@ -644,7 +644,7 @@ class PeerNode(RelayNode):
         self.rng.shuffle(other)
         return have + other
 
-    def _pull(self, seqs: list[int], now: float, exclude: set[Link] = frozenset()) -> None:  # type: ignore[assignment]
+    def _pull(self, seqs: list[int], now: float, exclude: Set[Link] = frozenset()) -> None:
         batches: dict[Link, list[int]] = {}
         busy = self._busy()
         seed_wanted = []
@@ -662,11 +662,11 @@ class PeerNode(RelayNode):
                 seed_wanted.append(seq)
         if seed_wanted and self.seed_id in self.neighbours and self.seed_id not in self.blocked:
             ref, token = self.neighbours[self.seed_id]
-            link = self._connect(ref, token)
-            if link is not None and link not in exclude:
+            seed_link = self._connect(ref, token)
+            if seed_link is not None and seed_link not in exclude:
                 for seq in seed_wanted:
-                    batches.setdefault(link, []).append(seq)
-                    self.requested[seq] = (link, now, set(exclude) | {link})
+                    batches.setdefault(seed_link, []).append(seq)
+                    self.requested[seq] = (seed_link, now, set(exclude) | {seed_link})
         self._send_requests(batches)
 
     def _busy(self) -> dict[Link, int]:

@@ -26,7 +26,7 @@ import json
 import math
 from array import array
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, ClassVar, Iterable, Literal, Mapping
 
 __all__ = ["Histogram", "MetricsCollector", "write_comparison"]
 
@@ -101,8 +101,9 @@ class _Bucket:
 class MetricsCollector:
     """Per-run metrics, fed by the simulator driver; ids are dense node ids ``< n_nodes``."""
 
-    # Per-node columns: (name, array typecode, initial value).
-    _COLUMNS = (
+    # Per-node columns: (name, array typecode, initial value). `Any`: the initial values are
+    # ints and floats, kept as they are (a float type would make mypyc convert the ints).
+    _COLUMNS: ClassVar[tuple[tuple[str, str, Any], ...]] = (
         ("joined_at", "d", math.nan),
         ("left_at", "d", math.nan),
         ("startup_s", "d", math.nan),
@@ -115,6 +116,18 @@ class MetricsCollector:
         ("bytes_uploaded", "q", 0),
         ("max_depth", "h", -1),
     )
+    # Declared for type checkers (and mypyc); `__init__` creates them from `_COLUMNS`.
+    joined_at: array[float]
+    left_at: array[float]
+    startup_s: array[float]
+    verified: array[int]
+    on_time: array[int]
+    missed: array[int]
+    latency_sum: array[float]
+    bytes_from_peers: array[int]
+    bytes_from_seed: array[int]
+    bytes_uploaded: array[int]
+    max_depth: array[int]
 
     def __init__(
         self,
@@ -229,7 +242,8 @@ class MetricsCollector:
 
     def peers(self) -> list[int]:
         """Ids that acted as peers, ascending."""
-        return [i for i, s in enumerate(self.seen) if s]
+        seen = self.seen  # (indexes, not enumerate: mypyc 2.4 cannot iterate a bytearray)
+        return [i for i in range(len(seen)) if seen[i]]
 
     def depth_histogram(self) -> dict[int, int]:
         hist: dict[int, int] = {}
@@ -343,8 +357,8 @@ def _plot(out: Path, runs: Mapping[str, MetricsCollector], prefix: str = "") -> 
     ax1, ax2 = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2)
     for label, m in runs.items():
         s = m.series()
-        ax1.plot(s["t_s"], _nan(s["offload"]), label=label or None)
-        ax2.plot(s["t_s"], _nan(s["continuity"]), label=label or None)
+        ax1.plot(_nan(s["t_s"]), _nan(s["offload"]), label=label or None)
+        ax2.plot(_nan(s["t_s"]), _nan(s["continuity"]), label=label or None)
     ax1.set(ylabel="offload", ylim=(0, 1.02), title="Offload and continuity over time")
     ax2.set(xlabel="time (s)", ylabel="continuity", ylim=(0, 1.02))
     save(fig, "timeseries")

@@ -117,7 +117,7 @@ class Scheduler:
             self.now = entry[0]
             entry[2](*entry[3])
             count += 1
-            if count == next_report:
+            if count == next_report and progress is not None:
                 next_report += PROGRESS_EVERY
                 progress(self.now, count)
             if self._stopped:

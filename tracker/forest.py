@@ -14,14 +14,13 @@ one sub-stream, not the stream.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from types import MappingProxyType
-from typing import cast
 
 from meshcast.messages import NO_PEER, PeerRef
 
 Bucket = dict[int, None]
-NO_CHILDREN = cast("dict[int, bool]", MappingProxyType({}))
+NO_CHILDREN: Mapping[int, bool] = MappingProxyType({})
 """A member's children in a tree where it has none: shared, read-only (writing to it raises)."""
 
 
@@ -39,7 +38,7 @@ class Member:
         self.home = NO_PEER
         self.parent = [NO_PEER] * substreams
         self.backup = [NO_PEER] * substreams
-        self.children: list[dict[int, bool]] = [NO_CHILDREN] * substreams
+        self.children: list[Mapping[int, bool]] = [NO_CHILDREN] * substreams
         """Per tree: child id → whether that child relays this sub-stream (most members are
         leaves in most trees: they share one read-only empty mapping until they get a child)."""
         self.depth = [0 if is_seed else -1] * substreams
@@ -124,8 +123,9 @@ class Forest:
         self._unindex(parent)
         child.parent[k] = parent.id
         kids = parent.children[k]
-        if kids is NO_CHILDREN:
-            kids = parent.children[k] = {}
+        if not isinstance(kids, dict):  # NO_CHILDREN: its first child in tree k
+            kids = {}
+            parent.children[k] = kids
         kids[child.id] = child.relays(k)
         parent.used += 1
         self._index(parent)
@@ -140,6 +140,7 @@ class Forest:
         if parent is not None and child.id in parent.children[k]:
             self._unindex(parent)
             kids = parent.children[k]
+            assert isinstance(kids, dict)  # it holds child
             del kids[child.id]
             if not kids:
                 parent.children[k] = NO_CHILDREN
@@ -186,7 +187,7 @@ class Forest:
                 continue
             if m.used < m.slots:
                 self.free[k].setdefault(d, {})[m.id] = None
-            if any(not relays for relays in m.children[k].values()):
+            if False in m.children[k].values():  # a child that does not relay (values are bools)
                 self.leafy[k].setdefault(d, {})[m.id] = None
 
     def _unindex(self, m: Member) -> None:

@@ -89,22 +89,21 @@ class TrackerNode(NodeBase):
         if link not in self.links:
             return
         entry = self.links[link]
-        t = type(msg)
         try:
-            if t is m.Announce:
+            if isinstance(msg, m.Announce):
                 self._on_announce(link, msg, now)
-            elif t is m.Join:
+            elif isinstance(msg, m.Join):
                 self._on_join(link, msg, now)
             elif entry is None:
-                raise RemoteProtocolError(f"{t.__name__} before Join or Announce")
-            elif t is m.Leave:
+                raise RemoteProtocolError(f"{type(msg).__name__} before Join or Announce")
+            elif isinstance(msg, m.Leave):
                 self._drop_link(link, "bye", now)
-            elif t is m.ParentLost:
+            elif isinstance(msg, m.ParentLost):
                 self._on_parent_lost(entry[0], entry[1], msg, now)
-            elif t is m.Complaint:
+            elif isinstance(msg, m.Complaint):
                 self._on_complaint(entry[0], entry[1], msg, now)
             else:
-                raise RemoteProtocolError(f"unexpected {t.__name__} at the tracker")
+                raise RemoteProtocolError(f"unexpected {type(msg).__name__} at the tracker")
         except RemoteProtocolError as exc:
             self.protocol_error(link, exc, now=now)
 

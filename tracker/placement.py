@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import ClassVar
 
 from meshcast.messages import NO_PEER
 from tracker.forest import Forest, Member
@@ -34,8 +35,8 @@ def distance(a: tuple[float, ...], b: tuple[float, ...]) -> float:
 class TreePlacement:
     """Ours: shallow, latency-aware, interior-disjoint trees with push-down."""
 
-    name = "tree"
-    mode = "tree"
+    name: ClassVar[str] = "tree"
+    mode: ClassVar[str] = "tree"
 
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
@@ -88,25 +89,27 @@ class TreePlacement:
 class RandomPlacement(TreePlacement):
     """Baseline: a uniformly random member with a free slot (no depth, distance or push-down)."""
 
-    name = "random"
+    name: ClassVar[str] = "random"
 
-    def parent(self, forest, member, k, avoid=NO_PEER):  # type: ignore[override]
+    def parent(self, forest: Forest, member: Member, k: int,
+               avoid: int = NO_PEER) -> tuple[Member | None, Member | None]:
         return sample_free(forest, member, k, avoid, self.rng), None
 
-    def backup(self, forest, member, k):  # type: ignore[override]
+    def backup(self, forest: Forest, member: Member, k: int) -> Member | None:
         return sample_free(forest, member, k, member.parent[k], self.rng)
 
 
 class MeshPlacement(TreePlacement):
     """Baseline: no push trees; the tracker only hands out mesh neighbours."""
 
-    name = "mesh"
-    mode = "mesh"
+    name: ClassVar[str] = "mesh"
+    mode: ClassVar[str] = "mesh"
 
-    def parent(self, forest, member, k, avoid=NO_PEER):  # type: ignore[override]
+    def parent(self, forest: Forest, member: Member, k: int,
+               avoid: int = NO_PEER) -> tuple[Member | None, Member | None]:
         return None, None
 
-    def backup(self, forest, member, k):  # type: ignore[override]
+    def backup(self, forest: Forest, member: Member, k: int) -> Member | None:
         return None
 
 

@@ -204,14 +204,18 @@ class PeerNode(RelayNode):
             if not self.rejected:
                 self._out.append(Notice(f"lost the tracker ({reason}); still playing"))
             return
-        if self.peer_links.get(conn.node_id) == conn.link:
+        ours = self.peer_links.get(conn.node_id) == conn.link
+        if ours:
             del self.peer_links[conn.node_id]
         for key in [key for key in self.rx if key[0] == conn.link]:
             rx = self.rx.pop(key)
             if rx is not None:
                 self.receiving.pop(key[1], None)
                 self._end_targets(rx.targets, key[1], False)
-        self._peer_gone(conn.node_id, now, reason)
+        if ours or conn.node_id not in self.peer_links:
+            # Not while our own link to it is up: the remote closed only the link it opened to
+            # us (we are no longer its parent, `_close_unused`), it did not go away.
+            self._peer_gone(conn.node_id, now, reason)
 
     def _peer_gone(self, node_id: int, now: float, reason: str) -> None:
         for k, slot in enumerate(self.primary):
@@ -739,12 +743,28 @@ class PeerNode(RelayNode):
                 self._mesh_schedule(now)
         elif key == "stall":
             self._check_stalls(now)
+            self._close_unused(now)
             self._set_timer("stall", now + self.stall_timeout / 2)
         elif key == "have":
             super()._on_timer(key, now)
             self._mesh_schedule(now)
         else:
             super()._on_timer(key, now)
+
+    def _close_unused(self, now: float) -> None:
+        """Close the links we opened to peers that are no longer a parent or backup of ours
+        (a parent the tracker moved us away from), once nothing is in flight on them.
+
+        Each end frees its side; in the runtime an idle QUIC link would otherwise exchange
+        keep-alive PINGs for the rest of the session. The seed and mesh neighbours stay."""
+        keep = {s.ref.id for s in self.primary if s is not None}
+        keep.update(s.ref.id for s in self.backup if s is not None)
+        busy = {r[0] for r in self.requested.values()}
+        busy.update(key[0] for key in self.rx)
+        for node_id, link in list(self.peer_links.items()):
+            if (node_id not in keep and node_id != self.seed_id and node_id not in self.neighbours
+                    and link not in busy):
+                self._close(link, "no longer a parent", now)
 
     def _check_stalls(self, now: float) -> None:
         """A parent that stopped sending while the stream went on is as good as gone.

@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from meshcast import effects as fx
 from meshcast.crypto import Crypto, SigningKey
 from meshcast.policy import HEADROOM, STRETCH_HEADROOM, child_slots
 from peer.node import LATE_SLACK, PeerNode
@@ -160,6 +161,40 @@ def test_chunks_of_a_silent_relay_are_pulled_once_later_than_their_path_usually_
         # A gap shows when a later chunk arrives (one interval on, two if that one was late
         # too); a deadline-driven pull would wait until 2.0 − REPAIR_MARGIN × 2.0 = 1.4 s.
         assert max(d.latency for d in late) <= LATE_SLACK + 2 * CHUNK_MS / 1000 + 0.05
+
+
+def test_links_to_former_parents_are_closed_and_nobody_misses_a_chunk():
+    """The tracker moves leaves to make room for relays near the root (push-down). A peer then
+    closes its link to the parent it lost, on its next stall check, and keeps links only to
+    its parents, its backups and the seed."""
+    w, tracker, seed, peers = build(20)
+    stream(w, seed, 30)
+    assert [r for _, r in w.closed if r == "no longer a parent"]  # push-downs happened
+    for p in peers:
+        wanted = {s.ref.id for s in p.primary + p.backup if s is not None} | {p.seed_id}
+        assert set(p.peer_links) <= wanted
+        assert p.skipped == 0
+        seqs = played(w, p)
+        assert seqs == list(range(seqs[0], 30))
+
+
+def test_a_parent_closing_the_link_it_opened_to_us_is_not_taken_for_gone():
+    """Our parent b also opened a link to us (to pull, say) and closes it once unused: our own
+    link to b is up, so b stays our parent (no switch to the backup, nothing skipped)."""
+    w, tracker, seed, peers = build(12)
+    stream(w, seed, 10)
+    by_id = {p.id: p for p in peers}
+    a, k, slot, b = next(
+        (p, k, s, by_id[s.ref.id]) for p in peers for k, s in enumerate(p.primary)
+        if s is not None and s.ref.id in by_id
+        and p.id not in {t.ref.id for t in by_id[s.ref.id].primary + by_id[s.ref.id].backup if t})
+    w._apply(b, fx.Open(a.address, a.id))
+    w.run()
+    assert a.id in b.peer_links
+    stream(w, seed, 25)  # b checks its links every stall_timeout / 2 (1.8 s here)
+    assert (b, "no longer a parent") in w.closed and a.id not in b.peer_links
+    assert a.primary[k] is slot
+    assert a.skipped == 0
 
 
 def test_forging_relay_is_cut_off_reported_and_evicted():

@@ -54,8 +54,9 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
 
 
 def _resolve(name: str) -> Path:
+    """A scenario file, or the name of a shipped one (a directory of that name is not a file)."""
     path = Path(name)
-    if not path.exists() and not path.suffix:
+    if not path.is_file() and not path.suffix:
         shipped = Path(SCENARIO_DIR) / f"{name}.toml"
         if shipped.exists():
             return shipped
@@ -73,7 +74,7 @@ def _load(args: argparse.Namespace, strategy: str | None = None) -> Scenario:
     if strategy:
         overrides["run.strategy"] = strategy
     path = _resolve(args.scenario)
-    if not path.exists():
+    if not path.is_file():
         raise SystemExit(f"meshcast sim: no scenario file {args.scenario!r} "
                          f"(shipped ones are in {SCENARIO_DIR})")
     try:

@@ -62,3 +62,13 @@ def test_unknown_scenario_and_strategy_are_clear_errors():
     with pytest.raises(SystemExit) as exc:
         run_cli(["compare", "small-20", "--strategies", "tree,bogus"])
     assert "bogus" in str(exc.value)
+
+
+def test_a_directory_named_like_a_shipped_scenario_does_not_hide_it(tmp_path, monkeypatch, capsys):
+    (tmp_path / "small-20").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(["run", "small-20", "--duration", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["peers"] == 20
+    with pytest.raises(SystemExit) as exc:
+        run_cli(["run", str(tmp_path)])  # a directory given as a path: a clear error
+    assert "no scenario file" in str(exc.value)

@@ -274,7 +274,8 @@ class PeerNode(RelayNode):
         k = msg.substreams
         self.primary, self.backup = [None] * k, [None] * k
         # Per-sub-stream numbers as arrays: unboxed, ~100 bytes less per list of 4.
-        self.relays, self.last_rx, self.newest_in = [False] * k, array("d", [now]) * k, array("q", [-1]) * k
+        self.relays = [False] * k
+        self.last_rx, self.newest_in = array("d", [now]) * k, array("q", [-1]) * k
         self._lat = [None] * k
         if self.mode == "tree":
             self._set_timer("stall", now + self.stall_timeout)

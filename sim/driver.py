@@ -153,8 +153,9 @@ class Simulation:
 
     def run(self) -> RunResult:
         # No cyclic garbage collection during a run: it allocates millions of short-lived
-        # objects and forms no reference cycles (`tests/sim/test_driver_gc.py` checks it), yet the collector's passes over a large, growing heap took 10 %
-        # (pure Python) to 20 % (compiled) of a 10k-peer run.
+        # objects and forms no reference cycles (`tests/sim/test_driver_gc.py` checks it), yet
+        # the collector's passes over a large, growing heap took 10 % (pure Python) to 20 %
+        # (compiled) of a 10k-peer run, and more as the audience grows.
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:

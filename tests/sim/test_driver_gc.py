@@ -19,9 +19,11 @@ def test_a_run_with_joins_and_both_kinds_of_departure_leaves_no_cyclic_garbage(s
         "peers.count": peers, "stream.duration_s": 20.0, "peers.arrival.rate": 20,
         "run.strategy": strategy})
     gc.collect()
-    sim = Simulation(sc)
+    during: list[bool] = []
+    sim = Simulation(sc, progress=lambda now, events: during.append(gc.isenabled()))
     assert gc.isenabled()
     result = sim.run()
+    assert during and not any(during), "the collector must be off while the run runs"
     assert gc.isenabled(), "the run must switch the collector back on"
     assert result.metrics.summary()["chunks"]["verified"] > 0
     gc.disable()

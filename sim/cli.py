@@ -35,6 +35,10 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
         p.add_argument("--out", metavar="DIR",
                        help="write metrics.json, peers.csv and PNG plots into DIR")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       dest="settings",
+                       help="override any scenario key, dotted, with a TOML value, e.g. "
+                            "--set stream.chunk_ms=50 --set network.loss=0.01 (repeatable)")
 
     run = sub.add_parser("run", help="run one scenario",
                          description="Run one scenario; print a summary table (or JSON).")
@@ -63,8 +67,21 @@ def _resolve(name: str) -> Path:
     return path
 
 
+def _settings(pairs: list[str]) -> dict[str, str]:
+    """`--set KEY=VALUE` pairs as dotted overrides (the value is parsed as TOML later)."""
+    out = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        key = key.strip()
+        if not eq or not key or not value.strip():
+            raise SystemExit(f"meshcast sim: --set {pair!r}: expected KEY=VALUE, "
+                             f"e.g. stream.chunk_ms=50")
+        out[key] = value.strip()
+    return out
+
+
 def _load(args: argparse.Namespace, strategy: str | None = None) -> Scenario:
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = _settings(args.settings)
     if args.seed is not None:
         overrides["run.seed"] = args.seed
     if args.peers is not None:

@@ -72,3 +72,21 @@ def test_a_directory_named_like_a_shipped_scenario_does_not_hide_it(tmp_path, mo
     with pytest.raises(SystemExit) as exc:
         run_cli(["run", str(tmp_path)])  # a directory given as a path: a clear error
     assert "no scenario file" in str(exc.value)
+
+
+def test_set_overrides_any_key_and_names_a_bad_one(tmp_path):
+    assert run_cli(["run", "small-20", "--duration", "4", "--quiet", "--out", str(tmp_path),
+                    "--set", "peers.count=12", "--set", "stream.chunk_ms = 100"]) == 0
+    out = json.loads((tmp_path / "metrics.json").read_text())
+    assert out["peers"] == 12
+    # 100 ms chunks for 4 s: up to 40 per peer; the scenario's own 200 ms would give up to 20.
+    assert 12 * 25 <= out["chunks"]["verified"] <= 12 * 40
+    with pytest.raises(SystemExit) as exc:
+        run_cli(["run", "small-20", "--set", "stream.chunk_ms=fast"])
+    assert "stream.chunk_ms" in str(exc.value)
+    with pytest.raises(SystemExit) as exc:
+        run_cli(["run", "small-20", "--set", "stream.chunk_ms"])
+    assert "expected KEY=VALUE" in str(exc.value)
+    with pytest.raises(SystemExit) as exc:
+        run_cli(["run", "small-20", "--set", "stream.chunk_size=50"])
+    assert "stream.chunk_size" in str(exc.value)

@@ -91,10 +91,10 @@ class Simulation:
     """One scenario run. `run()` returns a `RunResult`."""
 
     def __init__(self, scenario: Scenario, *, progress: Callable[[float, int], Any] | None = None,
-                 playout_delay: float = 0.5) -> None:
+                 playout_delay: float | None = None) -> None:
         self.scenario = sc = scenario
         self.progress = progress
-        self.playout_delay = playout_delay
+        self.playout_delay = sc.peers.playout_delay_s if playout_delay is None else playout_delay
         self.rng = random.Random(sc.run.seed)
         self.sched = Scheduler()
         self.channels = sc.channels.count

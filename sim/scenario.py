@@ -12,7 +12,7 @@ The tables (see the dataclasses below for keys and defaults)::
     description = "..."
     [stream]   bitrate_kbps, chunk_ms, substreams, duration_s
     [seed]     upload_kbps
-    [peers]    count, nat_fraction, graceful_fraction, download_kbps
+    [peers]    count, nat_fraction, graceful_fraction, download_kbps, playout_delay_s
     [peers.arrival]  kind = "all" | "poisson" | "flash" | "pareto"  (+ t0, rate, window_s, ...)
     [peers.session]  kind = "infinite" | "fixed" | "exponential" | "lognormal"  (+ params)
     [[peers.upload]] share, kbps          (capacity classes; shares sum to 1)
@@ -160,6 +160,9 @@ class PeersConfig:
     """Share of departures that are announced (the rest vanish abruptly)."""
     download_kbps: float = _opt(0.0, NON_NEGATIVE)
     """Per-peer download capacity; 0 means unlimited."""
+    playout_delay_s: float = _opt(0.5, NON_NEGATIVE)
+    """How long after its first playable chunk a viewer starts playing: its margin for late
+    chunks and pull repair (`PeerNode.playout_delay`)."""
 
 
 @dataclass(frozen=True)

@@ -119,3 +119,18 @@ def test_shipped_scenarios_say_what_they_promise():
     assert justin.channels.count == 2000 and justin.peers.count == 50_000
     assert load_scenario(SCENARIO_DIR / "flash-crowd.toml").peers.arrival.kind == "flash"
     assert load_scenario(SCENARIO_DIR / "small-20.toml").peers.count == 20
+
+
+def test_playout_delay_is_a_scenario_key_the_peers_play_by():
+    """`[peers] playout_delay_s` is the viewers' margin: with lossy transfers, a longer one leaves
+    time for pull repair, so more chunks play on time (and later)."""
+    from sim.driver import run_scenario
+
+    assert parse_scenario({}).peers.playout_delay_s == 0.5
+    with pytest.raises(ScenarioError, match="peers.playout_delay_s"):
+        parse_scenario({"peers": {"playout_delay_s": -1}})
+    runs = {d: run_scenario(load_scenario(SCENARIO_DIR / "small-20.toml", overrides={
+        "stream.duration_s": 20, "network.chunk_drop": 0.2, "peers.playout_delay_s": d,
+    })).summary() for d in (0.05, 2.0)}
+    assert runs[2.0]["continuity"] > runs[0.05]["continuity"] + 0.1
+    assert runs[2.0]["latency_ms"]["p50"] > runs[0.05]["latency_ms"]["p50"]

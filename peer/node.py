@@ -36,6 +36,10 @@ from meshcast.policy import MAX_BACKLOG_S
 TRACKER = "tracker"
 START_WAIT = 1.0
 """Longest wait, after the first random-access chunk, for every sub-stream to deliver."""
+BUFFER_MARGIN_S = 2.5
+"""A peer keeps at least its playout delay plus this much of the stream. While a lost chunk is
+repaired, the chunks behind it wait to play; they must not leave the window first (a 4 s delay
+in a 3 s window lost 9 % of a lossy run)."""
 REPAIR_MARGIN = 0.3
 """Pull a missing chunk when this share of the playout delay is left before its deadline.
 
@@ -97,7 +101,8 @@ class PeerNode(RelayNode):
                  address: str = "", upload_kbps: int = 0, coords: tuple[float, ...] = (),
                  public_key: bytes | None = None, playout_delay: float = 0.5,
                  buffer_s: float = 5.0) -> None:
-        super().__init__(crypto=crypto, upload_kbps=upload_kbps, buffer_s=buffer_s)
+        super().__init__(crypto=crypto, upload_kbps=upload_kbps,
+                         buffer_s=max(buffer_s, playout_delay + BUFFER_MARGIN_S))
         self.channel = channel
         self.rng = rng
         self.tracker = tracker

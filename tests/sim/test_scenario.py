@@ -2,6 +2,7 @@
 
 import pytest
 
+from sim.driver import run_scenario
 from sim.scenario import (
     SCENARIO_DIR,
     Scenario,
@@ -124,8 +125,6 @@ def test_shipped_scenarios_say_what_they_promise():
 def test_playout_delay_is_a_scenario_key_the_peers_play_by():
     """`[peers] playout_delay_s` is the viewers' margin: with lossy transfers, a longer one leaves
     time for pull repair, so more chunks play on time (and later)."""
-    from sim.driver import run_scenario
-
     assert parse_scenario({}).peers.playout_delay_s == 0.5
     with pytest.raises(ScenarioError, match="peers.playout_delay_s"):
         parse_scenario({"peers": {"playout_delay_s": -1}})
@@ -140,8 +139,6 @@ def test_a_long_playout_delay_keeps_what_waits_behind_a_gap():
     """Peers keep chunks for longer than their playout delay. While a lost chunk is repaired
     (10 % of transfers vanish), the chunks behind it wait for it; with a 4 s delay and the
     fixed 3 s window the simulator had, they fell out of the window first (90.6 %)."""
-    from sim.driver import run_scenario
-
     s = run_scenario(load_scenario(SCENARIO_DIR / "small-20.toml", overrides={
         "stream.duration_s": 20, "network.chunk_drop": 0.1,
         "peers.playout_delay_s": 4.0})).summary()

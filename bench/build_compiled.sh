@@ -24,6 +24,7 @@ python="${PYTHON:-python}"
 # interpreted one, so every subclass of a compiled node class is compiled too (seed, tracker).
 MODULES=(
     meshcast/node.py meshcast/window.py meshcast/effects.py meshcast/messages.py meshcast/policy.py
+    meshcast/crypto.py
     peer/node.py seed/node.py
     tracker/node.py tracker/forest.py tracker/placement.py
     sim/driver.py sim/scheduler.py sim/network.py sim/metrics.py

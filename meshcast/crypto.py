@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any, Protocol
 
 import msgpack
 from cryptography.exceptions import InvalidSignature
@@ -38,6 +39,15 @@ def token_signing_input(child: int, parent: int, channel: str, substream: int, e
 
 def announce_signing_input(channel: str, address: str) -> bytes:
     return _ANNOUNCE_DOMAIN + msgpack.packb([channel, address])
+
+
+class Signer(Protocol):
+    """What `Crypto` signs with: a `SigningKey` (a protocol, so a compiled simulator build does
+    not insist on that class where `SimCrypto` ignores the key)."""
+
+    public: bytes
+
+    def sign(self, data: bytes) -> bytes: ...
 
 
 class SigningKey:
@@ -94,7 +104,7 @@ class Crypto:
         except InvalidSignature:
             return False
 
-    def sign_chunk(self, key: SigningKey, channel: str, seq: int, flags: int, ts: float,
+    def sign_chunk(self, key: Signer, channel: str, seq: int, flags: int, ts: float,
                    payload: bytes) -> ChunkHead:
         sig = key.sign(chunk_signing_input(channel, seq, flags, ts, payload))
         return ChunkHead(channel, seq, len(payload), flags, ts, sig)
@@ -105,7 +115,7 @@ class Crypto:
         data = chunk_signing_input(head.channel, head.seq, head.flags, head.ts, payload)
         return self._verify(public, head.sig, data)
 
-    def issue_token(self, key: SigningKey, child: int, parent: int, channel: str, substream: int,
+    def issue_token(self, key: Signer, child: int, parent: int, channel: str, substream: int,
                     expires: float) -> Token:
         sig = key.sign(token_signing_input(child, parent, channel, substream, expires))
         return Token(child, parent, channel, substream, expires, sig)
@@ -115,7 +125,7 @@ class Crypto:
                                    token.expires)
         return self._verify(public, token.sig, data)
 
-    def sign_announce(self, key: SigningKey, channel: str, address: str) -> bytes:
+    def sign_announce(self, key: Signer, channel: str, address: str) -> bytes:
         return key.sign(announce_signing_input(channel, address))
 
     def announce_valid(self, public: bytes, channel: str, address: str, proof: bytes) -> bool:
@@ -134,22 +144,26 @@ class SimCrypto(Crypto):
     verification exactly where real data would.
     """
 
-    def sign_chunk(self, key, channel, seq, flags, ts, payload):  # type: ignore[override]
+    # `key` is a `SimKey` here, not a `SigningKey`: it is never used.
+
+    def sign_chunk(self, key: Any, channel: str, seq: int, flags: int, ts: float,
+                   payload: bytes) -> ChunkHead:
         return ChunkHead(channel, seq, len(payload), flags, ts, _SIM_SIG)
 
-    def verify_chunk(self, public, head, payload):  # type: ignore[override]
+    def verify_chunk(self, public: bytes, head: ChunkHead, payload: bytes) -> bool:
         return head.sig != FORGED and len(payload) == head.size
 
-    def issue_token(self, key, child, parent, channel, substream, expires):  # type: ignore[override]
+    def issue_token(self, key: Any, child: int, parent: int, channel: str, substream: int,
+                    expires: float) -> Token:
         return Token(child, parent, channel, substream, expires, _SIM_SIG)
 
-    def token_valid(self, public, token):  # type: ignore[override]
+    def token_valid(self, public: bytes, token: Token) -> bool:
         return token.sig != FORGED
 
-    def sign_announce(self, key, channel, address):  # type: ignore[override]
+    def sign_announce(self, key: Any, channel: str, address: str) -> bytes:
         return _SIM_SIG
 
-    def announce_valid(self, public, channel, address, proof):  # type: ignore[override]
+    def announce_valid(self, public: bytes, channel: str, address: str, proof: bytes) -> bool:
         return proof != FORGED
 
 

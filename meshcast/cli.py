@@ -252,7 +252,7 @@ async def _peer(args: argparse.Namespace) -> int:
         handle: PeerHandle = await tg.start(partial(
             run_peer, tracker=args.tracker, channel=args.channel, listen=args.listen,
             http=args.http, output=args.output, upload_kbps=args.upload_kbps,
-            channel_key=args.channel_key))
+            channel_key=args.channel_key, playout_delay=args.playout_delay))
         if handle.http_port is not None:
             log.info("%s", _play_hint(handle.http_port))
         if args.stats:
@@ -577,6 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="upload offered to other peers (default 5000; 0: relay nothing)")
     p.add_argument("--channel-key", type=_channel_key, metavar="HEX",
                    help="pin the channel's public key (as the seed printed it)")
+    p.add_argument("--playout-delay", type=_positive_float, default=0.5, metavar="S",
+                   help="how late a chunk may be before it is skipped: the margin for repair "
+                        "(default 0.5 s; more rides out a lossy network, but the stream then "
+                        "waits up to that long behind a missing chunk)")
     p.add_argument("--stats", metavar="PATH",
                    help="append a JSON line of live figures to PATH every second")
     p.set_defaults(func=cmd_peer)

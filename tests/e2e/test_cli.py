@@ -63,6 +63,7 @@ def test_help(command: list[str]) -> None:
     ["peer", "--channel", "x"],                               # --tracker missing
     ["peer", "--tracker", "nowhere", "--channel", "x"],       # not HOST:PORT
     ["peer", "--tracker", "127.0.0.1:1", "--channel", "x", "--channel-key", "abc"],
+    ["peer", "--tracker", "127.0.0.1:1", "--channel", "x", "--playout-delay", "-1"],
     ["demo", "--peers", "0"],
 ])
 def test_bad_usage_exits_2(args: list[str]) -> None:
@@ -74,7 +75,8 @@ def test_bad_usage_exits_2(args: list[str]) -> None:
 def test_peer_with_no_tracker_fails_clearly() -> None:
     port = free_udp_port()  # nothing listens there: the QUIC handshake times out (~5 s)
     started = time.monotonic()
-    result = run(["peer", "--tracker", f"127.0.0.1:{port}", "--channel", "x"], timeout=30)
+    result = run(["peer", "--tracker", f"127.0.0.1:{port}", "--channel", "x",
+                  "--playout-delay", "2"], timeout=30)  # a valid delay is no usage error
     assert_one_line_error(result, "tracker unreachable", str(port))
     assert time.monotonic() - started < 20
 

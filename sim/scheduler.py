@@ -23,6 +23,7 @@ the inner loop of a 100k-peer run.
 from __future__ import annotations
 
 from heapq import heapify, heappop, heappush
+from itertools import chain
 from typing import Any, Callable
 
 __all__ = ["Scheduler", "Handle", "PROGRESS_EVERY", "BUCKET_S"]
@@ -114,10 +115,11 @@ class Scheduler:
         cancelled[seq] = time
         if len(cancelled) > self._purge_at:
             # Tombstones of events that already ran can never match again; mutate in place,
-            # since a running `run` holds a reference to this dict. Entries at `now` are in
-            # the current bucket's heap.
+            # since a running `run` holds a reference to this dict. Entries at `now` may also
+            # wait in a later bucket (after `run(until)` moved the clock past the heap's), so
+            # every pending entry is looked at, as with one heap.
             now = self.now
-            pending_now = {e[1] for e in self._heap if e[0] == now}
+            pending_now = {e[1] for e in chain(self._heap, *self._later.values()) if e[0] == now}
             for s, t in list(cancelled.items()):
                 if t < now or (t == now and s not in pending_now):
                     del cancelled[s]

@@ -170,3 +170,16 @@ def test_progress_tty_redraws_in_place_at_most_max_hz():
     p.close()
     text = out.getvalue()
     assert "\n" == text[-1] and text.count("\r") <= 6 and text.count("\n") == 1
+
+
+def test_cancelled_events_at_now_in_a_later_bucket_stay_cancelled_through_a_purge():
+    """After run(until) moves the clock past the bucket being run, events scheduled at `now`
+    wait in a later bucket; purging tombstones (here, > 1024 of them) must keep theirs."""
+    s = Scheduler()
+    s.at(0.0, lambda: None)
+    s.run(until=5.0)
+    ran = []
+    for i in range(1100):
+        s.cancel(s.at(5.0, ran.append, i))
+    s.run()
+    assert ran == []

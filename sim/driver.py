@@ -277,13 +277,10 @@ class Simulation:
         node: NodeBase = self.nodes[i]
         now = self.sched.now
         t = node.next_timer()
-        if t is not None and t > now:
-            # The node's first timer moved later since this wake was set (half the wakes that
-            # find their time still set, in a steady run): nothing is due; wake it again then.
-            self.timer_at[i] = t
-            self.sched.at(t, self._timer_cb, i, t)
-            return
-        node.handle_timer(now=now)
+        # Half the wakes that find their time still set come after the node's first timer
+        # moved later: nothing is due, and `_pump` re-arms the wake.
+        if t is None or t <= now:
+            node.handle_timer(now=now)
         self._pump(i)
 
     def _apply(self, i: int, effects: list[fx.Effect]) -> None:

@@ -147,6 +147,7 @@ class PeerHandle:
             "address": self.address,
             "forged": node.forged,
             "rejected": node.rejected,
+            "playout_delay_s": node.playout_delay,
         }
 
 

@@ -117,9 +117,11 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
                  "--bitrate-kbps", BITRATE_KBPS)
         ps.wait_for("the seed's key", lambda: len(ps.text("seed", "out").strip()) == 64, 15,
                     ["tracker", "seed"])
-        for p, s in zip(peers, stats):
+        for i, (p, s) in enumerate(zip(peers, stats)):
+            extra = ["--playout-delay", "1.5"] if i == 0 else []  # a viewer's own margin
             ps.spawn(p, "peer", "--tracker", tracker, "--channel", CHANNEL,
-                     "--output", tmp / f"{p}.ts", "--stats", s, "--upload-kbps", PEER_KBPS)
+                     "--output", tmp / f"{p}.ts", "--stats", s, "--upload-kbps", PEER_KBPS,
+                     *extra)
         everyone = ["tracker", *peers]
         ps.wait_for("every peer to play", lambda: all(
             (x := latest(s)) is not None and x["last_seq"] is not None for s in stats),
@@ -150,6 +152,7 @@ def test_every_player_gets_the_input_byte_for_byte(run: Run) -> None:
     assert offload > 0.5  # the seed sent two copies; peers relayed the rest
     for i, (s, out) in enumerate(zip(run.final, run.outputs)):
         assert s["forged"] == 0 and s["rejected"] == "", s
+        assert s["playout_delay_s"] == (1.5 if i == 0 else 0.5), s  # --playout-delay reached it
         found = runs(out.read_bytes(), run.chunks)  # fails on any byte not the input's
         if i == run.killed:
             continue  # SIGKILL may have cut its file anywhere: what it holds is still faithful

@@ -163,6 +163,28 @@ def test_chunks_of_a_silent_relay_are_pulled_once_later_than_their_path_usually_
         assert max(d.latency for d in late) <= LATE_SLACK + 2 * CHUNK_MS / 1000 + 0.05
 
 
+def test_a_repair_timer_does_not_outlive_the_gaps_it_was_set_for():
+    """A relay falls silent: its children see gaps and pull them. Once a peer has no gap left
+    it must not keep a "repair" wake-up (in a simulation nine in ten repair wakes were left
+    over like this, each one for nothing)."""
+    w, tracker, seed, peers = build(12, seed_kbps=4000, peer_kbps=3000)
+    stream(w, seed, 30)
+    relay = max(peers, key=lambda p: p._children())
+    orphaned = [(p, k) for k, subs in enumerate(relay._subscribers) for c, _ in subs
+                for p in peers if p.id == c.node_id]
+    w.dead.add(relay)
+    first = seed.next_seq
+    for _ in range(20):
+        stream(w, seed, 1)
+        for p in peers:
+            if not p.gaps:
+                assert "repair" not in p._timers, f"peer {p.id}: {p._timers}"
+    # The gaps were real, and repaired: the orphans played what the relay no longer pushed.
+    assert orphaned
+    for child, k in orphaned:
+        assert any(d.head.seq >= first and d.head.seq % 4 == k for d in w.delivered[child])
+
+
 def test_links_to_former_parents_are_closed_and_nobody_misses_a_chunk():
     """The tracker moves leaves to make room for relays near the root (push-down). A peer then
     closes its link to the parent it lost, on its next stall check, and keeps links only to

@@ -155,7 +155,7 @@ def table(columns: dict[str, dict[str, Any]]) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     scenario = _load(args, args.strategy)
-    result = _simulate(scenario, args.quiet or args.json)
+    result = _simulate(scenario, args.quiet)
     summary = result.summary()
     if args.out:
         result.metrics.write(args.out)
@@ -176,7 +176,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if unknown or not names:
         raise SystemExit(f"meshcast sim: unknown strategy {', '.join(unknown) or '(none)'}; "
                          f"choose from {', '.join(STRATEGIES)}")
-    results = {name: _simulate(_load(args, name), args.quiet or args.json) for name in names}
+    results = {name: _simulate(_load(args, name), args.quiet) for name in names}
     summaries = {name: r.summary() for name, r in results.items()}
     if args.out:
         write_comparison(args.out, {name: r.metrics for name, r in results.items()})

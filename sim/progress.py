@@ -1,4 +1,5 @@
-"""Show a long simulation's progress on stderr: simulated time, events/s, wall time.
+"""Show a long simulation's progress on stderr: simulated time, events/s, wall time, and an
+estimate of the wall time left.
 
 Pass a `Progress` as ``Scheduler.run(..., progress=...)``. It redraws at most ``max_hz`` times a
 second: one ``\\r``-rewritten line on a terminal, or a plain line every ``log_step`` of the run
@@ -60,6 +61,9 @@ class Progress:
             f"sim {sim_now:8.1f}/{self.total_s:.0f} s {frac:4.0%} | "
             f"{events:,} events, {rate:,.0f}/s | wall {elapsed:.1f} s"
         )
+        if 0.0 < frac < 1.0:
+            # At the run's average pace so far: a low guess while the audience still grows.
+            line += f", ~{_duration(elapsed * (1.0 - frac) / frac)} left"
         if self.tty:
             pad = " " * max(0, self._width - len(line))
             self._width = len(line)
@@ -73,3 +77,13 @@ class Progress:
         if self.tty and self._width:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    """A wall-time estimate to the precision it deserves: 42 s, 3 min 20 s, 1 h 05 min."""
+    s = int(seconds + 0.5)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"

@@ -159,6 +159,9 @@ def test_progress_log_lines_every_tenth_when_not_a_tty():
     lines = out.getvalue().splitlines()
     assert [line.split("|")[0].split()[-1] for line in lines] == [f"{k}0%" for k in range(1, 11)]
     assert "100,000 events" in lines[-1]
+    # The rest is estimated at the pace so far: 10 % took 11 s of wall time, 50 % took 51 s.
+    assert lines[0].endswith("~1 min 39 s left") and lines[4].endswith("~51 s left")
+    assert "left" not in lines[-1]
 
 
 def test_progress_tty_redraws_in_place_at_most_max_hz():

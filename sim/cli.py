@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sim.driver import RunResult, run_scenario
-from sim.progress import Progress
+from sim.batch import Outcome, default_jobs, run_all
 from sim.scenario import SCENARIO_DIR, Scenario, ScenarioError, load_scenario, resource_index
 from tracker.placement import STRATEGIES
 
@@ -35,6 +34,9 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
         p.add_argument("--out", metavar="DIR",
                        help="write metrics.json, peers.csv and PNG plots into DIR")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--jobs", type=int, default=default_jobs(),
+                       help="worker processes for several runs (compare, --seeds); results do "
+                            "not depend on it (default: the CPUs here, %(default)s)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        dest="settings",
                        help="override any scenario key, dotted, with a TOML value, e.g. "
@@ -44,6 +46,9 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                          description="Run one scenario; print a summary table (or JSON).")
     common(run)
     run.add_argument("--strategy", choices=sorted(STRATEGIES), help="override [run] strategy")
+    run.add_argument("--seeds", metavar="LIST",
+                     help="run once per seed, e.g. 1-5 or 1,3,7, side by side (JSON: an object "
+                          "per seed; --out: a directory per seed plus side-by-side plots)")
     run.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     run.set_defaults(func=cmd_run)
 
@@ -80,10 +85,11 @@ def _settings(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def _load(args: argparse.Namespace, strategy: str | None = None) -> Scenario:
+def _load(args: argparse.Namespace, strategy: str | None = None,
+          seed: int | None = None) -> Scenario:
     overrides: dict[str, Any] = _settings(args.settings)
-    if args.seed is not None:
-        overrides["run.seed"] = args.seed
+    if seed is not None or args.seed is not None:
+        overrides["run.seed"] = seed if seed is not None else args.seed
     if args.peers is not None:
         overrides["peers.count"] = args.peers
     if args.duration is not None:
@@ -100,17 +106,31 @@ def _load(args: argparse.Namespace, strategy: str | None = None) -> Scenario:
         raise SystemExit(f"meshcast sim: {path}: {exc}") from None
 
 
-def _simulate(scenario: Scenario, quiet: bool) -> RunResult:
-    if not quiet:
-        print(f"{scenario.name or 'scenario'}: {scenario.peers.count} peers, "
-              f"{scenario.stream.duration_s:g} s, strategy {scenario.run.strategy}, "
-              f"resource index {resource_index(scenario):.2f}", file=sys.stderr)
-    progress = None if quiet else Progress(scenario.stream.duration_s)
-    try:
-        return run_scenario(scenario, progress=progress)
-    finally:
-        if progress is not None:
-            progress.close()
+def _simulate(args: argparse.Namespace, scenarios: dict[str, Scenario],
+              out: dict[str, Path] | None = None, plots: bool = True) -> dict[str, Outcome]:
+    """Run the labelled scenarios (in parallel up to --jobs), with a header line for each."""
+    if args.jobs < 1:
+        raise SystemExit(f"meshcast sim: --jobs {args.jobs}: expected at least 1")
+    if not args.quiet:
+        for label, sc in scenarios.items():
+            print(f"{label}: {sc.name or 'scenario'}, {sc.peers.count} peers, "
+                  f"{sc.stream.duration_s:g} s, strategy {sc.run.strategy}, seed {sc.run.seed}, "
+                  f"resource index {resource_index(sc):.2f}", file=sys.stderr)
+    return run_all(scenarios, jobs=args.jobs, out=out, plots=plots, quiet=args.quiet)
+
+
+def _seeds(text: str) -> list[int]:
+    """`--seeds 1,2,5-8` → [1, 2, 5, 6, 7, 8]."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        try:
+            seeds.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
+        except ValueError:
+            raise SystemExit(f"meshcast sim: --seeds {text!r}: expected seeds like 1,2,5-8") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"meshcast sim: --seeds {text!r}: expected distinct seeds, e.g. 1-5")
+    return seeds
 
 
 def _pick(summary: dict[str, Any]) -> dict[str, Any]:
@@ -154,38 +174,51 @@ def table(columns: dict[str, dict[str, Any]]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    scenario = _load(args, args.strategy)
-    result = _simulate(scenario, args.quiet)
-    summary = result.summary()
-    if args.out:
-        result.metrics.write(args.out)
-    if args.json:
-        print(json.dumps(_pick(summary)))
-    else:
-        print(table({scenario.run.strategy: summary}))
-        if args.out:
-            print(f"wrote {args.out}/metrics.json, peers.csv and plots")
-    return 0
+    if args.seeds is None:
+        scenario = _load(args, args.strategy)
+        label = scenario.run.strategy
+        out = {label: Path(args.out)} if args.out else None
+        summary = _simulate(args, {label: scenario}, out)[label].summary()
+        if args.json:
+            print(json.dumps(_pick(summary)))
+        else:
+            print(table({label: summary}))
+            if args.out:
+                print(f"wrote {args.out}/metrics.json, peers.csv and plots")
+        return 0
+    if args.seed is not None:
+        raise SystemExit("meshcast sim: give --seed or --seeds, not both")
+    scenarios = {f"seed {seed}": _load(args, args.strategy, seed=seed)
+                 for seed in _seeds(args.seeds)}
+    return _report_many(args, scenarios, {label: label.replace(" ", "-") for label in scenarios},
+                        plots=True)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from sim.metrics import write_comparison
-
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [n for n in names if n not in STRATEGIES]
     if unknown or not names:
         raise SystemExit(f"meshcast sim: unknown strategy {', '.join(unknown) or '(none)'}; "
                          f"choose from {', '.join(STRATEGIES)}")
-    results = {name: _simulate(_load(args, name), args.quiet) for name in names}
-    summaries = {name: r.summary() for name, r in results.items()}
+    return _report_many(args, {name: _load(args, name) for name in names},
+                        {name: name for name in names}, plots=False)
+
+
+def _report_many(args: argparse.Namespace, scenarios: dict[str, Scenario], dirs: dict[str, str],
+                 plots: bool) -> int:
+    """Run several variants of a scenario; a table (or JSON) with a column each, and with
+    --out, each run's files in its own directory plus side-by-side plots."""
+    from sim.metrics import write_comparison
+
+    out = {label: Path(args.out) / dirs[label] for label in scenarios} if args.out else None
+    outcomes = _simulate(args, scenarios, out, plots)
+    keys = {label: label.removeprefix("seed ") for label in scenarios}  # JSON: "1", not "seed 1"
     if args.out:
-        write_comparison(args.out, {name: r.metrics for name, r in results.items()})
-        for name, r in results.items():
-            r.metrics.write(Path(args.out) / name, plots=False)
+        write_comparison(args.out, {keys[label]: o.digest for label, o in outcomes.items()})
     if args.json:
-        print(json.dumps({name: _pick(s) for name, s in summaries.items()}))
+        print(json.dumps({keys[label]: _pick(o.summary()) for label, o in outcomes.items()}))
     else:
-        print(table(summaries))
+        print(table({label: o.summary() for label, o in outcomes.items()}))
         if args.out:
             print(f"wrote {args.out}/comparison.json and side-by-side plots")
     return 0

@@ -25,10 +25,11 @@ import csv
 import json
 import math
 from array import array
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Literal, Mapping
 
-__all__ = ["Histogram", "MetricsCollector", "write_comparison"]
+__all__ = ["Digest", "Histogram", "MetricsCollector", "write_comparison"]
 
 _SERIES_BIN_S = 0.010  # per-bucket latency histograms: coarse, they only feed a p50 plot
 
@@ -96,6 +97,17 @@ class _Bucket:
         self.verified = self.on_time = self.missed = 0
         self.peer_bytes = self.chunk_bytes = self.seed_bytes = 0
         self.latency = Histogram(_SERIES_BIN_S, latency_max_s)
+
+
+@dataclass(frozen=True)
+class Digest:
+    """What reports and side-by-side plots need of a finished run, as plain data (small, and
+    picklable: a run in a worker process sends back this, not its collector)."""
+
+    summary: dict[str, Any]
+    series: dict[str, list[float | None]]
+    latency_cdf: tuple[list[float], list[float]]
+    depths: dict[int, int]
 
 
 class MetricsCollector:
@@ -288,6 +300,9 @@ class MetricsCollector:
             },
         }
 
+    def digest(self) -> Digest:
+        return Digest(self.summary(), self.series(), self.latency.cdf(), self.depth_histogram())
+
     def write(self, out_dir: str | Path, *, plots: bool = True) -> None:
         """``metrics.json`` (summary + series), ``peers.csv`` and, if ``plots``, PNG plots."""
         out = Path(out_dir)
@@ -301,14 +316,14 @@ class MetricsCollector:
             for i in self.peers():
                 w.writerow([i, *(_csv_value(c[i]) for c in cols)])
         if plots:
-            _plot(out, {"": self})
+            _plot(out, {"": self.digest()})
 
 
-def write_comparison(out_dir: str | Path, runs: Mapping[str, MetricsCollector]) -> None:
-    """Side-by-side: ``comparison.json`` (summary per strategy) and overlaid PNG plots."""
+def write_comparison(out_dir: str | Path, runs: Mapping[str, Digest]) -> None:
+    """Side-by-side: ``comparison.json`` (summary per run) and overlaid PNG plots."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "comparison.json", {name: m.summary() for name, m in runs.items()})
+    _write_json(out / "comparison.json", {name: d.summary for name, d in runs.items()})
     _plot(out, runs, prefix="comparison_")
 
 
@@ -333,7 +348,7 @@ def _csv_value(v: float | int) -> str | int:
     return v
 
 
-def _plot(out: Path, runs: Mapping[str, MetricsCollector], prefix: str = "") -> None:
+def _plot(out: Path, runs: Mapping[str, Digest], prefix: str = "") -> None:
     # Figure without pyplot: no global backend state, works headless (Agg via savefig).
     from matplotlib.figure import Figure
 
@@ -348,7 +363,7 @@ def _plot(out: Path, runs: Mapping[str, MetricsCollector], prefix: str = "") -> 
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     for label, m in runs.items():
-        xs, ys = m.latency.cdf()
+        xs, ys = m.latency_cdf
         ax.step([x * 1000 for x in xs], ys, where="post", label=label or None)
     ax.set(xlabel="source-to-play latency (ms)", ylabel="CDF", title="Latency", ylim=(0, 1.02))
     save(fig, "latency_cdf")
@@ -356,7 +371,7 @@ def _plot(out: Path, runs: Mapping[str, MetricsCollector], prefix: str = "") -> 
     fig = Figure(figsize=(7, 5))
     ax1, ax2 = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2)
     for label, m in runs.items():
-        s = m.series()
+        s = m.series
         ax1.plot(_nan(s["t_s"]), _nan(s["offload"]), label=label or None)
         ax2.plot(_nan(s["t_s"]), _nan(s["continuity"]), label=label or None)
     ax1.set(ylabel="offload", ylim=(0, 1.02), title="Offload and continuity over time")
@@ -367,7 +382,7 @@ def _plot(out: Path, runs: Mapping[str, MetricsCollector], prefix: str = "") -> 
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(runs))
     for k, (label, m) in enumerate(runs.items()):
-        hist = m.depth_histogram()
+        hist = m.depths
         ax.bar([d + k * width for d in hist], list(hist.values()), width, label=label or None)
     ax.set(xlabel="tree depth (hops from the seed)", ylabel="peers", title="Depth")
     save(fig, "depth_histogram")

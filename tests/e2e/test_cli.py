@@ -138,3 +138,54 @@ def test_demo_json_figures() -> None:
     assert figures["latency_ms"]["p50"] < 500
     assert figures["max_depth"] >= 2
     assert figures["startup_ms"]["p50"] is not None
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sim_compare_in_parallel_stops_its_workers_on_ctrl_c_and_sigterm(sig: int) -> None:
+    """`sim compare --jobs 2` runs each strategy in a worker process; Ctrl-C (SIGINT to the
+    whole process group) or a SIGTERM to the command alone must end every one of them."""
+    proc = subprocess.Popen(
+        [*MODULE, "sim", "compare", "steady-10k", "--peers", "2000", "--duration", "30",
+         "--strategies", "tree,random", "--jobs", "2"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+        # A terminal's default; a test runner may start us with SIGINT ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    workers: list[int] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the workers are running once they report progress
+            if "events," in line:
+                break
+        workers = [p for p in _children(proc.pid) if "spawn_main" in
+                   open(f"/proc/{p}/cmdline").read()]
+        assert len(workers) == 2
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        assert proc.wait(timeout=20) == 128 + sig
+        deadline = time.monotonic() + 10
+        while not all(_gone(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling for the OS to reap them, bounded
+        assert all(_gone(p) for p in workers)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for p in workers:
+            if not _gone(p):
+                os.kill(p, signal.SIGKILL)
+        stop(proc)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from sim import cli
+from sim import batch, cli
 
 
 def run_cli(argv: list[str]) -> int:
@@ -47,6 +47,43 @@ def test_compare_writes_side_by_side(tmp_path, capsys):
     data = json.loads((tmp_path / "comparison.json").read_text())
     assert set(data) == {"tree", "mesh"}
     assert (tmp_path / "comparison_latency_cdf.png").exists()
+
+
+def test_parallel_runs_write_the_same_files_as_runs_one_after_another(tmp_path, monkeypatch):
+    """--jobs 2 runs each strategy in its own worker process (the machine's CPUs are the
+    default); the results must not depend on it."""
+    for jobs in ("1", "2"):
+        if jobs == "2":  # the runs must happen in the (freshly spawned) workers, not here
+            monkeypatch.setattr(batch, "run_scenario", _not_here)
+        assert run_cli(["compare", "small-20", "--duration", "6", "--strategies", "tree,random",
+                        "--quiet", "--jobs", jobs, "--out", str(tmp_path / jobs)]) == 0
+    for f in ("comparison.json", "tree/metrics.json", "random/metrics.json", "random/peers.csv"):
+        assert (tmp_path / "1" / f).read_bytes() == (tmp_path / "2" / f).read_bytes(), f
+
+
+def _not_here(*args, **kwargs):
+    raise AssertionError("ran in the parent process")
+
+
+def test_seeds_runs_the_scenario_once_per_seed_side_by_side(tmp_path, capsys):
+    assert run_cli(["run", "small-20", "--duration", "6", "--seeds", "1-2", "--jobs", "2",
+                    "--quiet", "--json", "--out", str(tmp_path / "many")]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data) == {"1", "2"}
+    assert data["1"]["latency_ms"] != data["2"]["latency_ms"]  # different draws, same scenario
+    assert run_cli(["run", "small-20", "--duration", "6", "--seed", "2", "--quiet",
+                    "--out", str(tmp_path / "one")]) == 0
+    many, one = tmp_path / "many", tmp_path / "one"
+    assert (many / "seed-2" / "metrics.json").read_bytes() == (one / "metrics.json").read_bytes()
+    assert set(json.loads((many / "comparison.json").read_text())) == {"1", "2"}
+    assert (many / "seed-1" / "latency_cdf.png").stat().st_size > 0
+    for argv, why in ((["--seeds", "1-2", "--seed", "3"], "not both"),
+                      (["--seeds", "1,x"], "expected seeds like"),
+                      (["--seeds", "1,1"], "distinct seeds"),
+                      (["--seeds", "1-2", "--jobs", "0"], "at least 1")):
+        with pytest.raises(SystemExit) as exc:
+            run_cli(["run", "small-20", "--quiet", *argv])
+        assert why in str(exc.value)
 
 
 def test_malformed_scenario_names_the_key(tmp_path):

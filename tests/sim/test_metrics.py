@@ -109,7 +109,7 @@ def test_write_comparison(tmp_path):
     other = MetricsCollector(5, 2.0)
     other.chunk_verified(1, 0, 0.9, True, True, 10, now=0.1)
     other.depth(1, 4)
-    write_comparison(tmp_path, {"tree": _run(), "mesh": other})
+    write_comparison(tmp_path, {"tree": _run().digest(), "mesh": other.digest()})
     data = json.loads((tmp_path / "comparison.json").read_text())
     assert set(data) == {"tree", "mesh"} and data["mesh"]["max_depth"] == 4
     for name in ("latency_cdf", "timeseries", "depth_histogram"):

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sim.progress import Progress
+from sim.progress import MultiProgress, Progress
 from sim.scheduler import BUCKET_S, PROGRESS_EVERY, Scheduler
 
 
@@ -162,6 +162,25 @@ def test_progress_log_lines_every_tenth_when_not_a_tty():
     # The rest is estimated at the pace so far: 10 % took 11 s of wall time, 50 % took 51 s.
     assert lines[0].endswith("~1 min 39 s left") and lines[4].endswith("~51 s left")
     assert "left" not in lines[-1]
+
+
+def test_multi_progress_shows_each_run_and_the_time_left_of_all():
+    out, wall = io.StringIO(), [0.0]
+    p = MultiProgress({"tree": 10.0, "mesh": 30.0}, stream=out, tty=False, clock=lambda: wall[0])
+    wall[0] = 4.0
+    p.update("tree", 10.0, 500)  # a quarter of all the simulated time
+    wall[0] = 8.0
+    p.update("mesh", 10.0, 700)  # half
+    wall[0] = 16.0
+    p.update("mesh", 30.0, 2000)  # all
+    p.update("mesh", 30.0, 2000)  # a late report: the final line is not repeated
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith("tree 100% · mesh 0% | 500 events")
+    assert lines[0].endswith("~12 s left")
+    assert lines[1].startswith("tree 100% · mesh 33% | 1,200 events")
+    assert lines[1].endswith("~8 s left")
+    assert lines[2].startswith("tree 100% · mesh 100% | 2,500 events") and "left" not in lines[2]
 
 
 def test_progress_tty_redraws_in_place_at_most_max_hz():

@@ -52,14 +52,24 @@ class Member:
 
 
 class Forest:
-    """K trees rooted at the seed. All mutation goes through `attach`/`detach`/`add`/`remove`."""
+    """K trees rooted at the seed. All mutation goes through `attach`/`detach`/`add`/`remove`.
 
-    def __init__(self, substreams: int) -> None:
+    `relay_fanout` (0: none) caps the relaying children a peer may take in a tree; the seed is
+    not capped. `free_for_relays` and `leafy_for_relays` are `free` and `leafy` without the
+    members at the cap, so a relaying newcomer's search never wades through them."""
+
+    def __init__(self, substreams: int, relay_fanout: int = 0) -> None:
         self.k = substreams
+        self.relay_fanout = relay_fanout
         self.members: dict[int, Member] = {}
         self.seed: Member | None = None
         self.free: list[dict[int, Bucket]] = [{} for _ in range(substreams)]
         self.leafy: list[dict[int, Bucket]] = [{} for _ in range(substreams)]
+        self.free_for_relays = self.free
+        self.leafy_for_relays = self.leafy
+        if relay_fanout:
+            self.free_for_relays = [{} for _ in range(substreams)]
+            self.leafy_for_relays = [{} for _ in range(substreams)]
         self.home_capacity = [0] * substreams
         self.ids: list[int] = []
         """Member ids in a list, for O(1) random sampling (swap-remove keeps it dense)."""
@@ -185,15 +195,26 @@ class Forest:
             d = m.depth[k]
             if d < 0:
                 continue
-            if m.used < m.slots:
+            kids = m.children[k]
+            free = m.used < m.slots
+            leafy = False in kids.values()  # a child that does not relay (values are bools)
+            if free:
                 self.free[k].setdefault(d, {})[m.id] = None
-            if False in m.children[k].values():  # a child that does not relay (values are bools)
+            if leafy:
                 self.leafy[k].setdefault(d, {})[m.id] = None
+            if self.relay_fanout and (m.is_seed or sum(kids.values()) < self.relay_fanout):
+                if free:
+                    self.free_for_relays[k].setdefault(d, {})[m.id] = None
+                if leafy:
+                    self.leafy_for_relays[k].setdefault(d, {})[m.id] = None
 
     def _unindex(self, m: Member) -> None:
         for k in self._trees_of(m):
             d = m.depth[k]
-            for index in (self.free[k], self.leafy[k]):
+            indexes = [self.free[k], self.leafy[k]]
+            if self.relay_fanout:
+                indexes += [self.free_for_relays[k], self.leafy_for_relays[k]]
+            for index in indexes:
                 bucket = index.get(d)
                 if bucket is not None and m.id in bucket:
                     del bucket[m.id]

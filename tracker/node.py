@@ -36,10 +36,10 @@ class Channel:
                  "seed_link", "banned", "headroom")
 
     def __init__(self, name: str, public_key: bytes, bitrate_kbps: int, substreams: int,
-                 chunk_ms: int) -> None:
+                 chunk_ms: int, relay_fanout: int = 0) -> None:
         self.name, self.public_key = name, public_key
         self.bitrate_kbps, self.substreams, self.chunk_ms = bitrate_kbps, substreams, chunk_ms
-        self.forest = Forest(substreams)
+        self.forest = Forest(substreams, relay_fanout)
         self.seed_link: Link | None = None
         self.banned: set[str] = set()
         self.headroom = HEADROOM_FACTOR
@@ -135,7 +135,8 @@ class TrackerNode(NodeBase):
             return
         if ch is None:
             ch = self.channels[msg.channel] = Channel(msg.channel, msg.public_key, msg.bitrate_kbps,
-                                                      msg.substreams, msg.chunk_ms)
+                                                      msg.substreams, msg.chunk_ms,
+                                                      self.strategy.relay_fanout)
         elif ch.seed_link is not None and ch.seed_link in self.links:
             self._drop_link(ch.seed_link, "replaced by a new seed connection", now)
         ch.bitrate_kbps, ch.chunk_ms = msg.bitrate_kbps, msg.chunk_ms

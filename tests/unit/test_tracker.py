@@ -13,6 +13,7 @@ from meshcast.crypto import SimCrypto, SimKey
 from meshcast.effects import Send
 from meshcast.policy import child_slots
 from tracker.node import TrackerNode
+from tracker.placement import RELAY_FANOUT
 
 K = 4
 BITRATE = 2000
@@ -45,6 +46,20 @@ def check_invariants(t: TrackerNode) -> None:
                     hops += 1
                     assert hops <= len(forest.members)
                 assert hops == member.depth[k]
+    # The indexes placement searches hold exactly the members they stand for.
+    cap = forest.relay_fanout
+    for k in range(K):
+        for index, wanted in ((forest.free[k], lambda mm: mm.used < mm.slots),
+                              (forest.leafy[k], lambda mm: False in mm.children[k].values()),
+                              (forest.free_for_relays[k], lambda mm: mm.used < mm.slots and (
+                                  not cap or mm.is_seed or sum(mm.children[k].values()) < cap)),
+                              (forest.leafy_for_relays[k],
+                               lambda mm: False in mm.children[k].values() and (
+                                   not cap or mm.is_seed or sum(mm.children[k].values()) < cap))):
+            indexed = {pid: d for d, bucket in index.items() for pid in bucket}
+            expected = {mm.id: mm.depth[k] for mm in forest.members.values()
+                        if (mm.is_seed or mm.home == k) and mm.depth[k] >= 0 and wanted(mm)}
+            assert indexed == expected
 
 
 ops = st.lists(st.tuples(st.sampled_from(["join", "join", "join", "leave"]),
@@ -94,6 +109,9 @@ def test_relays_get_the_shallow_places_and_depth_is_logarithmic():
         assert sum(relay_depths) / len(relay_depths) < sum(leaf_depths) / len(leaf_depths)
         # the seed's slots go to relays: leaves hang under peers
         assert all(forest.members[c].home == k for c in forest.seed.children[k])
+        # ... and a peer passes the chunk on to at most RELAY_FANOUT relays (it has room for 7)
+        assert max(sum(mm.children[k].values()) for mm in forest.members.values()
+                   if not mm.is_seed) == RELAY_FANOUT
     assert fanout >= 4
 
 

@@ -170,8 +170,8 @@ def test_sim_compare_in_parallel_stops_its_workers_on_ctrl_c_and_sigterm(sig: in
         for line in proc.stderr:  # the workers are running once they report progress
             if "events," in line:
                 break
-        workers = [p for p in _children(proc.pid) if "spawn_main" in
-                   open(f"/proc/{p}/cmdline").read()]
+        workers = [p for p in _children(proc.pid)
+                   if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
         assert len(workers) == 2
         if sig == signal.SIGINT:
             os.killpg(proc.pid, sig)

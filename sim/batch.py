@@ -33,14 +33,11 @@ _REPORT_S = 0.2
 
 @dataclass(frozen=True)
 class Outcome:
-    """One finished run: its digest, plus the run's event count and wall time."""
+    """One finished run: its digest (for plots), and its `RunResult.summary()` (metrics plus
+    the run's event count and wall time)."""
 
     digest: Digest
-    events: int
-    wall_s: float
-
-    def summary(self) -> dict[str, Any]:
-        return {**self.digest.summary, "events": self.events, "wall_s": round(self.wall_s, 3)}
+    summary: dict[str, Any]
 
 
 def default_jobs() -> int:
@@ -115,7 +112,7 @@ def _in_workers(scenarios: Mapping[str, Scenario], workers: int, out: Mapping[st
                 raise RuntimeError(f"simulation {label!r} failed:\n{rest[0]}")
             results[label] = rest[0]
             if board is not None:
-                board.update(label, scenarios[label].stream.duration_s, rest[0].events)
+                board.update(label, scenarios[label].stream.duration_s, rest[0].summary["events"])
     finally:
         signal.signal(signal.SIGTERM, on_term)
         for proc in running.values():
@@ -133,7 +130,7 @@ def _run(scenario: Scenario, out_dir: Path | None, plots: bool,
     result = run_scenario(scenario, progress=progress)
     if out_dir is not None:
         result.metrics.write(out_dir, plots=plots)
-    return Outcome(result.metrics.digest(), result.events, result.wall_s)
+    return Outcome(result.metrics.digest(), result.summary())
 
 
 def _work(reports: Any, label: str, scenario: Scenario, out_dir: Path | None,

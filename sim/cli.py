@@ -88,8 +88,9 @@ def _settings(pairs: list[str]) -> dict[str, str]:
 def _load(args: argparse.Namespace, strategy: str | None = None,
           seed: int | None = None) -> Scenario:
     overrides: dict[str, Any] = _settings(args.settings)
-    if seed is not None or args.seed is not None:
-        overrides["run.seed"] = seed if seed is not None else args.seed
+    seed = seed if seed is not None else args.seed
+    if seed is not None:
+        overrides["run.seed"] = seed
     if args.peers is not None:
         overrides["peers.count"] = args.peers
     if args.duration is not None:
@@ -178,7 +179,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         scenario = _load(args, args.strategy)
         label = scenario.run.strategy
         out = {label: Path(args.out)} if args.out else None
-        summary = _simulate(args, {label: scenario}, out)[label].summary()
+        summary = _simulate(args, {label: scenario}, out)[label].summary
         if args.json:
             print(json.dumps(_pick(summary)))
         else:
@@ -216,9 +217,9 @@ def _report_many(args: argparse.Namespace, scenarios: dict[str, Scenario], dirs:
     if args.out:
         write_comparison(args.out, {keys[label]: o.digest for label, o in outcomes.items()})
     if args.json:
-        print(json.dumps({keys[label]: _pick(o.summary()) for label, o in outcomes.items()}))
+        print(json.dumps({keys[label]: _pick(o.summary) for label, o in outcomes.items()}))
     else:
-        print(table({label: o.summary() for label, o in outcomes.items()}))
+        print(table({label: o.summary for label, o in outcomes.items()}))
         if args.out:
             print(f"wrote {args.out}/comparison.json and side-by-side plots")
     return 0

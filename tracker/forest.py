@@ -70,6 +70,10 @@ class Forest:
         if relay_fanout:
             self.free_for_relays = [{} for _ in range(substreams)]
             self.leafy_for_relays = [{} for _ in range(substreams)]
+        self._indexes = [
+            (self.free[k], self.leafy[k], self.free_for_relays[k], self.leafy_for_relays[k])
+            if relay_fanout else (self.free[k], self.leafy[k]) for k in range(substreams)]
+        """Per tree, every index a member may be in (what `_unindex` clears)."""
         self.home_capacity = [0] * substreams
         self.ids: list[int] = []
         """Member ids in a list, for O(1) random sampling (swap-remove keeps it dense)."""
@@ -211,10 +215,7 @@ class Forest:
     def _unindex(self, m: Member) -> None:
         for k in self._trees_of(m):
             d = m.depth[k]
-            indexes = [self.free[k], self.leafy[k]]
-            if self.relay_fanout:
-                indexes += [self.free_for_relays[k], self.leafy_for_relays[k]]
-            for index in indexes:
+            for index in self._indexes[k]:
                 bucket = index.get(d)
                 if bucket is not None and m.id in bucket:
                     del bucket[m.id]

@@ -158,14 +158,27 @@ class PeerNode(RelayNode):
         self.leaving = True
         if self.tracker_link is not None:
             self._out.append(Send(self.tracker_link, m.Leave("viewer left")))
+        self._quit("leaving", now)
+
+    def _quit(self, reason: str, now: float) -> None:
+        """Out of the swarm (leaving, or refused by the tracker): close every link and forget
+        every parent, so that no link still opening subscribes to one (`link_opened`)."""
+        self.primary = [None] * len(self.primary)
+        self.backup = [None] * len(self.backup)
         for link in list(self.conns):
-            self._close(link, "leaving", now)
+            self._close(link, reason, now)
 
     # -- links ---------------------------------------------------------------------------------
 
     def link_opened(self, link: Link, *, now: float, ref: Any = None) -> None:
         super().link_opened(link, now=now, ref=ref)
         conn = self.conns[link]
+        if ref != TRACKER and (self.leaving or self.rejected):
+            # Opened before we quit: a parent would count us as its child until we close it.
+            if ref is not None:
+                self._opened(ref)
+            self._close(link, "leaving" if self.leaving else "rejected by the tracker", now)
+            return
         if ref == TRACKER:
             self.tracker_link = link
             self._out.append(Send(link, m.Join(self.channel, self.address, self.upload_kbps,
@@ -252,8 +265,7 @@ class PeerNode(RelayNode):
                 # Refused or evicted: leave the swarm entirely, so no parent keeps counting us.
                 self.rejected = msg.reason
                 self._out.append(Notice(f"tracker: {msg.reason}"))
-                for link in list(self.conns):
-                    self._close(link, f"rejected by the tracker: {msg.reason}", now)
+                self._quit(f"rejected by the tracker: {msg.reason}", now)
             else:
                 raise RemoteProtocolError(f"unexpected {type(msg).__name__} from the tracker")
         elif isinstance(msg, m.Refuse):

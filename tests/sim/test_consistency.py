@@ -1,0 +1,68 @@
+"""The nodes and the tracker agree on the trees: every parent → child feed a node keeps up is
+one the tracker placed, give or take the messages in flight.
+
+A feed the tracker does not know about is upload it did not give: enough of them and a parent's
+queue outgrows its slots, every chunk below it comes late, and a channel collapses (a refused
+viewer kept its feeds this way, until fixed). A seeded run with churn, NAT, refusals and a
+stretched channel is probed every 5 s, and no difference may outlive two probes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from sim.driver import Simulation
+from sim.scenario import parse_scenario
+
+PROBE_S = 5.0
+
+
+def busy_channel():
+    return parse_scenario({
+        "stream": {"bitrate_kbps": 1000, "chunk_ms": 200, "substreams": 4, "duration_s": 60},
+        "seed": {"upload_kbps": 8000},
+        "peers": {"count": 400, "arrival": {"kind": "poisson", "rate": 10},
+                  "session": {"kind": "lognormal", "mu": 3.4, "sigma": 1.0},
+                  "graceful_fraction": 0.5, "nat_fraction": 0.3,
+                  "upload": [{"share": 0.3, "kbps": 300}, {"share": 0.5, "kbps": 1300},
+                             {"share": 0.2, "kbps": 3300}]},
+        "network": {"model": "coordinates", "rtt_min_ms": 10, "rtt_max_ms": 200},
+        "run": {"seed": 3},
+    })
+
+
+def test_no_feed_outlives_the_tracker_s_placement():
+    sim = Simulation(busy_channel())
+    age: Counter[tuple[str, int, int, int]] = Counter()
+    worst: list[tuple[float, int]] = []
+
+    def probe() -> None:
+        now = sim.sched.now
+        fed, placed = set(), set()
+        for i, node in enumerate(sim.nodes[1:], 1):
+            if node is not None and sim.alive[i] and node.id >= 0:
+                for k, subs in enumerate(node._subscribers):
+                    fed.update((node.id, c.node_id, k) for c, _ in subs
+                               if sim.owner[c.link ^ 1] >= 0)  # the child is still there
+        tracker = sim.nodes[0]  # node 0 (made when the run starts)
+        for member in tracker.channels["ch0"].forest.members.values():
+            for k, kids in enumerate(member.children):
+                placed.update((member.id, child, k) for child in kids)
+        now_diff = {("fed only",) + e for e in fed - placed} | {
+            ("placed only",) + e for e in placed - fed}
+        for e in list(age):
+            if e not in now_diff:
+                del age[e]
+        age.update(now_diff)
+        worst.append((now, max(age.values(), default=0)))
+        sim.sched.at(now + PROBE_S, probe)
+
+    sim.sched.at(PROBE_S, probe)
+    result = sim.run()
+    summary = result.summary()
+    # The run is the kind that went wrong: viewers refused, and churn.
+    assert summary["rejected"] > 0
+    assert sum(1 for s in sim.specs if s.leave_at < 60) > 50
+    assert len(worst) >= 10
+    stuck = [(t, n) for t, n in worst if n > 2]
+    assert not stuck, f"a feed and the tracker disagreed for over {2 * PROBE_S:g} s: {stuck}"

@@ -113,10 +113,9 @@ class Forest:
             self._pos[last] = i
         if member is self.seed:
             self.seed = None
-        for other in self.members.values():
-            for k in range(self.k):
-                if other.backup[k] == member.id:
-                    other.backup[k] = NO_PEER
+        # Others may still name it as their backup: ids are never reused, so such a stale id
+        # finds no member when it is looked up. Clearing them here took a scan of the whole
+        # channel per departure.
         return orphans
 
     def set_slots(self, member: Member, slots: int) -> None:

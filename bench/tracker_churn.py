@@ -1,0 +1,102 @@
+"""Tracker cost per viewer joining and leaving, by channel size: what a tracker operator budgets.
+
+Drives one real `TrackerNode` (real Ed25519 tokens, the `tree` strategy) with its messages, no
+network: a seed announces a channel and N viewers join (the steady scenario's upload mix, 2.5
+or 4.5 Mbit/s for a 2 Mbit/s stream; random network coordinates). Then `--ops` more viewers join
+and `--ops` viewers leave abruptly (their link closes), timed. Prints µs per join and per
+departure (the orphans' re-placement included), median of `--runs` runs. Most of a join is
+signing its tokens: a parent and a backup per sub-stream, and the seed's for pulls.
+
+    python bench/tracker_churn.py [--sizes 1000,10000,100000] [--ops 2000] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+from meshcast import messages as m
+from meshcast.crypto import Crypto, SigningKey
+from tracker.node import TrackerNode
+
+CHANNEL = "bench"
+BITRATE = 2000
+K = 4
+
+
+class Driver:
+    """Feeds the tracker one message at a time and throws its effects away (they are the
+    tracker's answers: Welcome, Assign, Neighbours, Reject)."""
+
+    def __init__(self, rng_seed: int) -> None:
+        crypto = Crypto()
+        self.tracker = TrackerNode(key=SigningKey(), crypto=crypto, rng=random.Random(rng_seed))
+        self.rng = random.Random(rng_seed)
+        self.next_link = 0
+        seed_key = SigningKey()
+        link = self.open()
+        proof = crypto.sign_announce(seed_key, CHANNEL, "seed")
+        self.tracker.handle(link, m.Announce(CHANNEL, seed_key.public, "seed", 40_000, BITRATE, K,
+                                             100, proof), now=0.0)
+        self.tracker.drain()
+        self.viewers: list[int] = []
+
+    def open(self) -> int:
+        link = self.next_link
+        self.next_link += 1
+        self.tracker.link_opened(link, now=0.0)
+        return link
+
+    def join(self, now: float) -> None:
+        link = self.open()
+        upload = self.rng.choice((2500, 4500))
+        address = f"p{link}"
+        coords = (self.rng.random(), self.rng.random())
+        self.tracker.handle(link, m.Join(CHANNEL, address, upload, coords), now=now)
+        self.tracker.drain()
+        self.viewers.append(link)
+
+    def leave(self, now: float) -> None:
+        i = self.rng.randrange(len(self.viewers))
+        self.viewers[i], self.viewers[-1] = self.viewers[-1], self.viewers[i]
+        self.tracker.link_closed(self.viewers.pop(), now=now)
+        self.tracker.drain()
+
+
+def one_run(size: int, ops: int, rng_seed: int) -> tuple[float, float]:
+    d = Driver(rng_seed)
+    for i in range(size):
+        d.join(now=i * 1e-3)
+    now = size * 1e-3
+    t = time.perf_counter()
+    for i in range(ops):
+        d.join(now=now + i * 1e-3)
+    join_us = (time.perf_counter() - t) / ops * 1e6
+    now += ops * 1e-3
+    t = time.perf_counter()
+    for i in range(ops):
+        d.leave(now=now + i * 1e-3)
+    leave_us = (time.perf_counter() - t) / ops * 1e6
+    assert d.tracker.rejections == 0, "the channel ran out of slots: not what this measures"
+    return join_us, leave_us
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1000,10000,100000",
+                    help="channel sizes (viewers), comma-separated")
+    ap.add_argument("--ops", type=int, default=2000, help="joins, then departures, measured")
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    print(f"{'viewers':>9} {'join (µs)':>10} {'departure (µs)':>15} {'departures/s':>13}")
+    for size in (int(s) for s in args.sizes.split(",")):
+        runs = [one_run(size, args.ops, seed) for seed in range(1, args.runs + 1)]
+        join = statistics.median(r[0] for r in runs)
+        leave = statistics.median(r[1] for r in runs)
+        print(f"{size:>9,} {join:>10.0f} {leave:>15.0f} {1e6 / leave:>13,.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,8 @@ Drives one real `TrackerNode` (real Ed25519 tokens, the `tree` strategy) with it
 network: a seed announces a channel and N viewers join (the steady scenario's upload mix, 2.5
 or 4.5 Mbit/s for a 2 Mbit/s stream; random network coordinates). Then `--ops` more viewers join
 and `--ops` viewers leave abruptly (their link closes), timed. Prints µs per join and per
-departure (the orphans' re-placement included), median of `--runs` runs. Most of a join is
+departure (the orphans' re-placement included), median of `--runs` runs; then viewers who
+upload nothing join until the channel is full, and `--ops` more are refused, timed. Most of a join is
 signing its tokens: a parent and a backup per sub-stream, and the seed's for pulls.
 
     python bench/tracker_churn.py [--sizes 1000,10000,100000] [--ops 2000] [--runs 3]
@@ -49,10 +50,10 @@ class Driver:
         self.tracker.link_opened(link, now=0.0)
         return link
 
-    def join(self, now: float) -> None:
+    def join(self, now: float, upload: int | None = None) -> None:
         link = self.open()
-        upload = self.rng.choice((2500, 4500))
-        address = f"p{link}"
+        upload = self.rng.choice((2500, 4500)) if upload is None else upload
+        address = f"p{link}" if upload else ""
         coords = (self.rng.random(), self.rng.random())
         self.tracker.handle(link, m.Join(CHANNEL, address, upload, coords), now=now)
         self.tracker.drain()
@@ -65,7 +66,7 @@ class Driver:
         self.tracker.drain()
 
 
-def one_run(size: int, ops: int, rng_seed: int) -> tuple[float, float]:
+def one_run(size: int, ops: int, rng_seed: int) -> tuple[float, float, float]:
     d = Driver(rng_seed)
     for i in range(size):
         d.join(now=i * 1e-3)
@@ -80,7 +81,15 @@ def one_run(size: int, ops: int, rng_seed: int) -> tuple[float, float]:
         d.leave(now=now + i * 1e-3)
     leave_us = (time.perf_counter() - t) / ops * 1e6
     assert d.tracker.rejections == 0, "the channel ran out of slots: not what this measures"
-    return join_us, leave_us
+    now += ops * 1e-3
+    while d.tracker.rejections == 0:  # viewers who upload nothing, until one is refused
+        d.join(now=now, upload=0)
+    t = time.perf_counter()
+    for i in range(ops):
+        d.join(now=now + i * 1e-3, upload=0)
+    refused_us = (time.perf_counter() - t) / ops * 1e6
+    assert d.tracker.rejections == ops + 1
+    return join_us, leave_us, refused_us
 
 
 def main() -> None:
@@ -90,12 +99,15 @@ def main() -> None:
     ap.add_argument("--ops", type=int, default=2000, help="joins, then departures, measured")
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
-    print(f"{'viewers':>9} {'join (µs)':>10} {'departure (µs)':>15} {'departures/s':>13}")
+    print(f"{'viewers':>9} {'join (µs)':>10} {'departure (µs)':>15} {'departures/s':>13} "
+          f"{'refused join (µs)':>18}")
     for size in (int(s) for s in args.sizes.split(",")):
         runs = [one_run(size, args.ops, seed) for seed in range(1, args.runs + 1)]
         join = statistics.median(r[0] for r in runs)
         leave = statistics.median(r[1] for r in runs)
-        print(f"{size:>9,} {join:>10.0f} {leave:>15.0f} {1e6 / leave:>13,.0f}", flush=True)
+        refused = statistics.median(r[2] for r in runs)
+        print(f"{size:>9,} {join:>10.0f} {leave:>15.0f} {1e6 / leave:>13,.0f} {refused:>18.0f}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,9 @@ class Forest:
         self.ids: list[int] = []
         """Member ids in a list, for O(1) random sampling (swap-remove keeps it dense)."""
         self._pos: dict[int, int] = {}
+        self.spare: dict[int, None] = {}
+        """Ids of the members with a free slot, in any tree: a placement's last resort scans
+        these, not the whole channel (few of them once it is full)."""
 
     # -- membership ----------------------------------------------------------------------------
 
@@ -85,6 +88,7 @@ class Forest:
         self.members[member.id] = member
         self._pos[member.id] = len(self.ids)
         self.ids.append(member.id)
+        self._note_spare(member)
         if member.is_seed:
             self.seed = member
         elif member.slots > 0:
@@ -106,6 +110,7 @@ class Forest:
         if member.home != NO_PEER:
             self.home_capacity[member.home] -= member.slots
         del self.members[member.id]
+        self.spare.pop(member.id, None)
         i = self._pos.pop(member.id)
         last = self.ids.pop()
         if last != member.id:
@@ -126,6 +131,7 @@ class Forest:
         if member.home != NO_PEER:
             self.home_capacity[member.home] += slots - member.slots
         member.slots = slots
+        self._note_spare(member)
         self._index(member)
 
     # -- tree edits ----------------------------------------------------------------------------
@@ -141,6 +147,7 @@ class Forest:
             parent.children[k] = kids
         kids[child.id] = child.relays(k)
         parent.used += 1
+        self._note_spare(parent)
         self._index(parent)
         self._set_depth(child, k, parent.depth[k] + 1)
 
@@ -158,8 +165,15 @@ class Forest:
             if not kids:
                 parent.children[k] = NO_CHILDREN
             parent.used -= 1
+            self._note_spare(parent)
             self._index(parent)
         self._set_depth(child, k, -1)
+
+    def _note_spare(self, m: Member) -> None:
+        if m.used < m.slots:
+            self.spare[m.id] = None
+        else:
+            self.spare.pop(m.id, None)
 
     def _set_depth(self, member: Member, k: int, depth: int) -> None:
         """Set a member's depth in tree k and its whole subtree's (−1: cut off from the root)."""
@@ -173,6 +187,10 @@ class Forest:
             self._index(m)
             for cid in m.children[k]:
                 stack.append((self.members[cid], d + 1 if d >= 0 else -1))
+
+    def position(self, member_id: int) -> int:
+        """Where a member's id is in `ids`."""
+        return self._pos[member_id]
 
     def is_descendant(self, candidate: Member, ancestor: Member, k: int) -> bool:
         """Is `candidate` in `ancestor`'s subtree of tree k (itself included)?"""

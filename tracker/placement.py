@@ -156,16 +156,23 @@ def sample_free(forest: Forest, member: Member, k: int, exclude: int,
                 and not (member.children[k] and forest.is_descendant(c, member, k)))
 
     ids, members = forest.ids, forest.members
-    for _ in range(min(SAMPLES, len(ids))):
-        cand = members[ids[rng.randrange(len(ids))]]
+    n = len(ids)
+    for _ in range(min(SAMPLES, n)):
+        cand = members[ids[rng.randrange(n)]]
         if ok(cand):
             return cand
-    start = rng.randrange(len(ids)) if ids else 0
-    for i in range(len(ids)):
-        cand = members[ids[(start + i) % len(ids)]]
+    # The first that qualifies in `ids` from a random start, wrapping round; only members with
+    # a free slot can, so only those are looked at.
+    start = rng.randrange(n) if ids else 0
+    pos = forest.position
+    best, best_offset = None, n
+    for cid in forest.spare:
+        cand = members[cid]
         if ok(cand):
-            return cand
-    return None
+            offset = (pos(cid) - start) % n
+            if offset < best_offset:
+                best, best_offset = cand, offset
+    return best
 
 
 STRATEGIES = {cls.name: cls for cls in (TreePlacement, RandomPlacement, MeshPlacement)}

@@ -60,6 +60,8 @@ def check_invariants(t: TrackerNode) -> None:
             expected = {mm.id: mm.depth[k] for mm in forest.members.values()
                         if (mm.is_seed or mm.home == k) and mm.depth[k] >= 0 and wanted(mm)}
             assert indexed == expected
+    # ... and the last resort's list of members with a free slot (in any tree).
+    assert set(forest.spare) == {mm.id for mm in forest.members.values() if mm.used < mm.slots}
 
 
 ops = st.lists(st.tuples(st.sampled_from(["join", "join", "join", "leave"]),

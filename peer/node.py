@@ -276,6 +276,13 @@ class PeerNode(RelayNode):
                 if req is not None and req[0] == conn.link:
                     del self.requested[seq]
                     self._pull([seq], now, exclude=req[2] | {conn.link})
+                    if seq not in self.requested and seq in self.gaps:
+                        # Nobody else to ask. A source refuses pulls while its queue is long,
+                        # which recurs with every chunk it pushes: ask again at a random point
+                        # of that cycle, not in step with it (a peer once asked the seed 40
+                        # times, each just after the seed's next burst).
+                        self.gaps[seq] = now + self.rng.uniform(0.0, self.chunk_s)
+            self._schedule_repair(now)
         else:
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} from a peer")
 

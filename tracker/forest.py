@@ -24,9 +24,13 @@ NO_CHILDREN: Mapping[int, bool] = MappingProxyType({})
 """A member's children in a tree where it has none: shared, read-only (writing to it raises)."""
 
 
+NO_LIMIT = 1 << 30
+"""A member's `relay_cap` until something caps it."""
+
+
 class Member:
     __slots__ = ("id", "link", "address", "ref", "upload_kbps", "slots", "used", "coords", "joined",
-                 "home", "parent", "backup", "children", "depth", "is_seed")
+                 "home", "parent", "backup", "children", "depth", "is_seed", "relay_cap")
 
     def __init__(self, id: int, link: int, address: str, upload_kbps: int, slots: int,
                  coords: tuple[float, ...], joined: float, substreams: int, is_seed: bool = False):
@@ -42,6 +46,10 @@ class Member:
         """Per tree: child id → whether that child relays this sub-stream (most members are
         leaves in most trees: they share one read-only empty mapping until they get a child)."""
         self.depth = [0 if is_seed else -1] * substreams
+        self.relay_cap = NO_LIMIT
+        """Relaying children it may take per tree where the forest caps them: at most the
+        forest's `relay_fanout` (`add` sees to it), fewer for a slow uplink (the tracker sets it
+        from the member's upload: `tracker.placement.relay_cap`)."""
 
     @property
     def free(self) -> int:
@@ -54,8 +62,8 @@ class Member:
 class Forest:
     """K trees rooted at the seed. All mutation goes through `attach`/`detach`/`add`/`remove`.
 
-    `relay_fanout` (0: none) caps the relaying children a peer may take in a tree; the seed is
-    not capped. `free_for_relays` and `leafy_for_relays` are `free` and `leafy` without the
+    `relay_fanout` (0: none) caps the relaying children a peer may take in a tree, as does each
+    member's own `relay_cap`; the seed is not capped. `free_for_relays` and `leafy_for_relays` are `free` and `leafy` without the
     members at the cap, so a relaying newcomer's search never wades through them."""
 
     def __init__(self, substreams: int, relay_fanout: int = 0) -> None:
@@ -85,6 +93,8 @@ class Forest:
     # -- membership ----------------------------------------------------------------------------
 
     def add(self, member: Member) -> None:
+        if self.relay_fanout:
+            member.relay_cap = min(member.relay_cap, self.relay_fanout)
         self.members[member.id] = member
         self._pos[member.id] = len(self.ids)
         self.ids.append(member.id)
@@ -223,7 +233,7 @@ class Forest:
                 self.free[k].setdefault(d, {})[m.id] = None
             if leafy:
                 self.leafy[k].setdefault(d, {})[m.id] = None
-            if self.relay_fanout and (m.is_seed or sum(kids.values()) < self.relay_fanout):
+            if self.relay_fanout and (m.is_seed or sum(kids.values()) < m.relay_cap):
                 if free:
                     self.free_for_relays[k].setdefault(d, {})[m.id] = None
                 if leafy:

@@ -24,7 +24,7 @@ from meshcast.node import NodeBase
 from meshcast.policy import HEADROOM as HEADROOM_FACTOR
 from meshcast.policy import STRETCH_HEADROOM, child_slots
 from tracker.forest import Forest, Member
-from tracker.placement import TreePlacement, make_strategy
+from tracker.placement import TreePlacement, make_strategy, relay_cap
 
 TOKEN_LIFETIME = 600.0
 """Seconds a token stays valid (a backup token must still be good when the backup is needed)."""
@@ -165,6 +165,7 @@ class TrackerNode(NodeBase):
         slots = ch.slots(msg.upload_kbps) if msg.address else 0
         member = Member(self._new_id(), link, msg.address, msg.upload_kbps, slots,
                         tuple(msg.coords), now, ch.substreams)
+        member.relay_cap = relay_cap(msg.upload_kbps, ch.bitrate_kbps, ch.chunk_ms)
         ch.forest.add(member)
         self.links[link] = (ch, member)
         self._out.append(Send(link, self._welcome(ch, member)))

@@ -13,7 +13,7 @@ from meshcast.crypto import SimCrypto, SimKey
 from meshcast.effects import Send
 from meshcast.policy import child_slots
 from tracker.node import TrackerNode
-from tracker.placement import RELAY_FANOUT
+from tracker.placement import RELAY_FANOUT, relay_cap
 
 K = 4
 BITRATE = 2000
@@ -52,10 +52,12 @@ def check_invariants(t: TrackerNode) -> None:
         for index, wanted in ((forest.free[k], lambda mm: mm.used < mm.slots),
                               (forest.leafy[k], lambda mm: False in mm.children[k].values()),
                               (forest.free_for_relays[k], lambda mm: mm.used < mm.slots and (
-                                  not cap or mm.is_seed or sum(mm.children[k].values()) < cap)),
+                                  not cap or mm.is_seed
+                                  or sum(mm.children[k].values()) < mm.relay_cap)),
                               (forest.leafy_for_relays[k],
                                lambda mm: False in mm.children[k].values() and (
-                                   not cap or mm.is_seed or sum(mm.children[k].values()) < cap))):
+                                   not cap or mm.is_seed
+                                   or sum(mm.children[k].values()) < mm.relay_cap))):
             indexed = {pid: d for d, bucket in index.items() for pid in bucket}
             expected = {mm.id: mm.depth[k] for mm in forest.members.values()
                         if (mm.is_seed or mm.home == k) and mm.depth[k] >= 0 and wanted(mm)}
@@ -111,9 +113,12 @@ def test_relays_get_the_shallow_places_and_depth_is_logarithmic():
         assert sum(relay_depths) / len(relay_depths) < sum(leaf_depths) / len(leaf_depths)
         # the seed's slots go to relays: leaves hang under peers
         assert all(forest.members[c].home == k for c in forest.seed.children[k])
-        # ... and a peer passes the chunk on to at most RELAY_FANOUT relays (it has room for 7)
-        assert max(sum(mm.children[k].values()) for mm in forest.members.values()
-                   if not mm.is_seed) == RELAY_FANOUT
+        # ... and a peer passes the chunk on to at most RELAY_FANOUT relays (it has room for 7),
+        # fewer if its uplink is slow: a 50 kB chunk takes 160 ms at 2.5 Mbit/s, 89 at 4.5.
+        for upload, cap in ((4500, RELAY_FANOUT), (2500, 2)):
+            assert relay_cap(upload, BITRATE, 200) == cap
+            assert max(sum(mm.children[k].values()) for mm in forest.members.values()
+                       if not mm.is_seed and mm.upload_kbps == upload) == cap
     assert fanout >= 4
 
 
@@ -134,3 +139,11 @@ def test_orphans_are_reassigned_at_once_when_a_relay_leaves():
             assigns[eff.link] += 1
     assert all(n >= 1 for n in assigns.values())
     check_invariants(t)
+
+
+def test_a_slow_uplink_takes_fewer_relaying_children():
+    # One chunk, once: 25 kB (2 Mbit/s × 100 ms) takes 200 ms at 1 Mbit/s, 26 ms at 7.8.
+    assert relay_cap(1000, 2000, 100) == 1
+    assert relay_cap(7800, 2000, 100) == RELAY_FANOUT
+    assert relay_cap(500, 1500, 200) == 0  # 600 ms a copy: leaves only
+    assert relay_cap(0, 2000, 100) == 0

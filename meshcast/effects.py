@@ -64,8 +64,9 @@ class ChunkBegin:
     link: Link
     head: ChunkHead
     push: bool = True
-    """A subscriber's chunk (True) or an answer to a pull (False): under back-pressure a
-    driver gives up pulls first (`meshcast.policy.drop_chunk`)."""
+    """A subscriber's chunk as it goes by (True), or one from spare upload only (False): an
+    answer to a pull, or a new subscriber's catch-up. Under back-pressure a driver gives up
+    these first (`meshcast.policy.drop_chunk`), and tells the node with the flag."""
 
 
 @dataclass(slots=True)

@@ -8,10 +8,10 @@ written to the children's streams piece by piece while it is still arriving (cut
 Back-pressure (aioquic has none of its own): before opening a chunk stream, the driver
 estimates how long the node's upload queue is — the bytes all its links have not yet sent, at
 the node's declared upload rate — and applies `meshcast.policy.drop_chunk`, the rule the
-simulator applies to its uplink model: a push waits at most 2 s, a pull answer 0.1 s. A skipped
-chunk is reported to the node (`chunk_dropped`), which answers a pull with `Missing` and reports
-a persistently slow child to the tracker. So a slow child costs its own late chunks, never
-unbounded memory in its parent.
+simulator applies to its uplink model: a push waits at most 2 s, a pull answer or catch-up 0.1 s
+(`SendChunk.push`). A skipped chunk is reported to the node (`chunk_dropped`), which answers a
+pull or catch-up with `Missing` and reports a persistently slow child to the tracker. So a slow
+child costs its own late chunks, never unbounded memory in its parent.
 
 Every task belongs to the runner's task group; cancelling it closes every link.
 """

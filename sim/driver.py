@@ -19,8 +19,8 @@ Modelling choices that mirror the runtime, in one place:
   (`sim.network.transfer`), so a relay forwards before it has the whole chunk, as the runtime
   does.
 - Back-pressure as in `meshcast.runtime`: a chunk is dropped for a child when it would wait
-  too long in the sender's queue (`meshcast.policy.drop_chunk`: pushes wait up to 2 s, pulls
-  only 0.1 s), and the node is told (`chunk_dropped`).
+  too long in the sender's queue (`meshcast.policy.drop_chunk`: pushes wait up to 2 s, pull
+  answers and catch-ups only 0.1 s), and the node is told (`chunk_dropped`).
 - An abrupt departure (kill -9) is seen by the other end only after `IDLE_TIMEOUT` (the QUIC
   idle time-out, `meshcast.policy.LINK_IDLE_TIMEOUT_S`), unless the node's own stall detection
   acts first; a graceful one closes links.

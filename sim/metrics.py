@@ -25,9 +25,8 @@ import csv
 import json
 import math
 from array import array
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Literal, Mapping
+from typing import Any, ClassVar, Iterable, Literal, Mapping, NamedTuple
 
 __all__ = ["Digest", "Histogram", "MetricsCollector", "write_comparison"]
 
@@ -99,10 +98,10 @@ class _Bucket:
         self.latency = Histogram(_SERIES_BIN_S, latency_max_s)
 
 
-@dataclass(frozen=True)
-class Digest:
+class Digest(NamedTuple):
     """What reports and side-by-side plots need of a finished run, as plain data (small, and
-    picklable: a run in a worker process sends back this, not its collector)."""
+    picklable: a run in a worker process sends back this, not its collector). A tuple, not a
+    dataclass: a compiled build's (mypyc) frozen dataclass does not unpickle."""
 
     summary: dict[str, Any]
     series: dict[str, list[float | None]]

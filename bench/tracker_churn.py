@@ -5,8 +5,8 @@ network: a seed announces a channel and N viewers join (the steady scenario's up
 or 4.5 Mbit/s for a 2 Mbit/s stream; random network coordinates). Then `--ops` more viewers join
 and `--ops` viewers leave abruptly (their link closes), timed. Prints µs per join and per
 departure (the orphans' re-placement included), median of `--runs` runs; then viewers who
-upload nothing join until the channel is full, and `--ops` more are refused, timed. Most of a join is
-signing its tokens: a parent and a backup per sub-stream, and the seed's for pulls.
+upload nothing join until the channel is full, and `--ops` more are refused, timed. Most of a
+join is signing its tokens: a parent and a backup per sub-stream, and the seed's for pulls.
 
     python bench/tracker_churn.py [--sizes 1000,10000,100000] [--ops 2000] [--runs 3]
 """

@@ -63,8 +63,9 @@ class Forest:
     """K trees rooted at the seed. All mutation goes through `attach`/`detach`/`add`/`remove`.
 
     `relay_fanout` (0: none) caps the relaying children a peer may take in a tree, as does each
-    member's own `relay_cap`; the seed is not capped. `free_for_relays` and `leafy_for_relays` are `free` and `leafy` without the
-    members at the cap, so a relaying newcomer's search never wades through them."""
+    member's own `relay_cap`; the seed is not capped. `free_for_relays` and `leafy_for_relays`
+    are `free` and `leafy` without the members at their cap, so a relaying newcomer's search
+    never wades through them."""
 
     def __init__(self, substreams: int, relay_fanout: int = 0) -> None:
         self.k = substreams

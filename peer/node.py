@@ -162,9 +162,11 @@ class PeerNode(RelayNode):
 
     def _quit(self, reason: str, now: float) -> None:
         """Out of the swarm (leaving, or refused by the tracker): close every link and forget
-        every parent, so that no link still opening subscribes to one (`link_opened`)."""
+        every parent, so that no link still opening subscribes to one (`link_opened`); and stop
+        every timer (a refused viewer's stall checks woke it every 1.8 s for nothing)."""
         self.primary = [None] * len(self.primary)
         self.backup = [None] * len(self.backup)
+        self._timers.clear()
         for link in list(self.conns):
             self._close(link, reason, now)
 

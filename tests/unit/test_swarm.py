@@ -101,6 +101,7 @@ def test_a_viewer_refused_after_some_placements_takes_nothing_from_its_parents()
     assert peers[0].rejected == "" and "channel full" in peers[1].rejected
     assert tracker.channels["ch"].forest.seed.used == seed._children() == 4
     assert not peers[1].conns
+    assert peers[1].next_timer() is None  # nothing left to wake it for
     stream(w, seed, 10)
     assert played(w, peers[0])[-1] == 9 and not played(w, peers[1])
 

@@ -64,6 +64,10 @@ class TrackerNode(NodeBase):
         self._next_id = 1
         self.evictions = 0
         self.rejections = 0
+        self._joining: Member | None = None
+        """The viewer being placed by `_on_join`: its Assigns wait in `_held` until it has a
+        parent in every tree, so a refused viewer never holds a token."""
+        self._held: list[Send] = []
 
     # -- links ---------------------------------------------------------------------------------
 
@@ -169,12 +173,22 @@ class TrackerNode(NodeBase):
         ch.forest.add(member)
         self.links[link] = (ch, member)
         self._out.append(Send(link, self._welcome(ch, member)))
-        for k in range(ch.substreams if self.strategy.mode == "tree" else 0):
-            if not self._place(ch, member, k, now):
-                self.links[link] = None
-                self._remove(ch, member, now)  # re-homes anyone it adopted in earlier trees
-                self._reject(link, "channel full: no upload capacity left for a new viewer", now)
-                return
+        # All or nothing: the newcomer's Assigns (and their tokens) go out only once every tree
+        # has room for it. Moves of other members (push-down) are real either way and go now.
+        self._joining, held = member, self._held
+        try:
+            for k in range(ch.substreams if self.strategy.mode == "tree" else 0):
+                if not self._place(ch, member, k, now):
+                    self._joining = None
+                    held.clear()
+                    self.links[link] = None
+                    self._remove(ch, member, now)  # re-homes anyone it adopted in earlier trees
+                    self._reject(link, "channel full: no upload capacity left for a new viewer", now)
+                    return
+        finally:
+            self._joining = None
+        self._out.extend(held)
+        held.clear()
         self._send_neighbours(ch, member, now)
 
     def _reject(self, link: Link, reason: str, now: float) -> None:
@@ -223,7 +237,7 @@ class TrackerNode(NodeBase):
                        backup.ref if backup else None,
                        self._token(ch, member, backup, k, expires) if backup else None,
                        member.relays(k))
-        self._out.append(Send(member.link, msg))
+        (self._held if member is self._joining else self._out).append(Send(member.link, msg))
 
     def _send_neighbours(self, ch: Channel, member: Member, now: float) -> None:
         """Tree mode: the seed, as the last-resort source for pulls. Mesh mode: random members."""

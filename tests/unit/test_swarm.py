@@ -8,7 +8,7 @@ import random
 import pytest
 
 from meshcast import effects as fx
-from meshcast.messages import Subscribe
+from meshcast.messages import Reject, Subscribe
 from meshcast.crypto import Crypto, SigningKey
 from meshcast.policy import HEADROOM, STRETCH_HEADROOM, child_slots
 from peer.node import LATE_SLACK, PeerNode
@@ -92,21 +92,10 @@ def test_newcomer_is_rejected_with_a_reason_when_capacity_runs_out():
     assert played(w, peers[0])[-1] == 9  # the admitted viewer is not hurt by the others
 
 
-def test_a_viewer_refused_after_some_placements_takes_nothing_from_its_parents():
-    # 3,140 kbps carries 5 slots (at 80 % and at 95 %): the second viewer gets sub-stream 0,
-    # then no room in sub-stream 1. Its Assign for 0 came first, so a link to the seed is
-    # opening when the Reject arrives: it must not subscribe over it once it opens.
-    assert child_slots(3140, BITRATE, 4) == child_slots(3140, BITRATE, 4, STRETCH_HEADROOM) == 5
-    w, tracker, seed, peers = build(2, seed_kbps=3140, peer_kbps=0)
-    assert peers[0].rejected == "" and "channel full" in peers[1].rejected
-    assert tracker.channels["ch"].forest.seed.used == seed._children() == 4
-    assert not peers[1].conns
-    assert peers[1].next_timer() is None  # nothing left to wake it for
-    stream(w, seed, 10)
-    assert played(w, peers[0])[-1] == 9 and not played(w, peers[1])
-
-
-def test_a_viewer_leaving_while_a_link_opens_does_not_subscribe_over_it():
+@pytest.mark.parametrize("how", ["leave", "reject"])
+def test_a_viewer_that_quits_while_a_link_opens_does_not_subscribe_over_it(how):
+    # A refused newcomer gets no Assign at all (`test_tracker`), but a Reject can still follow
+    # Assigns (an eviction, or no room left after a departure) while links to parents open.
     w, tracker, seed, peers = build(1, seed_kbps=8000, peer_kbps=0)
     late = w.add("late", PeerNode(channel="ch", crypto=Crypto(), rng=random.Random(9),
                                   tracker="tracker", address=""))
@@ -119,13 +108,19 @@ def test_a_viewer_leaving_while_a_link_opens_does_not_subscribe_over_it():
             else:
                 w._apply(node, eff)
     assert opening and seed._children() == 4
-    late.leave(now=w.now)
+    if how == "leave":
+        late.leave(now=w.now)
+    else:
+        late.handle(late.tracker_link, Reject("channel full after a departure"), now=w.now)
+        assert late.rejected
     w.run()
     for eff in opening:
         w._apply(late, eff)
     w.run()
     assert seed._children() == 4 and not late.conns
-    assert tracker.channels["ch"].forest.seed.used == 4
+    assert late.next_timer() is None  # nothing left to wake it for
+    if how == "leave":
+        assert tracker.channels["ch"].forest.seed.used == 4
 
 
 def test_a_full_channel_is_stretched_before_anyone_is_refused():

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from meshcast import messages as m
 from meshcast.crypto import SimCrypto, SimKey
 from meshcast.effects import Send
-from meshcast.policy import child_slots
+from meshcast.policy import STRETCH_HEADROOM, child_slots
 from tracker.node import TrackerNode
 from tracker.placement import RELAY_FANOUT, relay_cap
 
@@ -83,8 +83,12 @@ def test_random_joins_and_departures_keep_the_forest_sound(ops, strategy):
             next_link += 1
             t.link_opened(link, now=1.0)
             t.handle(link, m.Join("c", f"p{link}", kbps, (random.Random(pick).random(), 0.5)), now=1.0)
+            to_it = [type(e.msg) for e in t.drain() if type(e) is Send and e.link == link]
             if link in t.links and t.links[link] is not None:
                 links.append(link)
+                assert to_it.count(m.Assign) >= (K if strategy == "tree" else 0)
+            else:  # refused: not one token to show a parent
+                assert to_it == [m.Welcome, m.Reject]
         elif links:
             link = links.pop(pick % len(links))
             t.link_closed(link, now=2.0)
@@ -92,6 +96,22 @@ def test_random_joins_and_departures_keep_the_forest_sound(ops, strategy):
         links = [l for l in links if t.links.get(l) is not None]
         check_invariants(t)
     t.drain()
+
+
+def test_a_viewer_refused_in_a_later_tree_gets_no_token_for_the_earlier_ones():
+    # 3,140 kbps carries 5 slots (at 80 % and at 95 %): the first viewer (uploading nothing)
+    # takes 4; the second fits in sub-stream 0, then finds no room in sub-stream 1.
+    assert child_slots(3140, BITRATE, K) == child_slots(3140, BITRATE, K, STRETCH_HEADROOM) == 5
+    t = new_tracker("tree", seed_kbps=3140)
+    for link in (2, 3):
+        t.link_opened(link, now=0.0)
+        t.handle(link, m.Join("c", "", 0), now=0.0)
+    sent = [(e.link, type(e.msg)) for e in t.drain() if type(e) is Send]
+    assert [k for link, k in sent if link == 2].count(m.Assign) == K
+    assert [k for link, k in sent if link == 3] == [m.Welcome, m.Reject]
+    seed = t.channels["c"].forest.seed
+    assert seed.used == K and len(t.channels["c"].forest.members) == 2
+    check_invariants(t)
 
 
 def test_relays_get_the_shallow_places_and_depth_is_logarithmic():

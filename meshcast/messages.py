@@ -175,6 +175,18 @@ class Complaint:
     """"forged" or "slow"."""
 
 
+@dataclass(frozen=True, slots=True)
+class Revoke:
+    """Tracker → a parent (or backup, or pull source) of an evicted node: stop serving
+    `node_id` now, and take no token of its until `until` (when the last one it holds expires).
+    An evicted node that ignores its `Reject` would otherwise go on taking upload that the
+    tracker has given to someone else."""
+
+    node_id: int
+    until: float
+    reason: str
+
+
 # -- node ↔ node ---------------------------------------------------------------------------------
 
 
@@ -256,5 +268,5 @@ FLAG_RAP = 1
 
 Message = (
     Announce | Join | Welcome | Assign | Neighbours | Reject | Leave | ParentLost | Complaint
-    | Hello | Subscribe | Unsubscribe | Refuse | Have | Request | Missing | ChunkHead
+    | Revoke | Hello | Subscribe | Unsubscribe | Refuse | Have | Request | Missing | ChunkHead
 )

@@ -108,7 +108,7 @@ class RelayNode(NodeBase):
 
     __slots__ = ("crypto", "upload_kbps", "buffer_s", "id", "channel", "public_key", "tracker_key",
                  "substreams", "chunk_ms", "chunk_s", "bitrate_kbps", "mode", "conns",
-                 "_subscribers", "buffer", "newest", "bytes_up", "window")
+                 "_subscribers", "buffer", "newest", "bytes_up", "window", "revoked")
 
     def __init__(self, *, crypto: Crypto, upload_kbps: int, buffer_s: float = 10.0) -> None:
         super().__init__()
@@ -127,6 +127,8 @@ class RelayNode(NodeBase):
         self.conns: dict[Link, Conn] = {}
         self._subscribers: list[Sequence[tuple[Conn, int]]] = []
         """Per sub-stream: (child, first seq it wants), relaying children first."""
+        self.revoked: dict[int, float] | None = None
+        """Node id → until when the tracker revoked its tokens (`Revoke`); None until one is."""
         self.newest = -1
         self.bytes_up = 0
         self.window = self._window()
@@ -233,9 +235,24 @@ class RelayNode(NodeBase):
             return f"token is for sub-stream {token.substream}, not {substream}"
         if token.expires < now:
             return "token expired"
+        if self.revoked is not None and self.revoked.get(child, -1.0) >= now:
+            return "revoked by the tracker"
         if not self.crypto.token_valid(self.tracker_key, token):
             return "token signature invalid"
         return ""
+
+    def _revoke(self, msg: m.Revoke, now: float) -> None:
+        """The tracker evicted `msg.node_id`: close every link it has to us, and refuse the
+        tokens it still holds (the tracker has given its place to someone else)."""
+        revoked = self.revoked
+        if revoked is None:
+            revoked = self.revoked = {}
+        elif len(revoked) >= 64:  # forget revocations whose tokens have all expired
+            for node_id in [n for n, until in revoked.items() if until < now]:
+                del revoked[node_id]
+        revoked[msg.node_id] = max(msg.until, revoked.get(msg.node_id, msg.until))
+        for conn in [c for c in self.conns.values() if c.node_id == msg.node_id]:
+            self._close(conn.link, f"revoked by the tracker: {msg.reason}", now)
 
     def _on_hello(self, conn: Conn, msg: m.Hello, now: float) -> None:
         if msg.channel != self.channel:

@@ -268,6 +268,8 @@ class PeerNode(RelayNode):
                 self.rejected = msg.reason
                 self._out.append(Notice(f"tracker: {msg.reason}"))
                 self._quit(f"rejected by the tracker: {msg.reason}", now)
+            elif isinstance(msg, m.Revoke):
+                self._revoke(msg, now)
             else:
                 raise RemoteProtocolError(f"unexpected {type(msg).__name__} from the tracker")
         elif isinstance(msg, m.Refuse):

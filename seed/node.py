@@ -80,6 +80,8 @@ class SeedNode(RelayNode):
         elif type(msg) is m.Reject:
             self.rejected = msg.reason
             self._out.append(Notice(f"tracker refused the channel: {msg.reason}"))
+        elif isinstance(msg, m.Revoke):
+            self._revoke(msg, now)
         else:
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} from the tracker")
 

@@ -35,6 +35,8 @@ class Wiring:
         """Seconds of upload a node has queued, as the drivers estimate it: a `SendChunk` is
         dropped by their rule (`drop_chunk`) and the sender told, as they do."""
         self.dropped: list[tuple[Any, int, bool]] = []
+        self.deaf: dict[Any, tuple[type, ...]] = {}
+        """Node → message types it ignores (a misbehaving node: say, one that takes no `Reject`)."""
         self._queue: deque[tuple[Any, fx.Effect]] = deque()
 
     def add(self, address: str, node: Any) -> Any:
@@ -115,6 +117,8 @@ class Wiring:
         if peer in self.dead:
             return
         if t is fx.Send:
+            if isinstance(eff.msg, self.deaf.get(peer, ())):
+                return
             peer.handle(plink, wire.decode(wire.encode(eff.msg)), now=now)
         elif t is fx.Close:
             del self.peer_of[eff.link]

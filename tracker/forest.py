@@ -30,7 +30,8 @@ NO_LIMIT = 1 << 30
 
 class Member:
     __slots__ = ("id", "link", "address", "ref", "upload_kbps", "slots", "used", "coords", "joined",
-                 "home", "parent", "backup", "children", "depth", "is_seed", "relay_cap")
+                 "home", "parent", "backup", "children", "depth", "is_seed", "relay_cap",
+                 "neighbours")
 
     def __init__(self, id: int, link: int, address: str, upload_kbps: int, slots: int,
                  coords: tuple[float, ...], joined: float, substreams: int, is_seed: bool = False):
@@ -50,6 +51,8 @@ class Member:
         """Relaying children it may take per tree where the forest caps them: at most the
         forest's `relay_fanout` (`add` sees to it), fewer for a slow uplink (the tracker sets it
         from the member's upload: `tracker.placement.relay_cap`)."""
+        self.neighbours: tuple[int, ...] = ()
+        """Members other than the seed it holds a pull token for (mesh neighbours)."""
 
     @property
     def free(self) -> int:

@@ -253,6 +253,7 @@ class TrackerNode(NodeBase):
                     peers.append(cand)
         if forest.seed is not None:
             peers.append(forest.seed)
+        member.neighbours = tuple(p.id for p in peers if not p.is_seed)
         expires = now + TOKEN_LIFETIME
         msg = m.Neighbours(tuple(p.ref for p in peers),
                            tuple(self._token(ch, member, p, m.NO_PEER, expires) for p in peers))
@@ -276,9 +277,24 @@ class TrackerNode(NodeBase):
             elif ch.forest.seed is not None and not self._place(ch, child, k, now):
                 self._evict_for_capacity(ch, child, now)
 
+    def _evict(self, ch: Channel, member: Member, reason: str, now: float) -> None:
+        """Send `member` away. Its parents, backups and pull sources are told to drop it too
+        (`Revoke`): a member that ignored its `Reject` would keep their upload, which the
+        tracker now counts as free. (Tokens from parents it had before a repair stay good
+        until they expire; a parent still takes no more children than its upload carries.)"""
+        ids = {*member.parent, *member.backup, *member.neighbours}
+        if ch.forest.seed is not None:
+            ids.add(ch.forest.seed.id)
+        revoke = m.Revoke(member.id, now + TOKEN_LIFETIME, reason)
+        for node_id in sorted(ids):
+            holder = ch.forest.members.get(node_id)
+            if holder is not None and holder is not member:
+                self._out.append(Send(holder.link, revoke))
+        self._out.append(Send(member.link, m.Reject(reason)))
+        self._drop_link(member.link, reason, now)
+
     def _evict_for_capacity(self, ch: Channel, member: Member, now: float) -> None:
-        self._out.append(Send(member.link, m.Reject("channel full after a departure: rejoin later")))
-        self._drop_link(member.link, "no capacity", now)
+        self._evict(ch, member, "channel full after a departure: rejoin later", now)
 
     def _on_parent_lost(self, ch: Channel, member: Member, msg: m.ParentLost, now: float) -> None:
         k = msg.substream
@@ -313,8 +329,7 @@ class TrackerNode(NodeBase):
                                 f"{msg.reason} (reported by {member.id})"))
         if offender.address:
             ch.banned.add(offender.address)
-        self._out.append(Send(offender.link, m.Reject(f"evicted: {msg.reason}")))
-        self._drop_link(offender.link, f"evicted: {msg.reason}", now)
+        self._evict(ch, offender, f"evicted: {msg.reason}", now)
 
     # -- measurements --------------------------------------------------------------------------
 

@@ -292,6 +292,34 @@ def test_forging_relay_is_cut_off_reported_and_evicted():
     assert any("failed verification" in n for n in w.notices)
 
 
+def test_an_evicted_forger_that_ignores_its_reject_gets_nothing_more_from_anyone():
+    # It takes no Reject, so it stays subscribed to its parents: the tracker's Revoke must make
+    # them (and its backups, and the seed it may pull from) cut it off and refuse its tokens.
+    w, tracker, seed, peers = build(20, seed_kbps=4000, peer_kbps=3000)
+    stream(w, seed, 10)
+    bad = max(peers, key=lambda p: p._children())
+    nodes = {n.id: n for n in [seed, *peers]}
+    holders = {nodes[s.ref.id] for s in [*bad.primary, *bad.backup] if s is not None} | {seed}
+    w.tamper[bad] = lambda data: bytes([data[0] ^ 0xFF]) + data[1:]
+    w.deaf[bad] = (Reject,)
+    stream(w, seed, 20)
+    w.advance(w.now + 3)
+    assert tracker.evictions >= 1 and not bad.rejected  # evicted, and it never heard
+    assert bad.id not in tracker.channels["ch"].forest.members
+    for node in holders:
+        assert node.revoked and bad.id in node.revoked
+        assert all(c.node_id != bad.id for c in node.conns.values())
+    assert any("revoked by the tracker: evicted" in reason for _, reason in w.closed)
+    had = len(played(w, bad)) + len(w.skipped[bad])
+    stream(w, seed, 20)  # it keeps asking its backups and the seed, with tokens now revoked
+    w.advance(w.now + 5)
+    assert len(played(w, bad)) + len(w.skipped[bad]) - had <= 2, "it is still being fed"
+    assert not any(c.node_id == bad.id for n in holders for c in n.conns.values())
+    for p in peers:
+        if p is not bad:
+            assert played(w, p)[-1] == seed.next_seq - 1
+
+
 def test_whole_chunks_play_out_exactly_as_streamed_ones():
     """The simulator hands each chunk over whole (`chunk_received`), the runtime as a stream
     (`chunk_begin`/`chunk_data`/`chunk_end`): the nodes decide the same either way, through a

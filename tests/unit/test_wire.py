@@ -69,6 +69,7 @@ FIELDS: dict[type, tuple[st.SearchStrategy, ...]] = {
     m.Request: (seqs,),
     m.Missing: (seqs,),
     m.ChunkHead: (channel, seq, st.integers(0, m.MAX_CHUNK), st.integers(0, 255), clock, sig),
+    m.Revoke: (node_id, clock, reason),
 }
 TOP = [cls for cls, (tag, _) in wire.SCHEMA.items() if tag]
 message = st.one_of(*(st.builds(cls, *FIELDS[cls]) for cls in TOP))
@@ -422,6 +423,19 @@ def test_subscribe_with_a_forged_token_gets_no_media(swarm):
     # Without a token it may not pull either.
     intruder.send(Send(intruder.link, m.Request((seed.next_seq - 1,))))
     assert intruder.closed == ["protocol error: Request before an accepted Hello"]
+
+
+@pytest.mark.parametrize("target", ["relay", "seed"])
+def test_a_revoke_not_from_the_tracker_is_a_protocol_error_and_revokes_nobody(swarm, target):
+    w, tracker, seed, peers, intruder = swarm
+    victim = relay_of(peers) if target == "relay" else seed
+    child = next(p for p in peers if p is not victim and any(
+        s is not None and s.ref.id == victim.id for s in p.primary))
+    intruder.connect(victim.address)
+    intruder.send(Send(intruder.link, m.Revoke(child.id, 1e9, "evicted: forged chunk 1")))
+    assert intruder.closed == ["protocol error: unexpected Revoke from a peer"]
+    assert victim.revoked is None and any(c.node_id == child.id for c in victim.conns.values())
+    keeps_playing(w, seed, peers)
 
 
 def test_have_before_hello_closes_the_link(swarm):

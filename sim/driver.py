@@ -125,11 +125,17 @@ class Simulation:
         """Link → the node at that end, -1 once closed (links are indexes, from 2 on)."""
         self.first_link = array("q", [-1]) * n
         self.next_link = array("q", [-1, -1])
+        self.delay = array("d", [0.0, 0.0])
+        """Link → the one-way delay between its ends (the latency model's, kept at open: a
+        chunk sent on the link then reads one number, not both ends' coordinates)."""
         """Each node's link ends, newest first, as a chain: node → its newest end
         (`first_link`), end → the node's end registered before it (`next_link`); -1 ends it.
         Closed ends stay in the chain (their `owner` is -1)."""
-        self._ctx: tuple[int, int, float] | None = None
-        """(node, seq, head arrival) while a relay reacts to a chunk it just received."""
+        self._ctx_node = -1
+        """While a relay reacts to a chunk it just received: the relay, the chunk's seq and
+        when its head arrived (-1: none)."""
+        self._ctx_seq = -1
+        self._ctx_head = 0.0
         chunk_bytes = int(sc.stream.bitrate_kbps * sc.stream.chunk_ms / 8)
         self.payload = bytes(chunk_bytes)
         self.rap_every = max(1, round(sc.stream.gop_ms / sc.stream.chunk_ms))
@@ -288,8 +294,7 @@ class Simulation:
         net, sched, metrics, owner = self.net, self.sched, self.metrics, self.owner
         by_seed = 1 <= i <= self.channels
         # A chunk this node is relaying right now leaves from when its head arrived (cut-through).
-        ctx = self._ctx
-        ctx_seq, ctx_head = (ctx[1], ctx[2]) if ctx is not None and ctx[0] == i else (-1, now)
+        ctx_seq, ctx_head = (self._ctx_seq, self._ctx_head) if self._ctx_node == i else (-1, now)
         dropped = []
         for eff in effects:
             if isinstance(eff, fx.SendChunk):
@@ -304,7 +309,8 @@ class Simulation:
                 if drop_chunk(net.uplinks[i].free_at - now, eff.push):
                     dropped.append((link, seq, eff.push))
                     continue
-                arrival = net.send_chunk(i, dst, size, ctx_head if seq == ctx_seq else now, now)
+                arrival = net.send_chunk(i, dst, size, ctx_head if seq == ctx_seq else now, now,
+                                         self.delay[link])
                 metrics.bytes_sent(i, size, "media", by_seed, now=now)
                 if arrival is not None:
                     sched.at(arrival[1], self._chunk_arrives_cb, dst, remote, chunk, eff.ok,
@@ -324,7 +330,7 @@ class Simulation:
                 dst = owner[remote]
                 if owner[link] >= 0 and dst >= 0:
                     metrics.bytes_sent(i, _control_size(eff.msg), "control", by_seed, now=now)
-                    sched.at(net.send_control(i, dst, now), self._message_cb, dst, remote, eff.msg)
+                    sched.at(now + self.delay[link], self._message_cb, dst, remote, eff.msg)
             elif isinstance(eff, fx.Skip):
                 metrics.chunk_missed(i, eff.seq, now=now)
             elif isinstance(eff, fx.Open):
@@ -361,6 +367,7 @@ class Simulation:
         owner.extend((-1, -1))
         self.next_link.extend((-1, -1))
         one_way = self.net.latency.one_way(i, dst)
+        self.delay.extend((one_way, one_way))
         self.sched.at(now + one_way, self._accepted, dst, b, a, i)
         self.sched.at(now + 2 * one_way, self._opened, i, a, ref)
 
@@ -407,10 +414,10 @@ class Simulation:
         if not self.alive[dst] or self.owner[link] < 0:
             return
         node: PeerNode = self.nodes[dst]  # only peers receive chunks
-        self._ctx = (dst, chunk.head.seq, t_head)
+        self._ctx_node, self._ctx_seq, self._ctx_head = dst, chunk.head.seq, t_head
         node.chunk_received(link, chunk, now=self.sched.now, aborted=not ok)
         self._pump(dst)
-        self._ctx = None
+        self._ctx_node = -1
 
 
 def run_scenario(scenario: Scenario, *, progress: Callable[[float, int], Any] | None = None) -> RunResult:

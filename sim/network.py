@@ -402,10 +402,13 @@ class Network:
         self._rng = rng
 
     def send_chunk(
-        self, src: int, dst: int, nbytes: int, t_head: float, t_src_end: float
+        self, src: int, dst: int, nbytes: int, t_head: float, t_src_end: float,
+        one_way: float = -1.0,
     ) -> tuple[float, float] | None:
-        """Relay a chunk src → dst: (head, end) arrival times at dst, or None if it is dropped."""
-        one_way = self._one_way(src, dst)
+        """Relay a chunk src → dst: (head, end) arrival times at dst, or None if it is dropped.
+        `one_way`: the pair's delay, if the caller has it (the driver keeps it per link)."""
+        if one_way < 0.0:
+            one_way = self._one_way(src, dst)
         head, end = transfer(self.uplinks[src], nbytes, t_head, t_src_end, one_way)
         loss = self.loss
         if loss.packet or loss.chunk_drop:

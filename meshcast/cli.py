@@ -32,7 +32,7 @@ from meshcast.messages import NO_PEER
 from meshcast.net.quic import ConnectError
 from meshcast.policy import HEADROOM, child_slots
 from meshcast.runtime import parse_address
-from meshcast.service import PeerHandle, SeedHandle, run_peer, run_seed, run_tracker
+from meshcast.service import PeerHandle, SeedHandle, TrackerHandle, run_peer, run_seed, run_tracker
 from seed.ingest import IngestError, synthetic_stream_command
 
 log = logging.getLogger("meshcast.cli")
@@ -162,10 +162,20 @@ def _run(body: Callable[..., Awaitable[int | None]], backend: str, *, graceful: 
 # -- tracker --------------------------------------------------------------------------------------
 
 
+async def _tracker(args: argparse.Namespace) -> int:
+    _check_stats_path(args.stats)
+    async with anyio.create_task_group() as tg:
+        handle: TrackerHandle = await tg.start(partial(run_tracker, args.listen,
+                                                       strategy=args.strategy))
+        if args.stats:
+            tg.start_soon(_write_stats, handle.node.stats, args.stats)
+    return 0
+
+
 def cmd_tracker(args: argparse.Namespace) -> int:
     """Serve a tracker until interrupted."""
     _check_listen(args.listen)
-    return _run(partial(run_tracker, args.listen, strategy=args.strategy), args.backend)
+    return _run(partial(_tracker, args), args.backend)
 
 
 # -- seed -----------------------------------------------------------------------------------------
@@ -212,13 +222,22 @@ def cmd_seed(args: argparse.Namespace) -> int:
 # -- peer -----------------------------------------------------------------------------------------
 
 
-async def _write_stats(handle: PeerHandle, path: str) -> None:
-    """Append one JSON line a second. One write(2) per line on an O_APPEND descriptor: a reader
-    never sees half a line, and every line is on disk the moment it is written."""
+def _check_stats_path(path: str | None) -> None:
+    """Fail now, not a second in: a `--stats` file must be writable."""
+    if path:
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+        except OSError as exc:
+            raise Fatal(f"cannot write the stats file {path}: {exc.strerror}") from None
+
+
+async def _write_stats(summary: Callable[[], dict[str, Any]], path: str) -> None:
+    """Append one JSON line of `summary()` a second. One write(2) per line on an O_APPEND
+    descriptor: a reader never sees half a line, and every line is on disk when written."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         while True:
-            line = json.dumps({"time": round(time.time(), 3), **handle.summary()}) + "\n"
+            line = json.dumps({"time": round(time.time(), 3), **summary()}) + "\n"
             os.write(fd, line.encode())
             await anyio.sleep(1.0)
     finally:
@@ -246,8 +265,7 @@ def _play_hint(port: int) -> str:
 
 async def _peer(args: argparse.Namespace) -> int:
     _check_listen(args.listen)
-    if args.stats:  # fail now, not a second in: the stats file must be writable
-        os.close(os.open(args.stats, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+    _check_stats_path(args.stats)
     async with anyio.create_task_group() as tg:
         handle: PeerHandle = await tg.start(partial(
             run_peer, tracker=args.tracker, channel=args.channel, listen=args.listen,
@@ -256,7 +274,7 @@ async def _peer(args: argparse.Namespace) -> int:
         if handle.http_port is not None:
             log.info("%s", _play_hint(handle.http_port))
         if args.stats:
-            tg.start_soon(_write_stats, handle, args.stats)
+            tg.start_soon(_write_stats, handle.summary, args.stats)
         await _watch_rejected(handle)
     return 0
 
@@ -542,6 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=("tree", "random", "mesh"), default="tree",
                    help="placement: our shallow latency-aware trees (default), random trees, or a "
                         "pull-only mesh (baselines)")
+    p.add_argument("--stats", metavar="PATH",
+                   help="append a JSON line to PATH every second: per channel, viewers, relays, "
+                        "tree depth, the seed's children and slots, refusals and evictions")
     p.set_defaults(func=cmd_tracker)
 
     p = sub.add_parser("seed", parents=[common], help="publish a channel from a live MPEG-TS input",

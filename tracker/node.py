@@ -33,7 +33,7 @@ MESH_NEIGHBOURS = 6
 
 class Channel:
     __slots__ = ("name", "public_key", "bitrate_kbps", "substreams", "chunk_ms", "forest",
-                 "seed_link", "banned", "headroom")
+                 "seed_link", "banned", "headroom", "refused", "evicted")
 
     def __init__(self, name: str, public_key: bytes, bitrate_kbps: int, substreams: int,
                  chunk_ms: int, relay_fanout: int = 0) -> None:
@@ -44,6 +44,10 @@ class Channel:
         self.banned: set[str] = set()
         self.headroom = HEADROOM_FACTOR
         """Share of each member's upload its slots use: `STRETCH_HEADROOM` once it ran out."""
+        self.refused = 0
+        """Viewers turned away for lack of upload capacity."""
+        self.evicted = 0
+        """Members sent away: reported for forged chunks, or no room left after a departure."""
 
     def slots(self, upload_kbps: int) -> int:
         return child_slots(upload_kbps, self.bitrate_kbps, self.substreams, self.headroom)
@@ -181,6 +185,7 @@ class TrackerNode(NodeBase):
                 if not self._place(ch, member, k, now):
                     self._joining = None
                     held.clear()
+                    ch.refused += 1
                     self.links[link] = None
                     self._remove(ch, member, now)  # re-homes anyone it adopted in earlier trees
                     self._reject(link, "channel full: no upload capacity left for a new viewer", now)
@@ -282,6 +287,7 @@ class TrackerNode(NodeBase):
         (`Revoke`): a member that ignored its `Reject` would keep their upload, which the
         tracker now counts as free. (Tokens from parents it had before a repair stay good
         until they expire; a parent still takes no more children than its upload carries.)"""
+        ch.evicted += 1
         ids = {*member.parent, *member.backup, *member.neighbours}
         if ch.forest.seed is not None:
             ids.add(ch.forest.seed.id)
@@ -332,6 +338,28 @@ class TrackerNode(NodeBase):
         self._evict(ch, offender, f"evicted: {msg.reason}", now)
 
     # -- measurements --------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """What an operator watches (`meshcast tracker --stats`): per channel, its audience, the
+        shape of its trees and the seed's load. O(members): for a once-a-second report."""
+        channels: dict[str, Any] = {}
+        for name, ch in self.channels.items():
+            forest, seed = ch.forest, ch.forest.seed
+            viewers = [mm for mm in forest.members.values() if not mm.is_seed]
+            depths = [d for mm in viewers for d in mm.depth if d >= 0]
+            channels[name] = {
+                "viewers": len(viewers),
+                "relaying": sum(1 for mm in viewers if mm.used > 0),
+                "cannot_relay": sum(1 for mm in viewers if not mm.address),  # no address or upload
+                "max_depth": max(depths, default=0),
+                "mean_depth": round(sum(depths) / len(depths), 2) if depths else 0.0,
+                "seed": {"children": seed.used, "slots": seed.slots} if seed else None,
+                "free_slots": sum(mm.free for mm in viewers),
+                "stretched": ch.headroom != HEADROOM_FACTOR,
+                "refused": ch.refused,
+                "evicted": ch.evicted,
+            }
+        return {"channels": channels, "rejections": self.rejections, "evictions": self.evictions}
 
     def depth_of(self, channel: str, node_id: int) -> int:
         ch = self.channels.get(channel)

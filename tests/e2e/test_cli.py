@@ -104,6 +104,14 @@ def test_tracker_rejection_ends_the_peer_and_sigterm_ends_the_tracker() -> None:
         stop(tracker)
 
 
+@pytest.mark.parametrize("command", [["tracker", "--listen", "127.0.0.1:0"],
+                                     ["peer", "--tracker", "127.0.0.1:9", "--channel", "x"]])
+def test_an_unwritable_stats_file_fails_at_once(tmp_path: Path, command: list[str]) -> None:
+    path = tmp_path / "no-such-dir" / "stats.jsonl"
+    result = run([*command, "--stats", str(path)], timeout=30)
+    assert_one_line_error(result, "cannot write the stats file", str(path))
+
+
 def test_seed_fails_clearly_on_missing_input_and_bad_key(tmp_path: Path) -> None:
     tracker = f"127.0.0.1:{free_udp_port()}"
     missing = run(["seed", "--tracker", tracker, "--channel", "c", "--key", str(tmp_path / "k.pem"),

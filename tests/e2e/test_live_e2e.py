@@ -44,10 +44,12 @@ class Run:
     """Every peer's last stats line (the killed one's is from before the kill)."""
     killed: int
     last_seq: int
+    tracker: dict
+    """The tracker's stats line for the channel just before the kill."""
 
 
 def latest(stats: Path) -> dict | None:
-    """The last complete JSON line of a peer's stats file."""
+    """The last complete JSON line of a stats file."""
     try:
         lines = stats.read_bytes().splitlines()
     except FileNotFoundError:
@@ -109,7 +111,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     stats = [tmp / f"{p}.jsonl" for p in peers]
     try:
         tracker = f"127.0.0.1:{free_udp_port()}"
-        ps.spawn("tracker", "tracker", "--listen", tracker)
+        tracker_stats = tmp / "tracker.jsonl"
+        ps.spawn("tracker", "tracker", "--listen", tracker, "--stats", tracker_stats)
         ps.wait_for("the tracker", lambda: "tracker listening" in ps.text("tracker"), 15,
                     ["tracker"])
         ps.spawn("seed", "seed", "--tracker", tracker, "--channel", CHANNEL, "--input", source,
@@ -126,6 +129,10 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
         ps.wait_for("every peer to play", lambda: all(
             (x := latest(s)) is not None and x["last_seq"] is not None for s in stats),
             SECONDS - 5, everyone)
+        ps.wait_for("the tracker's stats to count every peer", lambda: (
+            (x := latest(tracker_stats)) is not None
+            and x["channels"].get(CHANNEL, {}).get("viewers") == PEERS), 5, everyone)
+        tracker_at_kill = latest(tracker_stats)["channels"][CHANNEL]
         # SIGKILL the busiest relay (no goodbye: its children find out by themselves).
         at_kill = [latest(s) for s in stats]
         killed = max(range(PEERS), key=lambda i: at_kill[i]["children"])
@@ -140,7 +147,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
         final = [latest(s) for s in stats]
     finally:
         ps.stop()
-    return Run(chunks, [tmp / f"{p}.ts" for p in peers], at_kill, final, killed, last_seq)
+    return Run(chunks, [tmp / f"{p}.ts" for p in peers], at_kill, final, killed, last_seq,
+               tracker_at_kill)
 
 
 def test_every_player_gets_the_input_byte_for_byte(run: Run) -> None:
@@ -175,3 +183,14 @@ def test_killed_relays_descendants_keep_playing(run: Run) -> None:
     for _, s in pairs:
         assert s["last_seq"] == run.last_seq
         assert s["delivered"] + s["skipped"] == s["last_seq"] - s["first_seq"] + 1
+
+
+def test_the_tracker_reports_the_trees_it_built(run: Run) -> None:
+    """`meshcast tracker --stats`: what the operator sees matches what the peers did."""
+    t = run.tracker
+    print(f"\ntracker: {t}")
+    assert t["viewers"] == PEERS and t["refused"] == 0 and t["evicted"] == 0
+    assert t["seed"]["children"] <= t["seed"]["slots"]  # never oversubscribed
+    relays = sum(1 for s in run.at_kill if s["children"] > 0)
+    assert t["relaying"] >= 1 and relays >= 1
+    assert t["max_depth"] >= 2  # the seed's two copies could not feed 20 peers directly

@@ -167,3 +167,39 @@ def test_a_slow_uplink_takes_fewer_relaying_children():
     assert relay_cap(7800, 2000, 100) == RELAY_FANOUT
     assert relay_cap(500, 1500, 200) == 0  # 600 ms a copy: leaves only
     assert relay_cap(0, 2000, 100) == 0
+
+
+def test_stats_give_an_operator_the_audience_tree_shape_and_seed_load():
+    t = new_tracker("tree", seed_kbps=3140)  # 5 slots: one viewer uploading nothing takes 4
+    for link in (2, 3):
+        t.link_opened(link, now=0.0)
+        t.handle(link, m.Join("c", "", 0), now=0.0)
+    c = t.stats()["channels"]["c"]
+    assert (c["viewers"], c["cannot_relay"], c["relaying"], c["refused"]) == (1, 1, 0, 1)
+    assert c["seed"] == {"children": K, "slots": 5} and c["max_depth"] == 1
+    assert t.stats()["rejections"] == 1
+
+
+def test_an_evicted_member_is_revoked_where_it_holds_tokens():
+    t = new_tracker("tree", seed_kbps=8000)
+    for i in range(40):
+        t.link_opened(100 + i, now=0.0)
+        t.handle(100 + i, m.Join("c", f"p{i}", 4500, (i / 40, 0.5)), now=0.0)
+    t.drain()
+    forest = t.channels["c"].forest
+    child = next(mm for mm in forest.members.values()
+                 if not mm.is_seed and not forest.members[mm.parent[0]].is_seed)
+    bad = forest.members[child.parent[0]]
+    holders = {forest.members[i].link for i in (*bad.parent, *bad.backup) if i != m.NO_PEER}
+    holders.add(forest.seed.link)
+    before = t.stats()["channels"]["c"]
+    t.handle(child.link, m.Complaint(bad.id, "forged chunk 7"), now=1.0)
+    sent = [e for e in t.drain() if type(e) is Send]
+    revoked = {e.link for e in sent if type(e.msg) is m.Revoke and e.msg.node_id == bad.id}
+    assert revoked == holders
+    assert all(e.msg.until >= 1.0 + 60 for e in sent if type(e.msg) is m.Revoke)
+    assert any(e.link == bad.link and type(e.msg) is m.Reject for e in sent)
+    after = t.stats()["channels"]["c"]
+    assert after["viewers"] == before["viewers"] - 1 and after["evicted"] == 1
+    assert t.stats()["evictions"] == 1
+    check_invariants(t)

@@ -225,8 +225,11 @@ class Simulation:
         self.joined[i] = self.sched.now
         self.metrics.peer_joined(i, now=self.sched.now)
         self._call(i, lambda now: node.start(now=now))
-        if spec.leave_at < self.scenario.stream.duration_s:
-            self.sched.at(spec.leave_at, self._leave, i, spec.graceful)
+        # The session runs from the join itself: a viewer who waited for the broadcast to go
+        # live stays its whole session (one shorter than the wait would end before it began).
+        leave_at = self.sched.now + (spec.leave_at - spec.join_at)
+        if leave_at < self.scenario.stream.duration_s:
+            self.sched.at(leave_at, self._leave, i, spec.graceful)
 
     def _leave(self, i: int, graceful: bool) -> None:
         node = self.nodes[i]

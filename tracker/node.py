@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import deque
 from typing import Any
 
 from meshcast import messages as m
@@ -29,6 +30,9 @@ from tracker.placement import TreePlacement, make_strategy, relay_cap
 TOKEN_LIFETIME = 600.0
 """Seconds a token stays valid (a backup token must still be good when the backup is needed)."""
 MESH_NEIGHBOURS = 6
+RETRY_S = 1.0
+"""How long a member waits before the tracker hands it back, once more, a parent it keeps
+losing (see `_on_parent_lost`)."""
 
 
 class Channel:
@@ -72,6 +76,11 @@ class TrackerNode(NodeBase):
         """The viewer being placed by `_on_join`: its Assigns wait in `_held` until it has a
         parent in every tree, so a refused viewer never holds a token."""
         self._held: list[Send] = []
+        self._handed_back: dict[tuple[int, int], float] = {}
+        """(member id, sub-stream) → when the tracker last gave a member back the parent it
+        had just reported lost, for want of any other."""
+        self._retry: deque[tuple[float, str, int, int]] = deque()
+        """Placements put off by `RETRY_S`: (when, channel, member id, sub-stream), in order."""
 
     # -- links ---------------------------------------------------------------------------------
 
@@ -317,8 +326,47 @@ class TrackerNode(NodeBase):
         forest.detach(member, k)
         # The old parent refused or failed this member: do not hand it straight back — unless
         # it is the only place left (say, the seed, when the rest of the tree hangs below us).
-        if not self._place(ch, member, k, now, avoid=msg.parent) and not self._place(ch, member, k, now):
+        if self._place(ch, member, k, now, avoid=msg.parent):
+            return
+        key = (member.id, k)
+        if self._handed_back.get(key, -math.inf) > now - RETRY_S:
+            # It lost that parent again at once: the parent's count of its children (which
+            # refuses) and ours (which has room) differ, as they do for a while after abrupt
+            # departures and handoffs. Handing it back again would loop at network speed.
+            self._retry.append((now + RETRY_S, ch.name, member.id, k))
+            self._set_timer("retry", self._retry[0][0])
+            return
+        if self._place(ch, member, k, now):
+            self._hand_back(key, now)
+        else:
             self._evict_for_capacity(ch, member, now)
+
+    def _hand_back(self, key: tuple[int, int], now: float) -> None:
+        handed = self._handed_back
+        handed[key] = now
+        if len(handed) > 1024:  # forget the hand-backs too old to matter
+            for old in [kk for kk, t in handed.items() if t <= now - RETRY_S]:
+                del handed[old]
+
+    def _on_timer(self, key: Any, now: float) -> None:
+        if key != "retry":
+            super()._on_timer(key, now)
+            return
+        retry = self._retry
+        while retry and retry[0][0] <= now:
+            _, name, member_id, k = retry.popleft()
+            ch = self.channels.get(name)
+            if ch is None:
+                continue
+            member = ch.forest.members.get(member_id)
+            if member is None or member.parent[k] != m.NO_PEER:
+                continue  # gone, or placed meanwhile (its subtree's parent came back)
+            if self._place(ch, member, k, now):
+                self._hand_back((member_id, k), now)
+            else:
+                self._evict_for_capacity(ch, member, now)
+        if retry:
+            self._set_timer("retry", retry[0][0])
 
     def _on_complaint(self, ch: Channel, member: Member, msg: m.Complaint, now: float) -> None:
         offender = ch.forest.members.get(msg.offender)

@@ -107,3 +107,4 @@ def test_peers_for_a_scenario():
     assert not any(p.graceful for p in peers)
     assert {p.upload_kbps for p in peers} == {100.0, 200.0}
     assert Counter(p.channel for p in peers).most_common(1)[0][0] == 0
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,7 +13,7 @@ from meshcast import messages as m
 from meshcast.crypto import SimCrypto, SimKey
 from meshcast.effects import Send
 from meshcast.policy import STRETCH_HEADROOM, child_slots
-from tracker.node import TrackerNode
+from tracker.node import RETRY_S, TrackerNode
 from tracker.placement import RELAY_FANOUT, relay_cap
 
 K = 4
@@ -202,4 +203,30 @@ def test_an_evicted_member_is_revoked_where_it_holds_tokens():
     after = t.stats()["channels"]["c"]
     assert after["viewers"] == before["viewers"] - 1 and after["evicted"] == 1
     assert t.stats()["evictions"] == 1
+    check_invariants(t)
+
+
+def test_a_parent_lost_again_at_once_is_handed_back_only_after_a_wait():
+    # The seed refuses a child the tracker counts it room for (their counts differ for a while
+    # after departures and handoffs); with no other place, handing it straight back each time
+    # looped at network speed (forever, on a zero-latency network).
+    t = new_tracker("tree", seed_kbps=3140)  # 5 slots; the viewer below takes one per tree
+    t.link_opened(2, now=0.0)
+    t.handle(2, m.Join("c", "", 0), now=0.0)
+    t.drain()
+    forest = t.channels["c"].forest
+    viewer = next(mm for mm in forest.members.values() if not mm.is_seed)
+    seed = forest.seed
+
+    def assigns() -> list[int]:
+        return [e.msg.parent.id for e in t.drain() if type(e) is Send and type(e.msg) is m.Assign]
+
+    t.handle(2, m.ParentLost(0, seed.id), now=1.0)
+    assert assigns() == [seed.id]  # the only place left: handed back once
+    t.handle(2, m.ParentLost(0, seed.id), now=1.01)
+    assert assigns() == [] and viewer.parent[0] == m.NO_PEER  # not again at once
+    assert t.next_timer() == pytest.approx(1.01 + RETRY_S)
+    t.handle_timer(now=1.01 + RETRY_S)
+    assert assigns() == [seed.id] and viewer.parent[0] == seed.id
+    assert t.next_timer() is None
     check_invariants(t)

@@ -743,23 +743,29 @@ class PeerNode(RelayNode):
         else:
             lo = self.play_next
         busy = self._busy()
+        # The neighbours that could still take a request, in link order (ties go to the first).
+        sources = [c for c in self.conns.values() if c.have is not None
+                   and c.node_id not in self.blocked and busy.get(c.link, 0) < MESH_OUTSTANDING]
         batches: dict[Link, list[int]] = {}
         for seq in range(lo, known + 1):
+            if not sources:
+                break  # every neighbour has its fill of requests: the rest waits for answers
             if seq in self.buffer or seq in self.requested or seq in self.receiving:
                 continue
-            best, best_busy = None, MESH_OUTSTANDING
-            for conn in self.conns.values():
-                if conn.have is None or conn.node_id in self.blocked:
-                    continue
-                base, bits = conn.have
+            best: Conn | None = None
+            best_busy = MESH_OUTSTANDING
+            for conn in sources:
+                base, bits = conn.have  # type: ignore[misc]  # (None filtered out above)
                 if seq >= base and (bits >> (seq - base)) & 1:
                     b = busy.get(conn.link, 0)
                     if b < best_busy:
-                        best, best_busy = conn.link, b
+                        best, best_busy = conn, b
             if best is not None:
-                busy[best] = best_busy + 1
-                batches.setdefault(best, []).append(seq)
-                self.requested[seq] = (best, now, {best})
+                busy[best.link] = best_busy + 1
+                batches.setdefault(best.link, []).append(seq)
+                self.requested[seq] = (best.link, now, {best.link})
+                if best_busy + 1 >= MESH_OUTSTANDING:
+                    sources.remove(best)
         self._send_requests(batches)
 
     # -- timers --------------------------------------------------------------------------------

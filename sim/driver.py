@@ -125,12 +125,12 @@ class Simulation:
         """Link → the node at that end, -1 once closed (links are indexes, from 2 on)."""
         self.first_link = array("q", [-1]) * n
         self.next_link = array("q", [-1, -1])
-        self.delay = array("d", [0.0, 0.0])
-        """Link → the one-way delay between its ends (the latency model's, kept at open: a
-        chunk sent on the link then reads one number, not both ends' coordinates)."""
         """Each node's link ends, newest first, as a chain: node → its newest end
         (`first_link`), end → the node's end registered before it (`next_link`); -1 ends it.
         Closed ends stay in the chain (their `owner` is -1)."""
+        self.delay = array("d", [0.0, 0.0])
+        """Link → the one-way delay between its ends (the latency model's, kept at open: a
+        chunk sent on the link then reads one number, not both ends' coordinates)."""
         self._ctx_node = -1
         """While a relay reacts to a chunk it just received: the relay, the chunk's seq and
         when its head arrived (-1: none)."""

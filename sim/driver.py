@@ -333,7 +333,8 @@ class Simulation:
                 dst = owner[remote]
                 if owner[link] >= 0 and dst >= 0:
                     metrics.bytes_sent(i, _control_size(eff.msg), "control", by_seed, now=now)
-                    sched.at(now + self.delay[link], self._message_cb, dst, remote, eff.msg)
+                    sched.at(net.send_control(i, dst, now, self.delay[link]), self._message_cb,
+                             dst, remote, eff.msg)
             elif isinstance(eff, fx.Skip):
                 metrics.chunk_missed(i, eff.seq, now=now)
             elif isinstance(eff, fx.Open):

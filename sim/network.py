@@ -425,6 +425,7 @@ class Network:
                 head, end = transfer(down, nbytes, head, end, 0.0)
         return head, end
 
-    def send_control(self, src: int, dst: int, now: float) -> float:
-        """Arrival time of a small control message: propagation only."""
-        return now + self._one_way(src, dst)
+    def send_control(self, src: int, dst: int, now: float, one_way: float = -1.0) -> float:
+        """Arrival time of a small control message: propagation only (`one_way`, if the caller
+        has it)."""
+        return now + (one_way if one_way >= 0.0 else self._one_way(src, dst))

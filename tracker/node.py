@@ -192,7 +192,7 @@ class TrackerNode(NodeBase):
         try:
             for k in range(ch.substreams if self.strategy.mode == "tree" else 0):
                 if not self._place(ch, member, k, now):
-                    self._joining = None
+                    self._joining = None  # from here on, moves are other members' and real
                     held.clear()
                     ch.refused += 1
                     self.links[link] = None
@@ -336,14 +336,16 @@ class TrackerNode(NodeBase):
             self._retry.append((now + RETRY_S, ch.name, member.id, k))
             self._set_timer("retry", self._retry[0][0])
             return
-        if self._place(ch, member, k, now):
-            self._hand_back(key, now)
-        else:
-            self._evict_for_capacity(ch, member, now)
+        self._hand_back(ch, member, k, now)
 
-    def _hand_back(self, key: tuple[int, int], now: float) -> None:
+    def _hand_back(self, ch: Channel, member: Member, k: int, now: float) -> None:
+        """Place `member` in tree k wherever there is room, its lost parent included, and
+        remember when; no room anywhere: it has to go."""
+        if not self._place(ch, member, k, now):
+            self._evict_for_capacity(ch, member, now)
+            return
         handed = self._handed_back
-        handed[key] = now
+        handed[(member.id, k)] = now
         if len(handed) > 1024:  # forget the hand-backs too old to matter
             for old in [kk for kk, t in handed.items() if t <= now - RETRY_S]:
                 del handed[old]
@@ -361,10 +363,7 @@ class TrackerNode(NodeBase):
             member = ch.forest.members.get(member_id)
             if member is None or member.parent[k] != m.NO_PEER:
                 continue  # gone, or placed meanwhile (its subtree's parent came back)
-            if self._place(ch, member, k, now):
-                self._hand_back((member_id, k), now)
-            else:
-                self._evict_for_capacity(ch, member, now)
+            self._hand_back(ch, member, k, now)
         if retry:
             self._set_timer("retry", retry[0][0])
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import msgpack
 from cryptography.exceptions import InvalidSignature
@@ -132,9 +132,9 @@ class Crypto:
         return self._verify(public, proof, announce_signing_input(channel, address))
 
 
-FORGED = b"\xff" * SIG_LEN
+FORGED: Final = b"\xff" * SIG_LEN
 """In the simulator, a chunk or token carrying this signature fails verification."""
-_SIM_SIG = b"\x00" * SIG_LEN
+_SIM_SIG: Final = b"\x00" * SIG_LEN
 
 
 class SimCrypto(Crypto):

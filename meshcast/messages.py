@@ -17,23 +17,24 @@ Who sends what:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Final
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION: Final = 1
 
-MAX_CHANNEL = 64
+MAX_CHANNEL: Final = 64
 """Longest channel name, in characters."""
-MAX_ADDRESS = 128
-MAX_REASON = 256
-MAX_CHUNK = 4 * 1024 * 1024
+MAX_ADDRESS: Final = 128
+MAX_REASON: Final = 256
+MAX_CHUNK: Final = 4 * 1024 * 1024
 """Largest chunk payload accepted from the wire (bytes)."""
-MAX_SUBSTREAMS = 16
-MAX_LIST = 256
+MAX_SUBSTREAMS: Final = 16
+MAX_LIST: Final = 256
 """Longest list inside a control message (seqs, neighbours)."""
-MAX_BITMAP = 512
+MAX_BITMAP: Final = 512
 """Longest have-map, in bytes (4096 chunks: minutes of stream)."""
-SIG_LEN = 64
-KEY_LEN = 32
-NO_PEER = -1
+SIG_LEN: Final = 64
+KEY_LEN: Final = 32
+NO_PEER: Final = -1
 """`id` meaning "nobody" (e.g. no backup parent, no mesh substream)."""
 
 
@@ -264,7 +265,7 @@ class ChunkHead:
         return bool(self.flags & FLAG_RAP)
 
 
-FLAG_RAP = 1
+FLAG_RAP: Final = 1
 
 Message = (
     Announce | Join | Welcome | Assign | Neighbours | Reject | Leave | ParentLost | Complaint

@@ -14,8 +14,9 @@ chunk_data/chunk_end(...)` (or `chunk_received(...)` for a chunk that arrived wh
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import Any, Final
 
 from meshcast import messages as m
 from meshcast.crypto import Crypto
@@ -24,7 +25,9 @@ from meshcast.errors import LocalProtocolError, RemoteProtocolError
 from meshcast.policy import STRETCH_HEADROOM, child_slots, handoff_slack
 from meshcast.window import ChunkWindow
 
-SLOW_DROPS = 3
+_STALE: Final = -1.0
+"""`NodeBase._first` when the earliest deadline must be looked for again."""
+SLOW_DROPS: Final = 3
 """Chunks dropped for one child (its queue was full) before the tracker hears it is slow."""
 
 
@@ -37,11 +40,14 @@ class NodeBase:
     and among equal deadlines in that order (as a (deadline, sequence) heap would pop them,
     without a heap's stale entries: 365 bytes per simulated peer)."""
 
-    __slots__ = ("_out", "_timers")
+    __slots__ = ("_out", "_timers", "_first")
 
     def __init__(self) -> None:
         self._out: list[Effect] = []
         self._timers: dict[Hashable, float] = {}
+        self._first = math.inf
+        """The earliest deadline (inf: no timer; `_STALE`: to be found again). A driver asks
+        after every event it hands the node, and most events set no timer or a later one."""
 
     def drain(self) -> list[Effect]:
         """Take the effects queued since the last call."""
@@ -49,8 +55,11 @@ class NodeBase:
         return out
 
     def next_timer(self) -> float | None:
-        timers = self._timers
-        return min(timers.values()) if timers else None
+        first = self._first
+        if first == _STALE:
+            timers = self._timers
+            self._first = first = min(timers.values()) if timers else math.inf
+        return None if first == math.inf else first
 
     def handle_timer(self, *, now: float) -> None:
         """Fire every timer due at `now` (including any a firing one sets for `now` or before)."""
@@ -60,17 +69,30 @@ class NodeBase:
             if timers[key] > now:
                 return
             del timers[key]
+            self._first = _STALE
             self._on_timer(key, now)
 
     def _set_timer(self, key: Hashable, when: float) -> None:
         timers = self._timers
-        if timers.get(key) == when:
+        old = timers.get(key)
+        if old == when:
             return
-        timers.pop(key, None)  # re-set: now the last set
+        if old is not None:
+            del timers[key]  # re-set: now the last set
         timers[key] = when
+        first = self._first
+        if when <= first:
+            self._first = when
+        elif old == first:
+            self._first = _STALE  # the earliest moved later (or `first` was already stale)
 
     def _cancel_timer(self, key: Hashable) -> None:
-        self._timers.pop(key, None)
+        if self._timers.pop(key, None) == self._first:
+            self._first = _STALE
+
+    def _clear_timers(self) -> None:
+        self._timers.clear()
+        self._first = math.inf
 
     def _on_timer(self, key: Any, now: float) -> None:
         raise LocalProtocolError(f"{type(self).__name__} has no timer {key!r}")

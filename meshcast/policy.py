@@ -8,8 +8,10 @@ A channel that runs out of slots is stretched to `STRETCH_HEADROOM` before anyon
 
 from __future__ import annotations
 
-HEADROOM = 0.8
-STRETCH_HEADROOM = 0.95
+from typing import Final
+
+HEADROOM: Final = 0.8
+STRETCH_HEADROOM: Final = 0.95
 """Share of upload a parent may be given once its channel has no free slot left at `HEADROOM`:
 less spare for repair beats turning viewers away, and it still never oversubscribes.
 
@@ -27,12 +29,12 @@ def child_slots(upload_kbps: float, bitrate_kbps: float, substreams: int,
     return int(upload_kbps * headroom * substreams // bitrate_kbps)
 
 
-MAX_BACKLOG_S = 2.0
+MAX_BACKLOG_S: Final = 2.0
 """A chunk that would wait longer than this in a sender's queue is dropped for that child:
 it would arrive too late to play, and queueing it only delays the chunks behind it."""
 
 
-PULL_BACKLOG_S = 0.1
+PULL_BACKLOG_S: Final = 0.1
 """Pulls are answered only from spare upload: one that would wait longer than this is
 refused (the puller asks elsewhere), so repair traffic never starves the push trees."""
 
@@ -42,7 +44,7 @@ def drop_chunk(backlog_s: float, push: bool) -> bool:
     return backlog_s > (MAX_BACKLOG_S if push else PULL_BACKLOG_S)
 
 
-LINK_IDLE_TIMEOUT_S = 3.0
+LINK_IDLE_TIMEOUT_S: Final = 3.0
 """A link that heard nothing from its remote for this long is closed (QUIC idle time-out; each
 side sends a keep-alive PING when quiet for a third of it, ahead of any queued chunk data).
 

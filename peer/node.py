@@ -23,7 +23,7 @@ import math
 import random
 from array import array
 from collections.abc import Set
-from typing import Any
+from typing import Any, Final
 
 from meshcast import messages as m
 from meshcast.crypto import Crypto
@@ -33,20 +33,20 @@ from meshcast.errors import RemoteProtocolError
 from meshcast.node import Conn, RelayNode
 from meshcast.policy import MAX_BACKLOG_S
 
-TRACKER = "tracker"
-START_WAIT = 1.0
+TRACKER: Final = "tracker"
+START_WAIT: Final = 1.0
 """Longest wait, after the first random-access chunk, for every sub-stream to deliver."""
-BUFFER_MARGIN_S = 2.5
+BUFFER_MARGIN_S: Final = 2.5
 """A peer keeps at least its playout delay plus this much of the stream. While a lost chunk is
 repaired, the chunks behind it wait to play; they must not leave the window first (a 4 s delay
 in a 3 s window lost 9 % of a lossy run)."""
-REPAIR_MARGIN = 0.3
+REPAIR_MARGIN: Final = 0.3
 """Pull a missing chunk when this share of the playout delay is left before its deadline.
 
 Late, not early: a chunk still on its way is pulled twice over, and at 5k+ viewers an early
 margin (0.6) let those duplicate pulls eat the headroom until the trees collapsed (simulated:
 continuity 64% at 0.6, 99.97% at 0.3)."""
-LATE_SLACK = 0.2
+LATE_SLACK: Final = 0.2
 """Seconds past its usual arrival after which a chunk is treated as lost and pulled.
 
 A sub-stream's path delivers each chunk about `_lat[k]` after the seed stamped it; a chunk
@@ -59,11 +59,11 @@ The price, in a steady 10k audience: ~1.5 % of chunks are pulled though merely l
 latency rises ~9 % (889 → 971 ms over 30 s); 0.3 s of slack, or an envelope of the path's
 lag instead of its last value, cost as much and repaired less."""
 
-PULL_WINDOW = 4
+PULL_WINDOW: Final = 4
 """Pulls in flight per source in tree mode."""
-REQUEST_TIMEOUT = 1.0
+REQUEST_TIMEOUT: Final = 1.0
 """Seconds before an unanswered pull is asked of another source."""
-MESH_OUTSTANDING = 8
+MESH_OUTSTANDING: Final = 8
 """Pulls in flight per neighbour in mesh mode."""
 
 
@@ -166,7 +166,7 @@ class PeerNode(RelayNode):
         every timer (a refused viewer's stall checks woke it every 1.8 s for nothing)."""
         self.primary = [None] * len(self.primary)
         self.backup = [None] * len(self.backup)
-        self._timers.clear()
+        self._clear_timers()
         for link in list(self.conns):
             self._close(link, reason, now)
 

@@ -9,7 +9,7 @@ a free slot.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from meshcast import messages as m
 from meshcast.crypto import Crypto
@@ -17,8 +17,8 @@ from meshcast.effects import Chunk, Link, Notice, Open, Send
 from meshcast.errors import RemoteProtocolError
 from meshcast.node import Conn, RelayNode
 
-TRACKER = "tracker"
-RECONNECT_S = 2.0
+TRACKER: Final = "tracker"
+RECONNECT_S: Final = 2.0
 
 
 class SeedNode(RelayNode):

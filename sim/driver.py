@@ -36,7 +36,7 @@ import time
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from meshcast import effects as fx
 from meshcast import messages as m
@@ -53,14 +53,14 @@ from sim.scheduler import Scheduler
 from sim.workload import PeerSpec, peers_for
 from tracker.node import TrackerNode
 
-BUFFER_S = 3.0
+BUFFER_S: Final = 3.0
 """Each simulated peer keeps 3 s of chunks for pulls (memory: 100k peers)."""
-CONNECT_TIMEOUT = 5.0
-IDLE_TIMEOUT = LINK_IDLE_TIMEOUT_S
-GOP_MS = 1000
+CONNECT_TIMEOUT: Final = 5.0
+IDLE_TIMEOUT: Final = LINK_IDLE_TIMEOUT_S
+GOP_MS: Final = 1000
 """Default keyframe interval (`[stream] gop_ms`)."""
-TRACKER = 0
-JOIN_RETRY_S = 0.05
+TRACKER: Final = 0
+JOIN_RETRY_S: Final = 0.05
 
 
 @dataclass

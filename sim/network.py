@@ -70,7 +70,7 @@ from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
-from typing import TYPE_CHECKING, Iterable, Mapping, Protocol, Sequence
+from typing import Final, Iterable, Mapping, Protocol, Sequence, TYPE_CHECKING
 
 if TYPE_CHECKING:
     from sim.scenario import NetworkConfig
@@ -89,9 +89,9 @@ __all__ = [
     "Network",
 ]
 
-PACKET_BYTES = 1200  # QUIC's conservative datagram payload: the unit of the tail and of loss
-MIN_PINGS = 100  # below this a country pair's spread is not trusted (see module docstring)
-_MASK64 = (1 << 64) - 1
+PACKET_BYTES: Final = 1200  # QUIC's conservative datagram payload: the unit of the tail and of loss
+MIN_PINGS: Final = 100  # below this a country pair's spread is not trusted (see module docstring)
+_MASK64: Final = (1 << 64) - 1
 _STD_NORMAL = NormalDist()
 
 

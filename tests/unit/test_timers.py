@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from meshcast.node import NodeBase
 
 
@@ -44,3 +47,23 @@ def test_a_timer_set_while_firing_and_already_due_fires_in_the_same_call() -> No
     n.handle_timer(now=1.0)
     assert n.fired == [("chain", 1.0), ("after-chain", 1.0)]
     assert n.next_timer() == 9.0
+
+
+ops = st.lists(st.tuples(st.sampled_from(["set", "cancel", "fire", "ask"]),
+                         st.sampled_from(["a", "b", "c", "chain"]),
+                         st.integers(0, 6).map(float)), max_size=40)
+
+
+@given(ops)
+def test_next_timer_is_always_the_earliest_deadline_set(steps: list[tuple[str, str, float]]) -> None:
+    """`next_timer` keeps the earliest deadline rather than searching on every call; whatever
+    the order of sets, re-sets, cancels and firings, it must equal a search of the timers."""
+    n = Clock()
+    for op, key, t in steps:
+        if op == "set":
+            n._set_timer(key, t)
+        elif op == "cancel":
+            n._cancel_timer(key)
+        elif op == "fire":
+            n.handle_timer(now=t)
+        assert n.next_timer() == (min(n._timers.values()) if n._timers else None)

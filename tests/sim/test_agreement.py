@@ -28,9 +28,11 @@ children by their place in its send order):
    `test_runtime_uplinks_are_fifo` measures both disciplines on their own, so a regression is
    named as such rather than showing up as a latency miss.
 3. With both, the runs of 2026-11-25: p50 149–156 ms (sim 148), p95 273–295 ms (sim 281),
-   medians 152 / 279 ms, against bounds of ±35 / ±61 ms. The runtime's remaining extra cost
-   (QUIC packet and chunk-head overhead, ~4% on every copy; event-loop wake-up lag) shows at
-   depth 1 (p50 101–107 ms against 89) and is within the bound.
+   medians 152 / 279 ms, against bounds of ±35 / ±61 ms. On 2026-11-26: p95 280–358 ms over
+   16 runs (median 317): one run's tail is the machine's as much as ours (see `RUNS`). The
+   runtime's remaining extra cost (QUIC packet and chunk-head overhead, ~4% on every copy;
+   event-loop wake-up lag) shows at depth 1 (p50 101–107 ms against 89) and is within the
+   bound.
 """
 
 from __future__ import annotations
@@ -47,8 +49,14 @@ from sim.scenario import load_scenario
 
 pytestmark = pytest.mark.net
 
-RUNS = 3
-"""Runtime runs; the latency figures compared are the medians over the runs that kept real time."""
+RUNS = 5
+"""Runtime runs; the latency figures compared are the medians over the runs that kept real time.
+
+Five, not three: one run's p95 moves a lot with how the two cores are shared among the three
+processes (2026-11-26, 16 runs: 280–358 ms, median 317, against the sim's 281 and a bound of
+342; run-queue wait ~0.4 s/s). A median of three failed one clean-clone CI run in four on
+2026-11-25; resampling today's 16 runs, a median of three misses 1.2 % of the time, of five
+0.2 %."""
 RUN_LIMIT_S = 120.0
 """A runtime run lasts ~21 s of stream plus start-up; far beyond that something is stuck."""
 MAX_LOOP_LAG_S = MAX_LOOP_LAG_MS / 1000

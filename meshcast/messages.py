@@ -178,8 +178,9 @@ class Complaint:
 
 @dataclass(frozen=True, slots=True)
 class Revoke:
-    """Tracker → a parent (or backup, or pull source) of an evicted node: stop serving
-    `node_id` now, and take no token of its until `until` (when the last one it holds expires).
+    """Tracker → everyone an evicted node holds a token for (its parents, backups and pull
+    sources, and those it was moved away from): stop serving `node_id` now, and take no token
+    of its until `until` (when the last one it holds expires).
     An evicted node that ignores its `Reject` would otherwise go on taking upload that the
     tracker has given to someone else."""
 

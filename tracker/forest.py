@@ -31,7 +31,7 @@ NO_LIMIT = 1 << 30
 class Member:
     __slots__ = ("id", "link", "address", "ref", "upload_kbps", "slots", "used", "coords", "joined",
                  "home", "parent", "backup", "children", "depth", "is_seed", "relay_cap",
-                 "neighbours")
+                 "neighbours", "former", "former_until")
 
     def __init__(self, id: int, link: int, address: str, upload_kbps: int, slots: int,
                  coords: tuple[float, ...], joined: float, substreams: int, is_seed: bool = False):
@@ -53,6 +53,10 @@ class Member:
         from the member's upload: `tracker.placement.relay_cap`)."""
         self.neighbours: tuple[int, ...] = ()
         """Members other than the seed it holds a pull token for (mesh neighbours)."""
+        self.former: list[int] | tuple[()] = ()
+        """Parents and backups it was moved away from: its tokens for them may be good until
+        `former_until` (most members are never moved: they share the empty tuple)."""
+        self.former_until = 0.0
 
     @property
     def free(self) -> int:

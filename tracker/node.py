@@ -215,6 +215,22 @@ class TrackerNode(NodeBase):
     def _token(self, ch: Channel, child: Member, parent: Member, k: int, expires: float) -> m.Token:
         return self.crypto.issue_token(self.key, child.id, parent.id, ch.name, k, expires)
 
+    def _moved_off(self, ch: Channel, member: Member, holder: int, now: float) -> None:
+        """`member` no longer uses `holder` (a parent or backup), but its token for it stays
+        good until it expires: remember `holder`, so that an eviction revokes there too."""
+        if holder == m.NO_PEER:
+            return
+        former = member.former
+        if member.former_until <= now or not isinstance(former, list):
+            former = member.former = []  # (the tokens of any earlier ones have expired)
+        if holder not in former:
+            former.append(holder)
+        member.former_until = now + TOKEN_LIFETIME  # its token was issued by now
+
+    def _detach(self, ch: Channel, member: Member, k: int, now: float) -> None:
+        self._moved_off(ch, member, member.parent[k], now)
+        ch.forest.detach(member, k)
+
     def _place(self, ch: Channel, member: Member, k: int, now: float, avoid: int = m.NO_PEER) -> bool:
         """Give `member` a parent (and backup) in tree k; tell it. False: no capacity anywhere."""
         forest = ch.forest
@@ -225,7 +241,7 @@ class TrackerNode(NodeBase):
         if parent is None:
             return False
         if displaced is not None:
-            forest.detach(displaced, k)
+            self._detach(ch, displaced, k, now)
         forest.attach(member, k, parent)
         self._assign(ch, member, k, now)
         if displaced is not None and not self._place(ch, displaced, k, now):
@@ -245,7 +261,10 @@ class TrackerNode(NodeBase):
         forest = ch.forest
         parent = forest.members[member.parent[k]]
         backup = self.strategy.backup(forest, member, k)
+        old = member.backup[k]
         member.backup[k] = backup.id if backup is not None else m.NO_PEER
+        if old != member.backup[k] and old != parent.id:
+            self._moved_off(ch, member, old, now)
         expires = now + TOKEN_LIFETIME
         msg = m.Assign(k, parent.ref, self._token(ch, member, parent, k, expires),
                        backup.ref if backup else None,
@@ -292,12 +311,14 @@ class TrackerNode(NodeBase):
                 self._evict_for_capacity(ch, child, now)
 
     def _evict(self, ch: Channel, member: Member, reason: str, now: float) -> None:
-        """Send `member` away. Its parents, backups and pull sources are told to drop it too
-        (`Revoke`): a member that ignored its `Reject` would keep their upload, which the
-        tracker now counts as free. (Tokens from parents it had before a repair stay good
-        until they expire; a parent still takes no more children than its upload carries.)"""
+        """Send `member` away. Everyone it holds a token for is told to drop it too (`Revoke`):
+        its parents, backups and pull sources, and those it was moved away from whose tokens
+        have not expired. A member that ignored its `Reject` would otherwise keep their upload,
+        which the tracker now counts as free."""
         ch.evicted += 1
         ids = {*member.parent, *member.backup, *member.neighbours}
+        if member.former_until > now:
+            ids.update(member.former)
         if ch.forest.seed is not None:
             ids.add(ch.forest.seed.id)
         revoke = m.Revoke(member.id, now + TOKEN_LIFETIME, reason)
@@ -320,10 +341,11 @@ class TrackerNode(NodeBase):
             return  # stale: the tracker moved it already
         target = forest.members.get(msg.switched_to)
         if target is not None and target.free > 0 and not forest.is_descendant(target, member, k):
+            self._detach(ch, member, k, now)
             forest.attach(member, k, target)
             self._assign(ch, member, k, now)  # fresh backup
             return
-        forest.detach(member, k)
+        self._detach(ch, member, k, now)
         # The old parent refused or failed this member: do not hand it straight back — unless
         # it is the only place left (say, the seed, when the rest of the tree hangs below us).
         if self._place(ch, member, k, now, avoid=msg.parent):

@@ -13,7 +13,7 @@ from meshcast import messages as m
 from meshcast.crypto import SimCrypto, SimKey
 from meshcast.effects import Send
 from meshcast.policy import STRETCH_HEADROOM, child_slots
-from tracker.node import RETRY_S, TrackerNode
+from tracker.node import RETRY_S, TOKEN_LIFETIME, TrackerNode
 from tracker.placement import RELAY_FANOUT, relay_cap
 
 K = 4
@@ -191,7 +191,9 @@ def test_an_evicted_member_is_revoked_where_it_holds_tokens():
     child = next(mm for mm in forest.members.values()
                  if not mm.is_seed and not forest.members[mm.parent[0]].is_seed)
     bad = forest.members[child.parent[0]]
-    holders = {forest.members[i].link for i in (*bad.parent, *bad.backup) if i != m.NO_PEER}
+    # (and the parents and backups the joins moved it away from: its tokens there are good yet)
+    held = (*bad.parent, *bad.backup, *bad.former)
+    holders = {forest.members[i].link for i in held if i != m.NO_PEER and i in forest.members}
     holders.add(forest.seed.link)
     before = t.stats()["channels"]["c"]
     t.handle(child.link, m.Complaint(bad.id, "forged chunk 7"), now=1.0)
@@ -204,6 +206,46 @@ def test_an_evicted_member_is_revoked_where_it_holds_tokens():
     assert after["viewers"] == before["viewers"] - 1 and after["evicted"] == 1
     assert t.stats()["evictions"] == 1
     check_invariants(t)
+
+
+def _moved_then_reported(at: float) -> tuple[TrackerNode, int, int, list[Send]]:
+    """A relay moves off its parent in one tree (it reports the parent lost and its backup
+    takes it), then its child reports it for a forged chunk at time `at`. Returns the tracker,
+    the old parent's link, the relay's id and what the tracker sent for the report."""
+    t = new_tracker("tree", seed_kbps=8000)
+    for i in range(40):
+        t.link_opened(100 + i, now=0.0)
+        t.handle(100 + i, m.Join("c", f"p{i}", 4500, (i / 40, 0.5)), now=0.0)
+    t.drain()
+    forest = t.channels["c"].forest
+    for bad in forest.members.values():
+        k = bad.home
+        if bad.is_seed or k < 0 or not bad.children[k]:
+            continue
+        old, backup = forest.members[bad.parent[k]], forest.members.get(bad.backup[k])
+        if old.is_seed or backup is None or backup.free <= 0:
+            continue
+        t.handle(bad.link, m.ParentLost(k, old.id, backup.id), now=0.5)
+        if bad.parent[k] == backup.id and old.id not in (*bad.parent, *bad.backup):
+            break
+    else:
+        raise AssertionError("no relay could be moved to its backup")
+    t.drain()
+    child = forest.members[next(iter(bad.children[k]))]
+    t.handle(child.link, m.Complaint(bad.id, "forged chunk 9"), now=at)
+    return t, old.link, bad.id, [e for e in t.drain() if type(e) is Send]
+
+
+def test_an_evicted_member_is_revoked_where_it_was_moved_away_from():
+    """Its token for the parent it had before the move is good for `TOKEN_LIFETIME`: that
+    parent is told too, until the token has expired."""
+    _, old_link, bad, sent = _moved_then_reported(at=1.0)
+    revoked = {e.link for e in sent if type(e.msg) is m.Revoke and e.msg.node_id == bad}
+    assert old_link in revoked
+    _, old_link, bad, sent = _moved_then_reported(at=0.5 + TOKEN_LIFETIME + 1)
+    revoked = {e.link for e in sent if type(e.msg) is m.Revoke and e.msg.node_id == bad}
+    assert revoked and old_link not in revoked  # its token there has expired
+
 
 
 def test_a_parent_lost_again_at_once_is_handed_back_only_after_a_wait():

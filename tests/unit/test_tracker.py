@@ -181,12 +181,18 @@ def test_stats_give_an_operator_the_audience_tree_shape_and_seed_load():
     assert t.stats()["rejections"] == 1
 
 
-def test_an_evicted_member_is_revoked_where_it_holds_tokens():
+def forty_relays() -> TrackerNode:
+    """A tree-mode channel of 40 viewers that can all relay, spread along a line."""
     t = new_tracker("tree", seed_kbps=8000)
     for i in range(40):
         t.link_opened(100 + i, now=0.0)
         t.handle(100 + i, m.Join("c", f"p{i}", 4500, (i / 40, 0.5)), now=0.0)
     t.drain()
+    return t
+
+
+def test_an_evicted_member_is_revoked_where_it_holds_tokens():
+    t = forty_relays()
     forest = t.channels["c"].forest
     child = next(mm for mm in forest.members.values()
                  if not mm.is_seed and not forest.members[mm.parent[0]].is_seed)
@@ -212,11 +218,7 @@ def _moved_then_reported(at: float) -> tuple[TrackerNode, int, int, list[Send]]:
     """A relay moves off its parent in one tree (it reports the parent lost and its backup
     takes it), then its child reports it for a forged chunk at time `at`. Returns the tracker,
     the old parent's link, the relay's id and what the tracker sent for the report."""
-    t = new_tracker("tree", seed_kbps=8000)
-    for i in range(40):
-        t.link_opened(100 + i, now=0.0)
-        t.handle(100 + i, m.Join("c", f"p{i}", 4500, (i / 40, 0.5)), now=0.0)
-    t.drain()
+    t = forty_relays()
     forest = t.channels["c"].forest
     for bad in forest.members.values():
         k = bad.home

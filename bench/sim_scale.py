@@ -13,7 +13,6 @@ the output says `compiled: yes` or `no` (and warns when the compiled snapshot is
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import resource
 import subprocess
@@ -22,30 +21,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-HOT_MODULES = ["sim.driver", "sim.scheduler", "peer.node", "meshcast.node"]
-
-
-def compiled_status() -> str:
-    """"yes" if the simulator's hot modules are extension modules (mypyc), else "no"; with a
-    warning if their sources differ from this checkout's (a stale compiled snapshot)."""
-    files = [Path(importlib.import_module(name).__file__ or "") for name in HOT_MODULES]
-    so = [f for f in files if f.suffix == ".so"]
-    if not so:
-        return "no"
-    status = "yes" if len(so) == len(files) else f"partly ({len(so)} of {len(files)})"
-    stale = []
-    for name, f in zip(HOT_MODULES, files):
-        rel = Path(*name.split(".")).with_suffix(".py")
-        built, here = f.parent / rel.name, REPO / rel
-        if here.is_file() and (not built.is_file() or built.read_bytes() != here.read_bytes()):
-            stale.append(str(rel))
-    where = so[0].parent.parent
-    if stale:
-        return f"{status}, STALE: {', '.join(stale)} changed since the build in {where}"
-    return f"{status} ({where})"
 
 
 def one(peers: int, duration: float, chunk_ms: int) -> dict:
+    from sim.build import status
     from sim.driver import run_scenario
     from sim.progress import Progress
     from sim.scenario import SCENARIO_DIR, load_scenario
@@ -66,7 +45,7 @@ def one(peers: int, duration: float, chunk_ms: int) -> dict:
         "deliveries": deliveries, "deliveries_per_s": round(deliveries / wall),
         "peak_rss_mb": round(peak_kb / 1024), "kb_per_peer": round((peak_kb - base) / peers, 2),
         "latency_p95_ms": s["latency_ms"]["p95"], "continuity": s["continuity"],
-        "offload": s["offload"], "compiled": compiled_status(),
+        "offload": s["offload"], "compiled": status(REPO),
     }
 
 

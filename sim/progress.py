@@ -47,7 +47,7 @@ class Progress:
 
     def __call__(self, sim_now: float, events: int) -> None:
         frac = min(1.0, sim_now / self.total_s) if self.total_s > 0 else 1.0
-        self._show(f"sim {sim_now:8.1f}/{self.total_s:.0f} s {frac:4.0%}", frac, events,
+        self._show(f"sim {sim_now:8.1f}/{self.total_s:g} s {frac:4.0%}", frac, events,
                    sim_now >= self.total_s)
 
     def _show(self, head: str, frac: float, events: int, done: bool) -> None:

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from sim import batch, cli
+from sim.build import is_compiled
 
 
 def run_cli(argv: list[str]) -> int:
@@ -129,3 +130,15 @@ def test_set_overrides_any_key_and_names_a_bad_one(tmp_path):
     with pytest.raises(SystemExit) as exc:
         run_cli(["run", "small-20", "--set", "stream.chunk_size=50"])
     assert "stream.chunk_size" in str(exc.value)
+
+
+def test_a_big_run_in_pure_python_says_a_compiled_build_exists(capsys):
+    """100k viewers take ~40 min in pure Python and half that compiled: a big run says so on
+    stderr, a small one does not (the runs themselves are cut short here)."""
+    if is_compiled():
+        pytest.skip("running the compiled build")
+    assert run_cli(["run", "steady-10k", "--peers", str(cli.BIG_RUN), "--duration", "0.2",
+                    "--json"]) == 0
+    assert "compiled one runs" in capsys.readouterr().err
+    assert run_cli(["run", "steady-10k", "--peers", "2000", "--duration", "0.2", "--json"]) == 0
+    assert "compiled" not in capsys.readouterr().err

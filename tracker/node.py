@@ -215,7 +215,7 @@ class TrackerNode(NodeBase):
     def _token(self, ch: Channel, child: Member, parent: Member, k: int, expires: float) -> m.Token:
         return self.crypto.issue_token(self.key, child.id, parent.id, ch.name, k, expires)
 
-    def _moved_off(self, ch: Channel, member: Member, holder: int, now: float) -> None:
+    def _moved_off(self, member: Member, holder: int, now: float) -> None:
         """`member` no longer uses `holder` (a parent or backup), but its token for it stays
         good until it expires: remember `holder`, so that an eviction revokes there too."""
         if holder == m.NO_PEER:
@@ -228,7 +228,7 @@ class TrackerNode(NodeBase):
         member.former_until = now + TOKEN_LIFETIME  # its token was issued by now
 
     def _detach(self, ch: Channel, member: Member, k: int, now: float) -> None:
-        self._moved_off(ch, member, member.parent[k], now)
+        self._moved_off(member, member.parent[k], now)
         ch.forest.detach(member, k)
 
     def _place(self, ch: Channel, member: Member, k: int, now: float, avoid: int = m.NO_PEER) -> bool:
@@ -264,7 +264,7 @@ class TrackerNode(NodeBase):
         old = member.backup[k]
         member.backup[k] = backup.id if backup is not None else m.NO_PEER
         if old != member.backup[k] and old != parent.id:
-            self._moved_off(ch, member, old, now)
+            self._moved_off(member, old, now)
         expires = now + TOKEN_LIFETIME
         msg = m.Assign(k, parent.ref, self._token(ch, member, parent, k, expires),
                        backup.ref if backup else None,

@@ -130,7 +130,8 @@ class RelayNode(NodeBase):
 
     __slots__ = ("crypto", "upload_kbps", "buffer_s", "id", "channel", "public_key", "tracker_key",
                  "substreams", "chunk_ms", "chunk_s", "bitrate_kbps", "mode", "conns",
-                 "_subscribers", "buffer", "newest", "bytes_up", "window", "revoked")
+                 "_subscribers", "buffer", "newest", "bytes_up", "window", "revoked",
+                 "tracker_link")
 
     def __init__(self, *, crypto: Crypto, upload_kbps: int, buffer_s: float = 10.0) -> None:
         super().__init__()
@@ -147,6 +148,9 @@ class RelayNode(NodeBase):
         self.bitrate_kbps = 0
         self.mode = "tree"
         self.conns: dict[Link, Conn] = {}
+        self.tracker_link: Link | None = None
+        """Our link to the tracker, once open: the only link a `Revoke` (or any tracker
+        message) is taken from."""
         self._subscribers: list[Sequence[tuple[Conn, int]]] = []
         """Per sub-stream: (child, first seq it wants), relaying children first."""
         self.revoked: dict[int, float] | None = None
@@ -237,6 +241,8 @@ class RelayNode(NodeBase):
         elif isinstance(msg, m.Have):
             self._require_auth(conn, msg)
             self._on_have(conn, msg, now)
+        elif isinstance(msg, m.Revoke) and conn.link == self.tracker_link:
+            self._revoke(msg, now)
         else:
             self._dispatch_other(conn, msg, now)
 

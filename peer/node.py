@@ -91,7 +91,7 @@ class PeerNode(RelayNode):
     """A viewer peer (and relay)."""
 
     __slots__ = ("rng", "tracker", "address", "coords", "pinned_key", "playout_delay",
-                 "tracker_link", "rejected", "leaving", "joined_at", "primary", "backup", "relays",
+                 "rejected", "leaving", "joined_at", "primary", "backup", "relays",
                  "last_rx", "newest_in", "peer_links", "opening", "neighbours", "seed_id",
                  "blocked", "rx", "receiving", "gaps", "requested", "_from_seed", "_start_rap",
                  "_lat", "play_next", "play_s0", "play_t0", "delivered", "skipped",
@@ -110,7 +110,6 @@ class PeerNode(RelayNode):
         self.coords = coords
         self.pinned_key = public_key
         self.playout_delay = playout_delay
-        self.tracker_link: Link | None = None
         self.rejected = ""
         self.leaving = False
         self.joined_at: float | None = None
@@ -268,8 +267,6 @@ class PeerNode(RelayNode):
                 self.rejected = msg.reason
                 self._out.append(Notice(f"tracker: {msg.reason}"))
                 self._quit(f"rejected by the tracker: {msg.reason}", now)
-            elif isinstance(msg, m.Revoke):
-                self._revoke(msg, now)
             else:
                 raise RemoteProtocolError(f"unexpected {type(msg).__name__} from the tracker")
         elif isinstance(msg, m.Refuse):

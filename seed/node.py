@@ -24,7 +24,7 @@ RECONNECT_S: Final = 2.0
 class SeedNode(RelayNode):
     """Signs and pushes one channel's chunks."""
 
-    __slots__ = ("key", "tracker", "address", "next_seq", "tracker_link", "rejected", "chunks_sent")
+    __slots__ = ("key", "tracker", "address", "next_seq", "rejected", "chunks_sent")
 
     def __init__(self, *, channel: str, key: Any, crypto: Crypto, tracker: str, address: str,
                  upload_kbps: int, bitrate_kbps: int, substreams: int = 4, chunk_ms: int = 200,
@@ -35,7 +35,6 @@ class SeedNode(RelayNode):
         self.address = address
         self._configure(channel, key.public, b"", substreams, chunk_ms, bitrate_kbps)
         self.next_seq = 0
-        self.tracker_link: Link | None = None
         self.rejected = ""
         self.chunks_sent = 0
 
@@ -80,8 +79,6 @@ class SeedNode(RelayNode):
         elif type(msg) is m.Reject:
             self.rejected = msg.reason
             self._out.append(Notice(f"tracker refused the channel: {msg.reason}"))
-        elif isinstance(msg, m.Revoke):
-            self._revoke(msg, now)
         else:
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} from the tracker")
 

@@ -350,7 +350,8 @@ class Simulation:
                 owner[link] = -1
                 dst = owner[remote]
                 if dst >= 0:
-                    sched.at(net.send_control(i, dst, now), self._closed_cb, remote, eff.reason)
+                    sched.at(net.send_control(i, dst, now, self.delay[link]), self._closed_cb, remote,
+                             eff.reason)
         if dropped:
             relay: RelayNode = self.nodes[i]
             for link, seq, push in dropped:

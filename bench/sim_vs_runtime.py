@@ -214,9 +214,10 @@ class _ProbeSimulation(Simulation):
         super().__init__(scenario)
         self.figures = figures
 
-    def _chunk_arrives(self, dst: int, link: int, chunk: Any, ok: bool, t_head: float) -> None:
-        super()._chunk_arrives(dst, link, chunk, ok, t_head)
-        if self.alive[dst]:
+    def _chunk_arrives(self, link: int, chunk: Any, ok: bool, t_head: float) -> None:
+        dst = self.owner[link]
+        super()._chunk_arrives(link, chunk, ok, t_head)
+        if dst >= 0 and self.alive[dst]:
             _note_arrival(self.nodes[dst], dst, chunk.head.seq, self.sched.now,
                           self.figures.arrival)
 

@@ -106,7 +106,8 @@ per node and sub-stream (most peers relay none, or one, of their sub-streams).""
 class Conn:
     """One link as a relay sees it."""
 
-    __slots__ = ("link", "node_id", "authorized", "subs", "relays", "have", "drops", "neighbour")
+    __slots__ = ("link", "node_id", "authorized", "subs", "relays", "have", "drops", "neighbour",
+                 "ours")
 
     def __init__(self, link: Link) -> None:
         self.link = link
@@ -123,6 +124,9 @@ class Conn:
         self.drops = 0
         """Chunks dropped for the remote (its queue was full); reported once at `SLOW_DROPS`."""
         self.neighbour = False
+        self.ours = False
+        """We opened it, to a node the tracker sent us to (a parent, a backup, a neighbour):
+        at most one such link per remote node."""
 
 
 class RelayNode(NodeBase):

@@ -68,12 +68,16 @@ MESH_OUTSTANDING: Final = 8
 
 
 class Slot:
-    """A parent (or backup) for one sub-stream, and the token that lets us use it."""
+    """A parent (or backup) for one sub-stream, and the token that lets us use it: None once
+    it has been used (`_subscribe`). A subscription outlives its token's check, and a lost
+    one ends the slot (we switch to the backup), so it is never shown again: 100k peers
+    would keep 40 MB of spent tokens."""
 
     __slots__ = ("ref", "token")
 
     def __init__(self, ref: m.PeerRef, token: m.Token) -> None:
-        self.ref, self.token = ref, token
+        self.ref = ref
+        self.token: m.Token | None = token
 
 
 class Rx:
@@ -92,7 +96,7 @@ class PeerNode(RelayNode):
 
     __slots__ = ("rng", "tracker", "address", "coords", "pinned_key", "playout_delay",
                  "rejected", "leaving", "joined_at", "primary", "backup", "relays",
-                 "last_rx", "newest_in", "peer_links", "opening", "neighbours", "seed_id",
+                 "last_rx", "newest_in", "opening", "neighbours", "seed_id",
                  "blocked", "rx", "receiving", "gaps", "requested", "_from_seed", "_start_rap",
                  "_lat", "play_next", "play_s0", "play_t0", "delivered", "skipped",
                  "bytes_from_seed", "bytes_from_peers", "forged", "first_play")
@@ -118,7 +122,6 @@ class PeerNode(RelayNode):
         self.relays: list[bool] = []
         self.last_rx = array("d")
         self.newest_in = array("q")
-        self.peer_links: dict[int, Link] = {}
         self.opening: dict[int, m.Token | None] = {}
         self.neighbours: dict[int, tuple[m.PeerRef, m.Token]] = {}
         self.seed_id = m.NO_PEER
@@ -130,7 +133,8 @@ class PeerNode(RelayNode):
         self.requested: dict[int, tuple[Link, float, set[Link]]] = {}
         self._from_seed: dict[int, None] = {}
         self._start_rap: tuple[int, float, float] | None = None
-        self._lat: list[float | None] = []
+        self._lat = array("d")
+        """Per sub-stream: its path's latest delay (`_accept`), NaN until it has delivered."""
         self.play_next: int | None = None
         self.play_s0 = 0
         self.play_t0 = 0.0
@@ -189,7 +193,7 @@ class PeerNode(RelayNode):
             token = self._opened(node_id)
             conn.node_id = node_id
             conn.authorized = True  # the tracker sent us here: we trust what it vouched for
-            self.peer_links[node_id] = link
+            conn.ours = True
             self._out.append(Send(link, m.Hello(self.id, self.channel, token)))
             for k, slot in enumerate(self.primary):
                 if slot is not None and slot.ref.id == node_id:
@@ -223,15 +227,13 @@ class PeerNode(RelayNode):
             if not self.rejected:
                 self._out.append(Notice(f"lost the tracker ({reason}); still playing"))
             return
-        ours = self.peer_links.get(conn.node_id) == conn.link
-        if ours:
-            del self.peer_links[conn.node_id]
+        ours = conn.ours
         for key in [key for key in self.rx if key[0] == conn.link]:
             rx = self.rx.pop(key)
             if rx is not None:
                 self.receiving.pop(key[1], None)
                 self._end_targets(rx.targets, key[1], False)
-        if ours or conn.node_id not in self.peer_links:
+        if ours or self._link_to(conn.node_id) is None:
             # Not while our own link to it is up: the remote closed only the link it opened to
             # us (we are no longer its parent, `_close_unused`), it did not go away.
             self._peer_gone(conn.node_id, now, reason)
@@ -244,9 +246,17 @@ class PeerNode(RelayNode):
             if slot is not None and slot.ref.id == node_id:
                 self.backup[k] = None
 
-    def _connect(self, ref: m.PeerRef, token: m.Token) -> Link | None:
+    def _link_to(self, node_id: int) -> Link | None:
+        """Our link to `node_id` (one we opened), if it is up. A scan of our ~10 links, on
+        control events only: cheaper than an index kept per peer (~300 bytes)."""
+        for conn in self.conns.values():
+            if conn.ours and conn.node_id == node_id:
+                return conn.link
+        return None
+
+    def _connect(self, ref: m.PeerRef, token: m.Token | None) -> Link | None:
         """The link to `ref` if we have one; otherwise start opening it (returns None)."""
-        link = self.peer_links.get(ref.id)
+        link = self._link_to(ref.id)
         if link is None and ref.id not in self.opening:
             self.opening[ref.id] = token
             self._out.append(Open(ref.address, ref.id))
@@ -301,7 +311,7 @@ class PeerNode(RelayNode):
         # Per-sub-stream numbers as arrays: unboxed, ~100 bytes less per list of 4.
         self.relays = [False] * k
         self.last_rx, self.newest_in = array("d", [now]) * k, array("q", [-1]) * k
-        self._lat = [None] * k
+        self._lat = array("d", [math.nan]) * k
         if self.mode == "tree":
             self._set_timer("stall", now + self.stall_timeout)
         else:
@@ -315,10 +325,12 @@ class PeerNode(RelayNode):
         self.relays[k] = msg.relays
         self.backup[k] = Slot(msg.backup, msg.backup_token) if msg.backup and msg.backup_token else None
         if old is not None and old.ref.id == msg.parent.id:
-            old.token = msg.token
+            if old.token is not None:  # not subscribed yet: use the fresher token
+                old.token = msg.token
             return
-        if old is not None and old.ref.id in self.peer_links:
-            self._out.append(Send(self.peer_links[old.ref.id], m.Unsubscribe(k)))
+        old_link = self._link_to(old.ref.id) if old is not None else None
+        if old_link is not None:
+            self._out.append(Send(old_link, m.Unsubscribe(k)))
         slot = self.primary[k] = Slot(msg.parent, msg.token)
         self.last_rx[k] = now
         if msg.parent.id in self.blocked:
@@ -340,9 +352,13 @@ class PeerNode(RelayNode):
         # In tree mode the seed is the only one: the last resort for pulls, connected on demand.
 
     def _subscribe(self, link: Link, k: int, slot: Slot) -> None:
+        token = slot.token
+        if token is None:
+            return  # subscribed already
+        slot.token = None
         newest = self.newest_in[k]
         from_seq = newest + self.substreams if newest >= 0 else -1
-        self._out.append(Send(link, m.Subscribe(k, slot.token, from_seq, self.relays[k])))
+        self._out.append(Send(link, m.Subscribe(k, token, from_seq, self.relays[k])))
 
     def _on_refuse(self, conn: Conn, msg: m.Refuse, now: float) -> None:
         slot = self.primary[msg.substream] if msg.substream < self.substreams else None
@@ -535,7 +551,7 @@ class PeerNode(RelayNode):
             for s in range(max(previous + 1, seq - window), seq):
                 if s not in buffer and s not in gaps:
                     lag = self._lat[s % K]
-                    gaps[s] = (math.inf if lag is None
+                    gaps[s] = (math.inf if math.isnan(lag)
                                else head.ts + (s - seq) * chunk_s + lag + LATE_SLACK)
         if self.play_next is None:
             if head.rap and self._start_rap is None:
@@ -557,9 +573,9 @@ class PeerNode(RelayNode):
         if self._start_rap is None or self.play_next is not None:
             return
         r, t_r, lat_r = self._start_rap
-        if now < t_r + START_WAIT and None in self._lat:
+        if now < t_r + START_WAIT and any(math.isnan(lat) for lat in self._lat):
             return
-        spread = max(lat for lat in self._lat if lat is not None) - lat_r
+        spread = max(lat for lat in self._lat if not math.isnan(lat)) - lat_r
         self.play_next, self.play_s0 = r, r
         self.play_t0 = max(now, t_r + spread)
         self.first_play = now
@@ -798,10 +814,11 @@ class PeerNode(RelayNode):
         keep.update(s.ref.id for s in self.backup if s is not None)
         busy = {r[0] for r in self.requested.values()}
         busy.update(key[0] for key in self.rx)
-        for node_id, link in list(self.peer_links.items()):
+        for conn in [c for c in self.conns.values() if c.ours]:
+            node_id = conn.node_id
             if (node_id not in keep and node_id != self.seed_id and node_id not in self.neighbours
-                    and link not in busy):
-                self._close(link, "no longer a parent", now)
+                    and conn.link not in busy):
+                self._close(conn.link, "no longer a parent", now)
 
     def _check_stalls(self, now: float) -> None:
         """A parent that stopped sending while the stream went on is as good as gone.
@@ -813,7 +830,7 @@ class PeerNode(RelayNode):
         for k, slot in enumerate(self.primary):
             if (slot is not None and now - self.last_rx[k] >= self.stall_timeout
                     and newest - self.newest_in[k] >= 3 * K):
-                link = self.peer_links.get(slot.ref.id)
+                link = self._link_to(slot.ref.id)
                 if link is not None:
                     self._out.append(Send(link, m.Unsubscribe(k)))
                 self._switch(k, now, "stalled")

@@ -171,15 +171,15 @@ class Scheduler:
                 del cancelled[entry[1]]
                 continue
             self.now = entry[0]
-            # The driver's frequent events take 2, 3 or 5 arguments: passed from the entry
+            # The driver's frequent events take 2, 3 or 4 arguments: passed from the entry
             # directly, a call builds no argument tuple (`entry[3:]` is a copy of the entry).
             fn, n = entry[2], len(entry)
             if n == 5:
                 fn(entry[3], entry[4])
+            elif n == 7:
+                fn(entry[3], entry[4], entry[5], entry[6])
             elif n == 6:
                 fn(entry[3], entry[4], entry[5])
-            elif n == 8:
-                fn(entry[3], entry[4], entry[5], entry[6], entry[7])
             else:
                 fn(*entry[3:])
             count += 1

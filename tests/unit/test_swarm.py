@@ -172,6 +172,23 @@ def test_killed_relay_descendants_keep_playing_via_backup_and_pull():
     assert relay.id not in tracker.channels["ch"].forest.members
 
 
+def test_a_spent_token_is_let_go_and_a_backup_keeps_its_own():
+    """A parent's token is shown once, in the Subscribe; the peer then drops it (100k peers
+    would keep 40 MB of them). A backup's token is kept for the switch, which still works."""
+    w, tracker, seed, peers = build(20, seed_kbps=4000, peer_kbps=3000)
+    stream(w, seed, 15)
+    assert all(s is not None and s.token is None for p in peers for s in p.primary)
+    backups = [s for p in peers for s in p.backup if s is not None]
+    assert backups and all(s.token is not None for s in backups)
+    relay = max(peers, key=lambda p: p._children())
+    children = {c.node_id for subs in relay._subscribers for c, _ in subs}
+    w.kill(relay)
+    stream(w, seed, 10)
+    switched = [p for p in peers if p.id in children]
+    assert switched and all(played(w, p)[-1] == 24 and p.skipped == 0 for p in switched)
+    assert all(s is None or s.token is None for p in switched for s in p.primary)
+
+
 def test_chunks_of_a_silent_relay_are_pulled_once_later_than_their_path_usually_delivers():
     """A relay that vanishes without its links closing (before the idle time-out): its children
     pull each chunk it should have pushed `LATE_SLACK` after that sub-stream's usual arrival, not
@@ -228,8 +245,9 @@ def test_a_catch_up_takes_only_spare_upload():
                             for q in peers if slot is not None and slot.ref.id == q.id)
     w.backlog[parent] = 0.5
     from_seq = child.newest_in[k] - 2 * 4
-    child._out.append(fx.Send(child.peer_links[parent.id],
-                              Subscribe(k, child.primary[k].token, from_seq, child.relays[k])))
+    token = tracker.crypto.issue_token(tracker.key, child.id, parent.id, child.channel, k, w.now + 60)
+    child._out.append(fx.Send(child._link_to(parent.id),
+                              Subscribe(k, token, from_seq, child.relays[k])))
     w.run()
     assert [(seq, push) for node, seq, push in w.dropped if node is parent] == [
         (from_seq, False), (from_seq + 4, False), (child.newest_in[k], False)]
@@ -248,7 +266,7 @@ def test_links_to_former_parents_are_closed_and_nobody_misses_a_chunk():
     assert [r for _, r in w.closed if r == "no longer a parent"]  # push-downs happened
     for p in peers:
         wanted = {s.ref.id for s in p.primary + p.backup if s is not None} | {p.seed_id}
-        assert set(p.peer_links) <= wanted
+        assert {c.node_id for c in p.conns.values() if c.ours} <= wanted
         assert p.skipped == 0
         seqs = played(w, p)
         assert seqs == list(range(seqs[0], 30))
@@ -266,9 +284,9 @@ def test_a_parent_closing_the_link_it_opened_to_us_is_not_taken_for_gone():
         and p.id not in {t.ref.id for t in by_id[s.ref.id].primary + by_id[s.ref.id].backup if t})
     w._apply(b, fx.Open(a.address, a.id))
     w.run()
-    assert a.id in b.peer_links
+    assert b._link_to(a.id) is not None
     stream(w, seed, 25)  # b checks its links every stall_timeout / 2 (1.8 s here)
-    assert (b, "no longer a parent") in w.closed and a.id not in b.peer_links
+    assert (b, "no longer a parent") in w.closed and b._link_to(a.id) is None
     assert a.primary[k] is slot
     assert a.skipped == 0
 

@@ -189,6 +189,20 @@ class Revoke:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Detach:
+    """Tracker → a parent or backup it moved `node_id` away from, in sub-stream `substream`:
+    the token `node_id` holds for you there is spent. Take no token of its for that sub-stream
+    that expires by `until` (every one issued before the move), and drop its subscription if
+    it still has one a grace period from now (an honest child unsubscribes as soon as it has
+    its new parent). A child that stayed would keep a slot the tracker counts as free until
+    its token expired."""
+
+    node_id: int
+    substream: int
+    until: float
+
+
 # -- node ↔ node ---------------------------------------------------------------------------------
 
 
@@ -270,5 +284,5 @@ FLAG_RAP: Final = 1
 
 Message = (
     Announce | Join | Welcome | Assign | Neighbours | Reject | Leave | ParentLost | Complaint
-    | Revoke | Hello | Subscribe | Unsubscribe | Refuse | Have | Request | Missing | ChunkHead
+    | Revoke | Detach | Hello | Subscribe | Unsubscribe | Refuse | Have | Request | Missing | ChunkHead
 )

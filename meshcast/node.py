@@ -29,6 +29,9 @@ _STALE: Final = -1.0
 """`NodeBase._first` when the earliest deadline must be looked for again."""
 SLOW_DROPS: Final = 3
 """Chunks dropped for one child (its queue was full) before the tracker hears it is slow."""
+DETACH_GRACE_S: Final = 2.0
+"""How long a child the tracker moved away from us may stay subscribed (`Detach`): its
+`Unsubscribe` may still be on the way, behind the tracker's `Assign` to it."""
 
 
 class NodeBase:
@@ -98,6 +101,12 @@ class NodeBase:
         raise LocalProtocolError(f"{type(self).__name__} has no timer {key!r}")
 
 
+def _moved_key(node_id: int, substream: int) -> int:
+    """One int for a (node, sub-stream) pair in `RelayNode.detached`: no tuple per entry.
+    Sub-streams are below `MAX_SUBSTREAMS` (16); a pull token's -1 gets 31."""
+    return node_id << 5 | substream & 31
+
+
 NO_SUBSCRIBERS: tuple[()] = ()
 """The subscribers of a sub-stream nobody subscribed to: one shared empty tuple, not a list
 per node and sub-stream (most peers relay none, or one, of their sub-streams)."""
@@ -134,7 +143,7 @@ class RelayNode(NodeBase):
 
     __slots__ = ("crypto", "upload_kbps", "buffer_s", "id", "channel", "public_key", "tracker_key",
                  "substreams", "chunk_ms", "chunk_s", "bitrate_kbps", "mode", "conns",
-                 "_subscribers", "buffer", "newest", "bytes_up", "window", "revoked",
+                 "_subscribers", "buffer", "newest", "bytes_up", "window", "revoked", "detached",
                  "tracker_link")
 
     def __init__(self, *, crypto: Crypto, upload_kbps: int, buffer_s: float = 10.0) -> None:
@@ -159,6 +168,9 @@ class RelayNode(NodeBase):
         """Per sub-stream: (child, first seq it wants), relaying children first."""
         self.revoked: dict[int, float] | None = None
         """Node id → until when the tracker revoked its tokens (`Revoke`); None until one is."""
+        self.detached: dict[int, float] | None = None
+        """`_moved_key(node id, sub-stream)` → its tokens for us there expiring by then are
+        spent (`Detach`); None until the tracker moves a child away from us."""
         self.newest = -1
         self.bytes_up = 0
         self.window = self._window()
@@ -247,6 +259,8 @@ class RelayNode(NodeBase):
             self._on_have(conn, msg, now)
         elif isinstance(msg, m.Revoke) and conn.link == self.tracker_link:
             self._revoke(msg, now)
+        elif isinstance(msg, m.Detach) and conn.link == self.tracker_link:
+            self._detach(msg, now)
         else:
             self._dispatch_other(conn, msg, now)
 
@@ -269,6 +283,8 @@ class RelayNode(NodeBase):
             return "token expired"
         if self.revoked is not None and self.revoked.get(child, -1.0) >= now:
             return "revoked by the tracker"
+        if self.detached is not None and self.detached.get(_moved_key(child, token.substream), -1.0) >= token.expires:
+            return "token spent: the tracker moved it away from us"
         if not self.crypto.token_valid(self.tracker_key, token):
             return "token signature invalid"
         return ""
@@ -285,6 +301,20 @@ class RelayNode(NodeBase):
         revoked[msg.node_id] = max(msg.until, revoked.get(msg.node_id, msg.until))
         for conn in [c for c in self.conns.values() if c.node_id == msg.node_id]:
             self._close(conn.link, f"revoked by the tracker: {msg.reason}", now)
+
+    def _detach(self, msg: m.Detach, now: float) -> None:
+        """The tracker moved `msg.node_id` away from us in one sub-stream: refuse the token it
+        had for it, and drop it there after `DETACH_GRACE_S` if it has not unsubscribed."""
+        detached = self.detached
+        if detached is None:
+            detached = self.detached = {}
+        elif len(detached) >= 64:  # forget the moves whose tokens have all expired
+            for key in [key for key, until in detached.items() if until < now]:
+                del detached[key]
+        key = _moved_key(msg.node_id, msg.substream)
+        detached[key] = max(msg.until, detached.get(key, msg.until))
+        if any(c.node_id == msg.node_id and c.subs >> msg.substream & 1 for c in self.conns.values()):
+            self._set_timer(("detach", msg.node_id, msg.substream), now + DETACH_GRACE_S)
 
     def _on_hello(self, conn: Conn, msg: m.Hello, now: float) -> None:
         if msg.channel != self.channel:
@@ -311,6 +341,8 @@ class RelayNode(NodeBase):
             self._out.append(Send(conn.link, m.Refuse(k, why)))
             return
         conn.authorized = True
+        if self.detached is not None and _moved_key(conn.node_id, k) in self.detached:
+            self._cancel_timer(("detach", conn.node_id, k))  # back, with a fresh token
         lst = self._subscribers[k]
         if not isinstance(lst, list):  # NO_SUBSCRIBERS: sub-stream k's first subscriber
             lst = []
@@ -409,6 +441,12 @@ class RelayNode(NodeBase):
                 if conn.neighbour:
                     self._send_have(conn)
             self._start_haves(now)
+        elif type(key) is tuple and key[0] == "detach":
+            # Still subscribed with the token the tracker told us is spent: it stayed put.
+            _, node_id, k = key
+            for conn in [c for c in self.conns.values() if c.node_id == node_id and c.subs >> k & 1]:
+                self._drop_sub(conn, k)
+                self._out.append(Send(conn.link, m.Refuse(k, "moved away by the tracker")))
         else:
             super()._on_timer(key, now)
 

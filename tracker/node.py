@@ -215,11 +215,15 @@ class TrackerNode(NodeBase):
     def _token(self, ch: Channel, child: Member, parent: Member, k: int, expires: float) -> m.Token:
         return self.crypto.issue_token(self.key, child.id, parent.id, ch.name, k, expires)
 
-    def _moved_off(self, member: Member, holder: int, now: float) -> None:
-        """`member` no longer uses `holder` (a parent or backup), but its token for it stays
-        good until it expires: remember `holder`, so that an eviction revokes there too."""
+    def _moved_off(self, ch: Channel, member: Member, holder: int, k: int, now: float) -> None:
+        """`member` no longer uses `holder` (a parent or backup) in tree k, but its token for
+        it stays good until it expires: tell `holder` it is spent (`Detach`), and remember
+        `holder`, so that an eviction revokes there too."""
         if holder == m.NO_PEER:
             return
+        node = ch.forest.members.get(holder)
+        if node is not None:
+            self._out.append(Send(node.link, m.Detach(member.id, k, now + TOKEN_LIFETIME)))
         former = member.former
         if member.former_until <= now or not isinstance(former, list):
             former = member.former = []  # (the tokens of any earlier ones have expired)
@@ -228,7 +232,7 @@ class TrackerNode(NodeBase):
         member.former_until = now + TOKEN_LIFETIME  # its token was issued by now
 
     def _detach(self, ch: Channel, member: Member, k: int, now: float) -> None:
-        self._moved_off(member, member.parent[k], now)
+        self._moved_off(ch, member, member.parent[k], k, now)
         ch.forest.detach(member, k)
 
     def _place(self, ch: Channel, member: Member, k: int, now: float, avoid: int = m.NO_PEER) -> bool:
@@ -264,7 +268,7 @@ class TrackerNode(NodeBase):
         old = member.backup[k]
         member.backup[k] = backup.id if backup is not None else m.NO_PEER
         if old != member.backup[k] and old != parent.id:
-            self._moved_off(member, old, now)
+            self._moved_off(ch, member, old, k, now)
         expires = now + TOKEN_LIFETIME
         msg = m.Assign(k, parent.ref, self._token(ch, member, parent, k, expires),
                        backup.ref if backup else None,

@@ -8,13 +8,13 @@ import random
 import pytest
 
 from meshcast import effects as fx
-from meshcast.messages import Reject, Subscribe
+from meshcast.messages import Detach, Reject, Subscribe, Token
 from meshcast.crypto import Crypto, SigningKey
 from meshcast.policy import HEADROOM, STRETCH_HEADROOM, child_slots
 from peer.node import LATE_SLACK, PeerNode
 from seed.node import SeedNode
 from tests.harness import Wiring
-from tracker.node import TrackerNode
+from tracker.node import TOKEN_LIFETIME, TrackerNode
 
 CHUNK_MS = 200
 BITRATE = 2000
@@ -336,6 +336,62 @@ def test_an_evicted_forger_that_ignores_its_reject_gets_nothing_more_from_anyone
     for p in peers:
         if p is not bad:
             assert played(w, p)[-1] == seed.next_seq - 1
+
+
+class Squatter(PeerNode):
+    """A peer that keeps every link it opened, and whatever it subscribed to on them."""
+
+    __slots__ = ()
+
+    def _close_unused(self, now: float) -> None:
+        pass
+
+
+def test_a_viewer_that_stays_where_it_was_moved_away_from_is_dropped_there():
+    """The tracker moves a viewer to its backup; it does not unsubscribe from its old parent
+    (an honest peer does). The old parent drops it once the grace period is over, and refuses
+    the spent token; a fresh one (the tracker moved it back) is taken."""
+    w, tracker, seed, peers = build(20, seed_kbps=4000, peer_kbps=3000)
+    stream(w, seed, 15)
+    nodes = {p.id: p for p in peers}
+    squatter, k, parent = next(
+        (p, k, nodes[s.ref.id]) for p in peers for k, s in enumerate(p.primary)
+        if s is not None and s.ref.id in nodes and p.backup[k] is not None
+        and p.backup[k].ref.id != s.ref.id)
+    squatter.__class__ = Squatter
+
+    def token() -> Token:  # as the tracker issues them, now
+        return tracker.crypto.issue_token(tracker.key, squatter.id, parent.id, "ch", k,
+                                          w.now + TOKEN_LIFETIME)
+
+    def subscribed() -> bool:
+        return any(c.node_id == squatter.id and c.subs >> k & 1 for c in parent.conns.values())
+
+    spent = token()
+    w.advance(w.now + 0.1)
+    squatter._switch(k, w.now, "squatting")  # to its backup, telling the tracker; it stays put
+    w.run()
+    assert squatter.primary[k].ref.id != parent.id
+    assert subscribed() and parent.detached  # within the grace period
+    stream(w, seed, 12)  # 2.4 s
+    assert not subscribed()
+    link = squatter._link_to(parent.id)
+    squatter._out.append(fx.Send(link, Subscribe(k, spent, -1, False)))
+    w.run()
+    assert not subscribed()
+    squatter._out.append(fx.Send(link, Subscribe(k, token(), -1, False)))
+    w.run()
+    assert subscribed()
+    # Moved away and straight back: the subscription with the fresh token outlives the grace
+    # period of the move before it.
+    parent.handle(parent.tracker_link, Detach(squatter.id, k, w.now + TOKEN_LIFETIME), now=w.now)
+    w.advance(w.now + 0.1)
+    squatter._out.append(fx.Send(link, Subscribe(k, token(), -1, False)))
+    w.run()
+    stream(w, seed, 12)
+    assert subscribed()
+    for p in peers:
+        assert played(w, p)[-1] == seed.next_seq - 1 and p.skipped == 0
 
 
 def test_whole_chunks_play_out_exactly_as_streamed_ones():

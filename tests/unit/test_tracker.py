@@ -13,6 +13,7 @@ from meshcast import messages as m
 from meshcast.crypto import SimCrypto, SimKey
 from meshcast.effects import Send
 from meshcast.policy import STRETCH_HEADROOM, child_slots
+from tracker.forest import Member
 from tracker.node import RETRY_S, TOKEN_LIFETIME, TrackerNode
 from tracker.placement import RELAY_FANOUT, relay_cap
 
@@ -214,11 +215,9 @@ def test_an_evicted_member_is_revoked_where_it_holds_tokens():
     check_invariants(t)
 
 
-def _moved_then_reported(at: float) -> tuple[TrackerNode, int, int, list[Send]]:
-    """A relay moves off its parent in one tree (it reports the parent lost and its backup
-    takes it), then its child reports it for a forged chunk at time `at`. Returns the tracker,
-    the old parent's link, the relay's id and what the tracker sent for the report."""
-    t = forty_relays()
+def _moved(t: TrackerNode) -> tuple[Member, int, Member, list[Send]]:
+    """A relay moves off its parent in one tree at time 0.5: it reports the parent lost and
+    its backup takes it. Returns the relay, the tree, the old parent and what the tracker sent."""
     forest = t.channels["c"].forest
     for bad in forest.members.values():
         k = bad.home
@@ -228,14 +227,31 @@ def _moved_then_reported(at: float) -> tuple[TrackerNode, int, int, list[Send]]:
         if old.is_seed or backup is None or backup.free <= 0:
             continue
         t.handle(bad.link, m.ParentLost(k, old.id, backup.id), now=0.5)
+        sent = [e for e in t.drain() if type(e) is Send]
         if bad.parent[k] == backup.id and old.id not in (*bad.parent, *bad.backup):
-            break
-    else:
-        raise AssertionError("no relay could be moved to its backup")
-    t.drain()
-    child = forest.members[next(iter(bad.children[k]))]
+            return bad, k, old, sent
+    raise AssertionError("no relay could be moved to its backup")
+
+
+def _moved_then_reported(at: float) -> tuple[TrackerNode, int, int, list[Send]]:
+    """`_moved`, then the relay's child reports it for a forged chunk at time `at`. Returns the
+    tracker, the old parent's link, the relay's id and what the tracker sent for the report."""
+    t = forty_relays()
+    bad, k, old, _ = _moved(t)
+    child = t.channels["c"].forest.members[next(iter(bad.children[k]))]
     t.handle(child.link, m.Complaint(bad.id, "forged chunk 9"), now=at)
     return t, old.link, bad.id, [e for e in t.drain() if type(e) is Send]
+
+
+def test_a_member_moved_away_from_a_parent_has_its_token_there_spent():
+    """The old parent hears the token it holds is spent (`Detach`), for every token issued
+    up to the move; the new parent hears nothing."""
+    t = forty_relays()
+    bad, k, old, sent = _moved(t)
+    detach = [(e.link, e.msg) for e in sent if type(e.msg) is m.Detach]
+    assert (old.link, m.Detach(bad.id, k, 0.5 + TOKEN_LIFETIME)) in detach
+    new = t.channels["c"].forest.members[bad.parent[k]]
+    assert all(link != new.link for link, _ in detach)
 
 
 def test_an_evicted_member_is_revoked_where_it_was_moved_away_from():

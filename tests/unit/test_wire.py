@@ -70,6 +70,7 @@ FIELDS: dict[type, tuple[st.SearchStrategy, ...]] = {
     m.Missing: (seqs,),
     m.ChunkHead: (channel, seq, st.integers(0, m.MAX_CHUNK), st.integers(0, 255), clock, sig),
     m.Revoke: (node_id, clock, reason),
+    m.Detach: (node_id, substream, clock),
 }
 TOP = [cls for cls, (tag, _) in wire.SCHEMA.items() if tag]
 message = st.one_of(*(st.builds(cls, *FIELDS[cls]) for cls in TOP))
@@ -426,15 +427,21 @@ def test_subscribe_with_a_forged_token_gets_no_media(swarm):
 
 
 @pytest.mark.parametrize("target", ["relay", "seed"])
-def test_a_revoke_not_from_the_tracker_is_a_protocol_error_and_revokes_nobody(swarm, target):
+@pytest.mark.parametrize("kind", ["Revoke", "Detach"])
+def test_a_revoke_or_detach_not_from_the_tracker_is_a_protocol_error_and_cuts_nobody_off(
+        swarm, target, kind):
     w, tracker, seed, peers, intruder = swarm
     victim = relay_of(peers) if target == "relay" else seed
-    child = next(p for p in peers if p is not victim and any(
-        s is not None and s.ref.id == victim.id for s in p.primary))
+    child, k = next((p, k) for p in peers if p is not victim for k, s in enumerate(p.primary)
+                    if s is not None and s.ref.id == victim.id)
+    detached = dict(victim.detached or {})  # (the tracker's own, from the joins' moves)
     intruder.connect(victim.address)
-    intruder.send(Send(intruder.link, m.Revoke(child.id, 1e9, "evicted: forged chunk 1")))
-    assert intruder.closed == ["protocol error: unexpected Revoke from a peer"]
-    assert victim.revoked is None and any(c.node_id == child.id for c in victim.conns.values())
+    msg = (m.Revoke(child.id, 1e9, "evicted: forged chunk 1") if kind == "Revoke"
+           else m.Detach(child.id, k, 1e9))
+    intruder.send(Send(intruder.link, msg))
+    assert intruder.closed == [f"protocol error: unexpected {kind} from a peer"]
+    assert victim.revoked is None and dict(victim.detached or {}) == detached
+    assert any(c.node_id == child.id and c.subs >> k & 1 for c in victim.conns.values())
     keeps_playing(w, seed, peers)
 
 

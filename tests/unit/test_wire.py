@@ -434,13 +434,13 @@ def test_a_revoke_or_detach_not_from_the_tracker_is_a_protocol_error_and_cuts_no
     victim = relay_of(peers) if target == "relay" else seed
     child, k = next((p, k) for p in peers if p is not victim for k, s in enumerate(p.primary)
                     if s is not None and s.ref.id == victim.id)
-    detached = dict(victim.detached or {})  # (the tracker's own, from the joins' moves)
+    detached = list(victim.detached or [])  # (the tracker's own, from the joins' moves)
     intruder.connect(victim.address)
     msg = (m.Revoke(child.id, 1e9, "evicted: forged chunk 1") if kind == "Revoke"
            else m.Detach(child.id, k, 1e9))
     intruder.send(Send(intruder.link, msg))
     assert intruder.closed == [f"protocol error: unexpected {kind} from a peer"]
-    assert victim.revoked is None and dict(victim.detached or {}) == detached
+    assert victim.revoked is None and list(victim.detached or []) == detached
     assert any(c.node_id == child.id and c.subs >> k & 1 for c in victim.conns.values())
     keeps_playing(w, seed, peers)
 

@@ -247,7 +247,7 @@ def test_a_catch_up_takes_only_spare_upload():
     from_seq = child.newest_in[k] - 2 * 4
     token = tracker.crypto.issue_token(tracker.key, child.id, parent.id, child.channel, k, w.now + 60)
     child._out.append(fx.Send(child._link_to(parent.id),
-                              Subscribe(k, token, from_seq, child.relays[k])))
+                              Subscribe(k, token, from_seq, bool(child.relays >> k & 1))))
     w.run()
     assert [(seq, push) for node, seq, push in w.dropped if node is parent] == [
         (from_seq, False), (from_seq + 4, False), (child.newest_in[k], False)]

@@ -170,10 +170,11 @@ class RelayNode(NodeBase):
         self.revoked: dict[int, float] | None = None
         """Node id → until when the tracker revoked its tokens (`Revoke`); None until one is."""
         self.detached: array | None = None
-        """Pairs of `_moved_key(node id, sub-stream)` and a time: that node's tokens for that
-        sub-stream expiring by then are spent (`Detach`); None until the tracker moves a child
-        away from us. Flat doubles, not a dict: ~100 bytes, not ~300, on each of a 100k-peer
-        run's relays (the key is exact: below 2**53)."""
+        """Triples (`_moved_key(node id, sub-stream)`, until, grace end): the tracker moved that
+        node away from us there (`Detach`), so its tokens for it expiring before `until` are
+        spent once the grace period is over. None until the tracker moves a child away from us.
+        Flat doubles, not a dict: ~100 bytes, not ~300, on each of a 100k-peer run's relays
+        (the key is exact: below 2**53)."""
         self.newest = -1
         self.bytes_up = 0
         self.window = self._window()
@@ -286,7 +287,7 @@ class RelayNode(NodeBase):
             return "token expired"
         if self.revoked is not None and self.revoked.get(child, -1.0) >= now:
             return "revoked by the tracker"
-        if self._spent_until(child, token.substream) >= token.expires:
+        if self.detached is not None and self._spent(child, token.substream, token.expires, now):
             return "token spent: the tracker moved it away from us"
         if not self.crypto.token_valid(self.tracker_key, token):
             return "token signature invalid"
@@ -306,35 +307,46 @@ class RelayNode(NodeBase):
             self._close(conn.link, f"revoked by the tracker: {msg.reason}", now)
 
     def _detach(self, msg: m.Detach, now: float) -> None:
-        """The tracker moved `msg.node_id` away from us in one sub-stream: refuse the token it
-        had for it, and drop it there after `DETACH_GRACE_S` if it has not unsubscribed."""
+        """The tracker moved `msg.node_id` away from us in one sub-stream: after
+        `DETACH_GRACE_S`, drop it there if it has not unsubscribed, and refuse the token it had.
+        Until then both stand: its `Unsubscribe` may be on the way, or it may have switched to
+        us as its backup just before the tracker's `Assign` reached it (as it would without
+        this message: a refusal then would cost it a repair)."""
         detached = self.detached
         if detached is None:
             detached = self.detached = array("d")
-        key = float(_moved_key(msg.node_id, msg.substream))
-        for i in range(0, len(detached), 2):
-            if detached[i] == key:
-                detached[i + 1] = max(detached[i + 1], msg.until)
-                break
+        grace_end = now + DETACH_GRACE_S
+        i = self._moved_index(msg.node_id, msg.substream)
+        if i >= 0:
+            detached[i + 1] = max(detached[i + 1], msg.until)
+            detached[i + 2] = grace_end
         else:
-            for i in range(1, len(detached), 2):
+            key = float(_moved_key(msg.node_id, msg.substream))
+            for i in range(1, len(detached), 3):
                 if detached[i] < now:  # a move whose tokens have all expired: reuse its place
-                    detached[i - 1], detached[i] = key, msg.until
+                    detached[i - 1], detached[i], detached[i + 1] = key, msg.until, grace_end
                     break
             else:
-                detached.extend((key, msg.until))
+                detached.extend((key, msg.until, grace_end))
         if any(c.node_id == msg.node_id and c.subs >> msg.substream & 1 for c in self.conns.values()):
-            self._set_timer(("detach", msg.node_id, msg.substream), now + DETACH_GRACE_S)
+            self._set_timer(("detach", msg.node_id, msg.substream), grace_end)
 
-    def _spent_until(self, node_id: int, k: int) -> float:
-        """`node_id`'s tokens for sub-stream k expiring by this time are spent (-1: none)."""
+    def _spent(self, node_id: int, k: int, expires: float, now: float) -> bool:
+        """A token of `node_id`'s for sub-stream k expiring at `expires` was spent by a move,
+        and the move's grace period is over."""
+        i = self._moved_index(node_id, k)
+        detached = self.detached
+        return i >= 0 and detached is not None and detached[i + 1] > expires and now >= detached[i + 2]
+
+    def _moved_index(self, node_id: int, k: int) -> int:
+        """Where `node_id`'s move away from us in sub-stream k is in `detached` (-1: none)."""
         detached = self.detached
         if detached is not None:
             key = float(_moved_key(node_id, k))
-            for i in range(0, len(detached), 2):
+            for i in range(0, len(detached), 3):
                 if detached[i] == key:
-                    return detached[i + 1]
-        return -1.0
+                    return i
+        return -1
 
     def _on_hello(self, conn: Conn, msg: m.Hello, now: float) -> None:
         if msg.channel != self.channel:
@@ -361,8 +373,14 @@ class RelayNode(NodeBase):
             self._out.append(Send(conn.link, m.Refuse(k, why)))
             return
         conn.authorized = True
-        if self._spent_until(conn.node_id, k) >= 0.0:
-            self._cancel_timer(("detach", conn.node_id, k))  # back, with a fresh token
+        i = self._moved_index(conn.node_id, k)
+        if i >= 0:
+            detached = self.detached
+            assert detached is not None
+            if detached[i + 1] > msg.token.expires:  # a spent token, in the grace period
+                self._set_timer(("detach", conn.node_id, k), detached[i + 2])
+            else:
+                self._cancel_timer(("detach", conn.node_id, k))  # back, with a fresh token
         lst = self._subscribers[k]
         if not isinstance(lst, list):  # NO_SUBSCRIBERS: sub-stream k's first subscriber
             lst = []

@@ -31,8 +31,8 @@ _STALE: Final = -1.0
 SLOW_DROPS: Final = 3
 """Chunks dropped for one child (its queue was full) before the tracker hears it is slow."""
 DETACH_GRACE_S: Final = 2.0
-"""How long a child the tracker moved away from us may stay subscribed (`Detach`): its
-`Unsubscribe` may still be on the way, behind the tracker's `Assign` to it."""
+"""How long a child the tracker moved away from us (`Detach`) keeps its subscription and its
+token here: its `Unsubscribe` may still be on the way, behind the tracker's `Assign` to it."""
 
 
 class NodeBase:

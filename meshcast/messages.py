@@ -192,12 +192,11 @@ class Revoke:
 @dataclass(frozen=True, slots=True)
 class Detach:
     """Tracker → a parent or backup it moved `node_id` away from, in sub-stream `substream`:
-    the token `node_id` holds for you there is spent. Take no token of its for that sub-stream
-    that expires before `until` (every one issued before the move: one issued at the move, for
-    a new place, expires at `until`), and drop its subscription if
-    it still has one a grace period from now (an honest child unsubscribes as soon as it has
-    its new parent). A child that stayed would keep a slot the tracker counts as free until
-    its token expired."""
+    the token `node_id` holds for you there is spent. After a grace period (an honest child
+    unsubscribes as soon as it has its new parent), drop its subscription if it still has one,
+    and take no token of its for that sub-stream that expires before `until` (every one issued
+    before the move; one issued at the move, for a new place, expires at `until`). A child that
+    stayed would keep a slot the tracker counts as free until its token expired."""
 
     node_id: int
     substream: int

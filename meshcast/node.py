@@ -328,15 +328,21 @@ class RelayNode(NodeBase):
                     break
             else:
                 detached.extend((key, msg.until, grace_end))
-        if any(c.node_id == msg.node_id and c.subs >> msg.substream & 1 for c in self.conns.values()):
+        if self._subscribed(msg.node_id, msg.substream):
             self._set_timer(("detach", msg.node_id, msg.substream), grace_end)
 
     def _spent(self, node_id: int, k: int, expires: float, now: float) -> bool:
         """A token of `node_id`'s for sub-stream k expiring at `expires` was spent by a move,
         and the move's grace period is over."""
+        moved = self._moved(node_id, k)
+        return moved is not None and moved[0] > expires and now >= moved[1]
+
+    def _moved(self, node_id: int, k: int) -> tuple[float, float] | None:
+        """(until, grace end) of `node_id`'s move away from us in sub-stream k, if any: its
+        tokens for it expiring before `until` are spent once the grace period is over."""
         i = self._moved_index(node_id, k)
         detached = self.detached
-        return i >= 0 and detached is not None and detached[i + 1] > expires and now >= detached[i + 2]
+        return (detached[i + 1], detached[i + 2]) if i >= 0 and detached is not None else None
 
     def _moved_index(self, node_id: int, k: int) -> int:
         """Where `node_id`'s move away from us in sub-stream k is in `detached` (-1: none)."""
@@ -373,12 +379,10 @@ class RelayNode(NodeBase):
             self._out.append(Send(conn.link, m.Refuse(k, why)))
             return
         conn.authorized = True
-        i = self._moved_index(conn.node_id, k)
-        if i >= 0:
-            detached = self.detached
-            assert detached is not None
-            if detached[i + 1] > msg.token.expires:  # a spent token, in the grace period
-                self._set_timer(("detach", conn.node_id, k), detached[i + 2])
+        moved = self._moved(conn.node_id, k) if self.detached is not None else None
+        if moved is not None:
+            if moved[0] > msg.token.expires:  # a spent token, in the grace period
+                self._set_timer(("detach", conn.node_id, k), moved[1])
             else:
                 self._cancel_timer(("detach", conn.node_id, k))  # back, with a fresh token
         lst = self._subscribers[k]
@@ -405,6 +409,11 @@ class RelayNode(NodeBase):
             for seq in self.buffer:  # oldest first
                 if seq >= msg.from_seq and seq % self.substreams == k:
                     self._send_chunk(conn.link, seq, push=False)
+
+    def _subscribed(self, node_id: int, k: int) -> list[Conn]:
+        """`node_id`'s links to us subscribed to sub-stream k (one, nearly always; none if it
+        unsubscribed)."""
+        return [c for c in self.conns.values() if c.node_id == node_id and c.subs >> k & 1]
 
     def _drop_sub(self, conn: Conn, k: int) -> None:
         if conn.subs >> k & 1:
@@ -482,7 +491,7 @@ class RelayNode(NodeBase):
         elif type(key) is tuple and key[0] == "detach":
             # Still subscribed with the token the tracker told us is spent: it stayed put.
             _, node_id, k = key
-            for conn in [c for c in self.conns.values() if c.node_id == node_id and c.subs >> k & 1]:
+            for conn in self._subscribed(node_id, k):
                 self._drop_sub(conn, k)
                 self._out.append(Send(conn.link, m.Refuse(k, "moved away by the tracker")))
         else:

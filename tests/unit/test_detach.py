@@ -30,8 +30,8 @@ def test_a_token_is_spent_exactly_when_a_move_after_its_issue_said_so(moves, mar
         until, _ = latest.get((who, k), (-1.0, 0.0))
         latest[(who, k)] = (max(until, now + life), now + DETACH_GRACE_S)
         for (w, kk), (until, grace_end) in latest.items():
-            i = node._moved_index(w, kk)
-            recorded = node.detached[i + 1] if i >= 0 else -1.0
+            moved = node._moved(w, kk)
+            recorded = moved[0] if moved is not None else -1.0
             # The expiries a token shown now may have (it is not expired): any from now on.
             for expires in {now, now + margin, until, recorded}:
                 for at in {now, grace_end}:

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from meshcast import effects as fx
-from meshcast.messages import Detach, Reject, Subscribe, Token
+from meshcast.messages import Detach, Reject, Subscribe, Token, Unsubscribe
 from meshcast.crypto import Crypto, SigningKey
 from meshcast.policy import HEADROOM, STRETCH_HEADROOM, child_slots
 from peer.node import LATE_SLACK, PeerNode
@@ -390,6 +390,18 @@ def test_a_viewer_that_stays_where_it_was_moved_away_from_is_dropped_there():
     w.run()
     stream(w, seed, 12)
     assert subscribed()
+    # Unsubscribed when the next move's notice comes, back within its grace period with the
+    # token that move spent: taken for now, and dropped when the grace period ends.
+    squatter._out.append(fx.Send(link, Unsubscribe(k)))
+    w.run()
+    spent = token()
+    w.advance(w.now + 0.1)
+    parent.handle(parent.tracker_link, Detach(squatter.id, k, w.now + TOKEN_LIFETIME), now=w.now)
+    squatter._out.append(fx.Send(link, Subscribe(k, spent, -1, False)))
+    w.run()
+    assert subscribed()
+    stream(w, seed, 12)
+    assert not subscribed()
     for p in peers:
         assert played(w, p)[-1] == seed.next_seq - 1 and p.skipped == 0
 

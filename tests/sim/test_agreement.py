@@ -106,7 +106,9 @@ def test_runtime_runs_the_scenario(figures):
     s = sim.summary()
     assert len(sim.startup) == sc.peers.count
     for rt in runs:
-        assert len(rt.startup) == sc.peers.count, "every runtime peer started playing"
+        assert len(rt.startup) == sc.peers.count, (
+            f"every runtime peer started playing; not: {sorted(set(sim.startup) - set(rt.startup))}"
+            f" (run: {rt.extra}, depths: {rt.depth})")
         assert {i for i, _ in rt.lat} == {i for i, _ in sim.lat}, "the same peers played"
         placed = {i for (i, _k), d in rt.depth.items() if d >= 1}
         assert placed == {i for i, _ in sim.lat}, "the tracker placed every runtime peer"

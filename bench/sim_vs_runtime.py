@@ -371,6 +371,8 @@ class _PeerGroup:
         self.startup: dict[int, float] = {}
         self.joined: dict[int, float] = {}
         self.skipped = 0
+        self.notices: dict[int, list[str]] = {}
+        """Node index → its last few `Notice` texts (why a link was cut, a rejection)."""
         self.nodes: dict[int, PeerNode] = {}
         self.eps: dict[int, Any] = {}
         self.lag = LagMonitor()
@@ -398,7 +400,27 @@ class _PeerGroup:
                 self.lat[(i, eff.head.seq)] = eff.latency
             elif t is fx.Skip:
                 self.skipped += 1
+            elif t is fx.Notice:
+                self.notices.setdefault(i, []).append(eff.text)
+                del self.notices[i][:-4]
         return on_effect
+
+    def silent(self) -> dict[str, dict]:
+        """What each peer that never played knows: welcomed, its parents, links, bytes, notices."""
+        out = {}
+        for i, n in self.nodes.items():
+            if i in self.startup:
+                continue
+            out[str(i)] = {
+                "id": n.id, "rejected": n.rejected,
+                "parents": [s.ref.id if s else None for s in (n.primary or [])],
+                "links": len(n.conns), "rx": n.bytes_from_peers + n.bytes_from_seed,
+                "notices": self.notices.get(i, []),
+            }
+        for i in self.indexes:
+            if i not in self.nodes:
+                out[str(i)] = {"started": False}
+        return out
 
     def dump(self) -> dict:
         return {
@@ -410,6 +432,7 @@ class _PeerGroup:
             "from_peers": sum(n.bytes_from_peers for n in self.nodes.values()),
             "from_seed": sum(n.bytes_from_seed for n in self.nodes.values()),
             "lag_p95": self.lag.p95(),
+            "silent": self.silent(),
             "cpu_s": time.process_time() - getattr(self, "cpu0", 0.0),
             "wait_s": runqueue_wait() - getattr(self, "wait0", 0.0),
         }
@@ -497,6 +520,8 @@ async def run_runtime(scenario: Scenario, *, workers: int = 2, ready_timeout: fl
         fig.bytes_from_peers += d["from_peers"]
         fig.bytes_from_seed += d["from_seed"]
         ids.update({int(i): v for i, v in d["ids"].items()})
+        if d["silent"]:
+            fig.extra.setdefault("silent", {}).update(d["silent"])
         if workers:
             cpu += d["cpu_s"]
             wait += d["wait_s"]

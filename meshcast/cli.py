@@ -34,6 +34,7 @@ from meshcast.policy import HEADROOM, child_slots
 from meshcast.runtime import parse_address
 from meshcast.service import PeerHandle, SeedHandle, TrackerHandle, run_peer, run_seed, run_tracker
 from seed.ingest import IngestError, synthetic_stream_command
+from tracker.node import JOIN_HOLD_S
 
 log = logging.getLogger("meshcast.cli")
 
@@ -85,6 +86,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value > 0 or math.isinf(value):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive number, got {text}")
     return value
 
 
@@ -166,7 +177,7 @@ async def _tracker(args: argparse.Namespace) -> int:
     _check_stats_path(args.stats)
     async with anyio.create_task_group() as tg:
         handle: TrackerHandle = await tg.start(partial(run_tracker, args.listen,
-                                                       strategy=args.strategy))
+                                                       strategy=args.strategy, hold_s=args.hold))
         if args.stats:
             tg.start_soon(_write_stats, handle.node.stats, args.stats)
     return 0
@@ -560,6 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=("tree", "random", "mesh"), default="tree",
                    help="placement: our shallow latency-aware trees (default), random trees, or a "
                         "pull-only mesh (baselines)")
+    p.add_argument("--hold", type=_non_negative_float, default=JOIN_HOLD_S, metavar="SECONDS",
+                   help="how long a viewer who joins a channel that is not live (yet) waits for its "
+                        f"seed before it is refused (default {JOIN_HOLD_S:g}; 0: refuse at once)")
     p.add_argument("--stats", metavar="PATH",
                    help="append a JSON line to PATH every second: per channel, viewers, relays, "
                         "tree depth, the seed's children and slots, refusals and evictions")

@@ -145,7 +145,16 @@ class Neighbours:
 
 @dataclass(frozen=True, slots=True)
 class Reject:
-    """The tracker cannot admit this node (unknown channel, no capacity left, evicted)."""
+    """The tracker cannot admit this node (its channel did not go live, no capacity left, evicted)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """Tracker → viewer: the channel is not live (not announced yet, or its seed is reconnecting).
+    The `Join` is held, not refused: the viewer is placed the moment the seed announces it, or
+    rejected if that takes longer than the tracker holds joins."""
 
     reason: str
 
@@ -283,6 +292,6 @@ class ChunkHead:
 FLAG_RAP: Final = 1
 
 Message = (
-    Announce | Join | Welcome | Assign | Neighbours | Reject | Leave | ParentLost | Complaint
+    Announce | Join | Welcome | Assign | Neighbours | Reject | Waiting | Leave | ParentLost | Complaint
     | Revoke | Detach | Hello | Subscribe | Unsubscribe | Refuse | Have | Request | Missing | ChunkHead
 )

@@ -28,7 +28,7 @@ from peer.node import PeerNode
 from peer.player import PlayerOutput
 from seed.ingest import open_source
 from seed.node import SeedNode
-from tracker.node import TrackerNode
+from tracker.node import JOIN_HOLD_S, TrackerNode
 
 log = logging.getLogger("meshcast")
 
@@ -52,10 +52,12 @@ class TrackerHandle:
 
 
 async def run_tracker(listen: str = "127.0.0.1:0", *, strategy: str = "tree", seed: int | None = None,
+                      hold_s: float = JOIN_HOLD_S,
                       task_status: anyio.abc.TaskStatus = anyio.TASK_STATUS_IGNORED) -> None:
-    """Serve a tracker on `listen` until cancelled."""
+    """Serve a tracker on `listen` until cancelled (`hold_s`: see `TrackerNode`)."""
     host, port = parse_address(listen)
-    node = TrackerNode(key=SigningKey(), crypto=Crypto(), rng=random.Random(seed), strategy=strategy)
+    node = TrackerNode(key=SigningKey(), crypto=Crypto(), rng=random.Random(seed), strategy=strategy,
+                       hold_s=hold_s)
     async with open_endpoint(host, port) as ep:
         runner = NodeRunner(node, ep, on_effect=_log_effect("tracker"))
         address = f"{host}:{ep.local_address[1]}"

@@ -134,6 +134,7 @@ SCHEMA: dict[type, tuple[int, tuple[Check, ...]]] = {
     m.ChunkHead: (17, (CHANNEL, SEQ, integer(0, m.MAX_CHUNK), integer(0, 255), TIME, SIG)),
     m.Revoke: (18, (NODE_ID, TIME, REASON)),
     m.Detach: (19, (NODE_ID, SUBSTREAM, TIME)),
+    m.Waiting: (20, (REASON,)),
 }
 _BY_TAG = {tag: cls for cls, (tag, _) in SCHEMA.items() if tag}
 _NAMES = {cls: tuple(f.name for f in fields(cls)) for cls in SCHEMA}

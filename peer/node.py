@@ -273,6 +273,8 @@ class PeerNode(RelayNode):
                 self._on_assign(msg, now)
             elif isinstance(msg, m.Neighbours):
                 self._on_neighbours(msg, now)
+            elif isinstance(msg, m.Waiting):
+                self._out.append(Notice(f"tracker: {msg.reason}"))
             elif isinstance(msg, m.Reject):
                 # Refused or evicted: leave the swarm entirely, so no parent keeps counting us.
                 self.rejected = msg.reason

@@ -60,7 +60,6 @@ IDLE_TIMEOUT: Final = LINK_IDLE_TIMEOUT_S
 GOP_MS: Final = 1000
 """Default keyframe interval (`[stream] gop_ms`)."""
 TRACKER: Final = 0
-JOIN_RETRY_S: Final = 0.05
 
 
 @dataclass
@@ -143,6 +142,8 @@ class Simulation:
         self.peer_rng = random.Random(self.rng.random())
         """One generator for all peers: a Mersenne Twister is 2.5 KB, and one timeline keeps
         the draws in a deterministic order anyway."""
+        self.live_at = sc.seed.start_s
+        """When the seeds go live (`[seed] start_s`)."""
         self.started = bytearray(n)
         """1 once a peer has played its first chunk."""
         self.refused: set[int] = set()
@@ -186,9 +187,7 @@ class Simulation:
                             chunk_ms=sc.stream.chunk_ms)
             self.nodes[index] = seed
             self.alive[index] = 1
-            seed.start(now=self.sched.now)
-            self._pump(index)
-            self.sched.at(0.1, self._ingest, index)
+            self.sched.at(sc.seed.start_s, self._go_live, index)
         for spec in self.specs:
             if spec.join_at < sc.stream.duration_s:
                 self.sched.at(spec.join_at + 0.05, self._join, spec)
@@ -200,6 +199,11 @@ class Simulation:
                 self.metrics.depth(spec.id, tracker.depth_of(node.channel, node.id))
         return RunResult(self.metrics, events, time.perf_counter() - wall, len(self.specs), tracker)
 
+    def _go_live(self, index: int) -> None:
+        seed: SeedNode = self.nodes[index]
+        self._call(index, lambda now: seed.start(now=now))
+        self.sched.at(self.sched.now + 0.1, self._ingest, index)
+
     def _ingest(self, index: int) -> None:
         seed: SeedNode = self.nodes[index]
         now = self.sched.now
@@ -208,11 +212,6 @@ class Simulation:
         self.sched.at(now + self.scenario.stream.chunk_ms / 1000, self._ingest, index)
 
     def _join(self, spec: PeerSpec) -> None:
-        if self.nodes[1 + spec.channel].id < 0:
-            # The broadcast is not live yet (its seed has not been welcomed): a viewer who
-            # arrives early waits for it rather than being told there is no such channel.
-            self.sched.after(JOIN_RETRY_S, self._join, spec)
-            return
         i = spec.id
         can_relay = spec.upload_kbps > 0 and not spec.nat
         node = PeerNode(channel=self._channel(spec.channel), crypto=self.crypto,
@@ -225,8 +224,6 @@ class Simulation:
         self.joined[i] = self.sched.now
         self.metrics.peer_joined(i, now=self.sched.now)
         self._call(i, lambda now: node.start(now=now))
-        # The session runs from the join itself: a viewer who waited for the broadcast to go
-        # live stays its whole session (one shorter than the wait would end before it began).
         leave_at = self.sched.now + (spec.leave_at - spec.join_at)
         if leave_at < self.scenario.stream.duration_s:
             self.sched.at(leave_at, self._leave, i, spec.graceful)
@@ -321,7 +318,8 @@ class Simulation:
                 seq = eff.head.seq
                 if not self.started[i]:
                     self.started[i] = 1
-                    metrics.startup(i, now - self.joined[i])
+                    # From the join, or from the broadcast's start for a viewer who came before.
+                    metrics.startup(i, now - max(self.joined[i], self.live_at))
                 peer: PeerNode = self.nodes[i]
                 on_time = now <= peer.deadline(seq) + 1e-9
                 metrics.chunk_verified(i, seq, eff.latency, on_time, not eff.from_seed,

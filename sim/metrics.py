@@ -14,6 +14,8 @@ Definitions (what the summary means):
     offload     bytes of verified chunks that came from peers / all verified chunk bytes.
     seed egress all bytes the seed(s) sent (media + control) over the run, in kbit/s.
     control overhead  control bytes / media bytes, all nodes.
+    startup     join → first chunk played (p50/p95, ms); for a viewer who came before the
+                broadcast went live (`[seed] start_s`), from the broadcast's start.
     rejected    peers the tracker refused (no capacity left for them) or evicted.
     depth       each peer's deepest tree position reported (root's children: depth 1);
                 the histogram counts peers by that depth.
@@ -221,7 +223,7 @@ class MetricsCollector:
         self._bucket(now).missed += 1
 
     def startup(self, peer: int, delay_s: float) -> None:
-        """Join → first frame played."""
+        """Join (or the broadcast's start, if later) → first frame played."""
         self.seen[peer] = 1
         self.startup_s[peer] = delay_s
         self.startup_hist.add(delay_s)

@@ -11,7 +11,7 @@ The tables (see the dataclasses below for keys and defaults)::
 
     description = "..."
     [stream]   bitrate_kbps, chunk_ms, substreams, duration_s
-    [seed]     upload_kbps
+    [seed]     upload_kbps, start_s
     [peers]    count, nat_fraction, graceful_fraction, download_kbps, playout_delay_s
     [peers.arrival]  kind = "all" | "poisson" | "flash" | "pareto"  (+ t0, rate, window_s, ...)
     [peers.session]  kind = "infinite" | "fixed" | "exponential" | "lognormal"  (+ params)
@@ -91,6 +91,10 @@ class StreamConfig:
 class SeedConfig:
     upload_kbps: float = _opt(20000.0, POSITIVE)
     """Upload of each channel's seed (with `[channels] count` > 1, every channel has its own)."""
+    start_s: float = _opt(0.0, NON_NEGATIVE)
+    """When the broadcast goes live: the seed announces its channel then and ingests from 0.1 s
+    later. Viewers who arrive before wait at the tracker, which places them all at once when
+    it does (a premiere)."""
 
 
 class _Tagged:

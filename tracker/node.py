@@ -7,7 +7,8 @@ tracker gave them. On a departure (graceful `Leave`, a closed link, or an evicti
 the orphans at once — to the backup each orphan has already switched to when that has room.
 It never oversubscribes: when no member and not the seed has a free slot, the channel is first
 stretched (parents may then use `STRETCH_HEADROOM` of their upload instead of `HEADROOM`), and
-only when that is used up too does a newcomer get a `Reject` that says so.
+only when that is used up too does a newcomer get a `Reject` that says so. A `Join` for a channel
+that is not live yet is held (`Waiting`) and placed when its seed announces it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ from tracker.placement import TreePlacement, make_strategy, relay_cap
 TOKEN_LIFETIME = 600.0
 """Seconds a token stays valid (a backup token must still be good when the backup is needed)."""
 MESH_NEIGHBOURS = 6
+JOIN_HOLD_S = 300.0
+"""Default for how long the tracker holds a viewer's `Join` for a channel that is not live (its
+seed has not announced it yet, or is reconnecting) before rejecting it: viewers who arrive
+before the broadcast starts are placed the moment it does, with no retry storm at go-live."""
+MAX_WAITING = 100_000
+"""Joins held at once, over all channels: beyond, a `Join` for a channel that is not live is
+rejected at once (each held join keeps its link and its message)."""
 RETRY_S = 1.0
 """How long a member waits before the tracker hands it back, once more, a parent it keeps
 losing (see `_on_parent_lost`)."""
@@ -61,7 +69,9 @@ class TrackerNode(NodeBase):
     """The topology owner. One instance serves many channels."""
 
     def __init__(self, *, key: Any, crypto: Crypto, rng: random.Random,
-                 strategy: str = "tree") -> None:
+                 strategy: str = "tree", hold_s: float = JOIN_HOLD_S) -> None:
+        """`hold_s`: how long a `Join` for a channel that is not live is held (0: refused at
+        once)."""
         super().__init__()
         self.key = key
         self.crypto = crypto
@@ -81,6 +91,13 @@ class TrackerNode(NodeBase):
         had just reported lost, for want of any other."""
         self._retry: deque[tuple[float, str, int, int]] = deque()
         """Placements put off by `RETRY_S`: (when, channel, member id, sub-stream), in order."""
+        self.hold_s = hold_s
+        self.waiting: dict[str, dict[Link, m.Join]] = {}
+        """Channel → the joins held until it goes live, by link, in arrival order."""
+        self._waiting_on: dict[Link, str] = {}
+        """Link → the channel its held join waits for."""
+        self._hold_until: deque[tuple[float, Link]] = deque()
+        """(when, link): each held join's deadline, in order (stale once the join left)."""
 
     # -- links ---------------------------------------------------------------------------------
 
@@ -91,6 +108,8 @@ class TrackerNode(NodeBase):
         entry = self.links.pop(link, None)
         if entry is not None:
             self._remove(entry[0], entry[1], now)
+        elif link in self._waiting_on:
+            self._unhold(link)
 
     def protocol_error(self, link: Link, error: RemoteProtocolError, *, now: float) -> None:
         self._out.append(Notice(f"closing link {link}: {error}"))
@@ -111,10 +130,10 @@ class TrackerNode(NodeBase):
                 self._on_announce(link, msg, now)
             elif isinstance(msg, m.Join):
                 self._on_join(link, msg, now)
+            elif isinstance(msg, m.Leave):  # a held viewer may give up waiting, too
+                self._drop_link(link, "bye", now)
             elif entry is None:
                 raise RemoteProtocolError(f"{type(msg).__name__} before Join or Announce")
-            elif isinstance(msg, m.Leave):
-                self._drop_link(link, "bye", now)
             elif isinstance(msg, m.ParentLost):
                 self._on_parent_lost(entry[0], entry[1], msg, now)
             elif isinstance(msg, m.Complaint):
@@ -135,8 +154,8 @@ class TrackerNode(NodeBase):
                          ch.forest.seed.id if ch.forest.seed else m.NO_PEER)
 
     def _on_announce(self, link: Link, msg: m.Announce, now: float) -> None:
-        if self.links[link] is not None:
-            raise RemoteProtocolError("second Announce on one link")
+        if self.links[link] is not None or link in self._waiting_on:
+            raise RemoteProtocolError("second Announce (or Join) on one link")
         if not self.crypto.announce_valid(msg.public_key, msg.channel, msg.address, msg.proof):
             raise RemoteProtocolError("Announce proof does not match the channel key")
         ch = self.channels.get(msg.channel)
@@ -168,13 +187,17 @@ class TrackerNode(NodeBase):
             for k in range(ch.substreams):
                 if member is not seed and member.parent[k] == m.NO_PEER:
                     self._place(ch, member, k, now)
+        # Viewers who came before the broadcast: in the order they came.
+        for held, join in list(self.waiting.get(ch.name, {}).items()):
+            self._unhold(held)
+            self._on_join(held, join, now)
 
     def _on_join(self, link: Link, msg: m.Join, now: float) -> None:
-        if self.links[link] is not None:
+        if self.links[link] is not None or link in self._waiting_on:
             raise RemoteProtocolError("second Join on one link")
         ch = self.channels.get(msg.channel)
         if ch is None or ch.forest.seed is None:
-            self._reject(link, f"no live channel {msg.channel!r} on this tracker", now)
+            self._hold(link, msg, now)
             return
         if msg.address and msg.address in ch.banned:
             self._reject(link, "evicted from this channel", now)
@@ -204,6 +227,42 @@ class TrackerNode(NodeBase):
         self._out.extend(held)
         held.clear()
         self._send_neighbours(ch, member, now)
+
+    def _hold(self, link: Link, msg: m.Join, now: float) -> None:
+        """Keep the join of a viewer whose channel is not live until it is (`_on_announce`), for
+        up to `hold_s`."""
+        if self.hold_s <= 0:
+            self._reject(link, f"no live channel {msg.channel!r} on this tracker", now)
+            return
+        if len(self._waiting_on) >= MAX_WAITING:
+            self._reject(link, f"channel {msg.channel!r} is not live, and too many viewers are "
+                               f"waiting for channels on this tracker: try again later", now)
+            return
+        self.waiting.setdefault(msg.channel, {})[link] = msg
+        self._waiting_on[link] = msg.channel
+        self._hold_until.append((now + self.hold_s, link))
+        if len(self._hold_until) == 1:
+            self._set_timer("hold", now + self.hold_s)
+        self._out.append(Send(link, m.Waiting(
+            f"channel {msg.channel!r} is not live yet: waiting for its broadcast to start")))
+
+    def _unhold(self, link: Link) -> None:
+        name = self._waiting_on.pop(link)
+        held = self.waiting[name]
+        del held[link]
+        if not held:
+            del self.waiting[name]
+
+    def _expire_holds(self, now: float) -> None:
+        queue = self._hold_until
+        while queue and queue[0][0] <= now:
+            _, link = queue.popleft()
+            name = self._waiting_on.get(link)
+            if name is not None:
+                self._unhold(link)
+                self._reject(link, f"channel {name!r} did not go live within {self.hold_s:g} s", now)
+        if queue:
+            self._set_timer("hold", queue[0][0])
 
     def _reject(self, link: Link, reason: str, now: float) -> None:
         self.rejections += 1
@@ -377,6 +436,9 @@ class TrackerNode(NodeBase):
                 del handed[old]
 
     def _on_timer(self, key: Any, now: float) -> None:
+        if key == "hold":
+            self._expire_holds(now)
+            return
         if key != "retry":
             super()._on_timer(key, now)
             return
@@ -414,7 +476,8 @@ class TrackerNode(NodeBase):
 
     def stats(self) -> dict[str, Any]:
         """What an operator watches (`meshcast tracker --stats`): per channel, its audience, the
-        shape of its trees and the seed's load. O(members): for a once-a-second report."""
+        shape of its trees and the seed's load; viewers waiting for channels to go live.
+        O(members): for a once-a-second report."""
         channels: dict[str, Any] = {}
         for name, ch in self.channels.items():
             forest, seed = ch.forest, ch.forest.seed
@@ -432,7 +495,9 @@ class TrackerNode(NodeBase):
                 "refused": ch.refused,
                 "evicted": ch.evicted,
             }
-        return {"channels": channels, "rejections": self.rejections, "evictions": self.evictions}
+        waiting = {name: len(held) for name, held in self.waiting.items()}
+        return {"channels": channels, "waiting": waiting, "rejections": self.rejections,
+                "evictions": self.evictions}
 
     def depth_of(self, channel: str, node_id: int) -> int:
         ch = self.channels.get(channel)

@@ -65,6 +65,7 @@ def test_help(command: list[str]) -> None:
     ["peer", "--tracker", "127.0.0.1:1", "--channel", "x", "--channel-key", "abc"],
     ["peer", "--tracker", "127.0.0.1:1", "--channel", "x", "--playout-delay", "-1"],
     ["demo", "--peers", "0"],
+    ["tracker", "--listen", "127.0.0.1:0", "--hold", "-1"],
 ])
 def test_bad_usage_exits_2(args: list[str]) -> None:
     result = run(args, timeout=30)
@@ -83,7 +84,8 @@ def test_peer_with_no_tracker_fails_clearly() -> None:
 
 def test_tracker_rejection_ends_the_peer_and_sigterm_ends_the_tracker() -> None:
     port = free_udp_port()
-    tracker = subprocess.Popen([*MESHCAST, "tracker", "--listen", f"127.0.0.1:{port}"],
+    # A viewer of a channel that is not live waits for it; this tracker holds it 1 s.
+    tracker = subprocess.Popen([*MESHCAST, "tracker", "--listen", f"127.0.0.1:{port}", "--hold", "1"],
                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
@@ -91,7 +93,9 @@ def test_tracker_rejection_ends_the_peer_and_sigterm_ends_the_tracker() -> None:
         assert tracker.poll() is None, tracker.communicate()
         result = run(["peer", "--tracker", f"127.0.0.1:{port}", "--channel", "nobody-here"],
                      timeout=30)
-        assert_one_line_error(result, "rejected by the tracker", "nobody-here")
+        assert "channel 'nobody-here' is not live yet: waiting for its broadcast" in result.stderr
+        assert_one_line_error(result, "rejected by the tracker", "nobody-here",
+                              "did not go live within 1 s")
 
         busy = run(["tracker", "--listen", f"127.0.0.1:{port}"], timeout=30)
         assert_one_line_error(busy, "cannot listen on", str(port))

@@ -52,25 +52,38 @@ def test_a_zero_latency_network_with_a_refusing_seed_terminates():
 
 
 @pytest.mark.parametrize("session", [{"kind": "fixed", "length_s": 0.01},
-                                     {"kind": "exponential", "mean_s": 0.5}])
-def test_a_session_runs_from_the_join_even_when_it_had_to_wait(session):
-    # Everyone arrives at t = 0, before the broadcast is live: each join waits for the seed's
-    # welcome. A session shorter than that wait once ended before its join (the driver then
-    # refused to schedule the departure in the past); it runs from the real join instead.
+                                     {"kind": "exponential", "mean_s": 3.0}])
+def test_viewers_who_arrive_before_the_broadcast_wait_for_it_at_the_tracker(session):
+    # A premiere: everyone arrives at t = 0, the seed goes live at 1 s. The tracker holds each
+    # join and places the viewer when the channel goes live. Sessions that end before (a
+    # Leave, or the idle time-out of a vanished viewer) end while held; the tracker forgets them.
     sc = parse_scenario({
         "stream": {"bitrate_kbps": 500, "chunk_ms": 100, "substreams": 2, "duration_s": 5},
+        "seed": {"start_s": 1.0},
         "peers": {"count": 20, "arrival": {"kind": "all"}, "session": session,
                   "graceful_fraction": 0.5},
         "run": {"seed": 3},
     })
     sim = Simulation(sc)
-    sim.run()
-    mx = sim.metrics
-    assert all(mx.joined_at[s.id] > 0.0 for s in sim.specs)  # they waited for the seed
+    result = sim.run()
+    mx, tracker = sim.metrics, result.tracker
+    assert tracker.rejections == 0 and not sim.refused
+    assert tracker.waiting == {} and tracker._waiting_on == {}
+    stayed = [s.id for s in sim.specs if s.leave_at >= sc.stream.duration_s]
+    assert stayed or session["kind"] == "fixed"
+    for i in stayed:
+        assert tracker.depth_of("ch0", sim.nodes[i].id) >= 1
+        assert 0.0 < mx.startup_s[i] < 2.0  # from the broadcast's start, not from its arrival
     for spec in sim.specs:
         length = spec.leave_at - spec.join_at
         if mx.joined_at[spec.id] + length < sc.stream.duration_s:
             assert mx.left_at[spec.id] == pytest.approx(mx.joined_at[spec.id] + length)
+    # A viewer who said goodbye while held is forgotten: never welcomed, never placed. (One that
+    # vanished is placed when the channel goes live, and removed at its idle time-out.)
+    said_bye = [s.id for s in sim.specs if s.graceful and s.leave_at - s.join_at < 0.9]
+    assert said_bye or session["kind"] == "exponential"
+    for i in said_bye:
+        assert sim.nodes[i].id == -1
 
 
 bitrates = st.sampled_from([100, 1000, 4000])

@@ -107,6 +107,8 @@ def test_every_shipped_scenario_loads(path):
 
 
 def test_shipped_scenarios_say_what_they_promise():
+    premiere = load_scenario(SCENARIO_DIR / "premiere.toml")
+    assert premiere.peers.count / premiere.peers.arrival.rate <= premiere.seed.start_s
     steady = load_scenario(SCENARIO_DIR / "steady-10k.toml")
     assert steady.peers.count == 10_000 and resource_index(steady) >= 1.5
     assert 100 <= steady.stream.chunk_ms <= 200 and steady.stream.substreams == 4

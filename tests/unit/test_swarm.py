@@ -8,13 +8,14 @@ import random
 import pytest
 
 from meshcast import effects as fx
-from meshcast.messages import Detach, Reject, Subscribe, Token, Unsubscribe
+from meshcast.messages import NO_PEER, Detach, Reject, Subscribe, Token, Unsubscribe
 from meshcast.crypto import Crypto, SigningKey
 from meshcast.policy import HEADROOM, STRETCH_HEADROOM, child_slots
 from peer.node import LATE_SLACK, PeerNode
 from seed.node import SeedNode
 from tests.harness import Wiring
-from tracker.node import TOKEN_LIFETIME, TrackerNode
+from tracker import node as tracker_node
+from tracker.node import JOIN_HOLD_S, TOKEN_LIFETIME, TrackerNode
 
 CHUNK_MS = 200
 BITRATE = 2000
@@ -25,8 +26,10 @@ def payload(seq: int, size: int = 3000) -> bytes:
 
 
 def build(n_peers: int, *, seed_kbps: int = 4000, peer_kbps: int = 3000, strategy: str = "tree",
-          rng_seed: int = 1,
-          whole: bool = False) -> tuple[Wiring, TrackerNode, SeedNode, list[PeerNode]]:
+          rng_seed: int = 1, whole: bool = False,
+          seed_first: bool = True) -> tuple[Wiring, TrackerNode, SeedNode, list[PeerNode]]:
+    """A tracker, a seed and `n_peers` viewers joined one after another. `seed_first=False`:
+    the viewers come before the broadcast (the seed is added but not started)."""
     crypto = Crypto()
     w = Wiring(whole=whole)
     tracker = w.add("tracker", TrackerNode(key=SigningKey(), crypto=crypto,
@@ -34,7 +37,8 @@ def build(n_peers: int, *, seed_kbps: int = 4000, peer_kbps: int = 3000, strateg
     seed = w.add("seed", SeedNode(channel="ch", key=SigningKey(), crypto=crypto, tracker="tracker",
                                   address="seed", upload_kbps=seed_kbps, bitrate_kbps=BITRATE,
                                   chunk_ms=CHUNK_MS))
-    w.start(seed)
+    if seed_first:
+        w.start(seed)
     peers = []
     for i in range(n_peers):
         p = w.add(f"p{i}", PeerNode(channel="ch", crypto=crypto, rng=random.Random(i),
@@ -141,7 +145,64 @@ def test_a_full_channel_is_stretched_before_anyone_is_refused():
 def test_seed_too_small_for_one_copy_is_told_how_much_it_needs():
     w, tracker, seed, peers = build(1, seed_kbps=1000)
     assert f"at least {math.ceil(BITRATE / HEADROOM)} kbps" in seed.rejected
-    assert "no live channel" in peers[0].rejected
+    assert not peers[0].rejected and peers[0].id == NO_PEER  # held: the channel is not live
+    assert "'ch' is not live yet" in w.notices[-1]
+
+
+def test_viewers_who_come_before_the_broadcast_are_placed_when_it_starts():
+    w, tracker, seed, peers = build(6, seed_first=False)
+    assert not any(p.rejected for p in peers) and all(p.id == NO_PEER for p in peers)
+    assert sum("'ch' is not live yet: waiting for its broadcast" in n for n in w.notices) == 6
+    assert len(tracker.waiting["ch"]) == 6
+    w.start(seed)
+    assert tracker.waiting == {} and tracker._waiting_on == {}
+    forest = tracker.channels["ch"].forest
+    assert all(p.id in forest.members and -1 not in forest.members[p.id].depth for p in peers)
+    # Placed in the order they came: the first comers got the seed's slots.
+    assert [p.id for p in peers] == sorted(p.id for p in peers)
+    stream(w, seed, 20)
+    for p in peers:
+        assert played(w, p) == list(range(20))
+
+
+def test_a_held_join_is_refused_once_the_tracker_held_it_long_enough():
+    w, tracker, seed, peers = build(2, seed_first=False)
+    w.advance(10.0)
+    late = w.add("late", PeerNode(channel="ch", crypto=Crypto(), rng=random.Random(9),
+                                  tracker="tracker", address="late", upload_kbps=3000))
+    w.start(late)
+    w.advance(JOIN_HOLD_S - 1)
+    assert not any(p.rejected for p in peers + [late])
+    w.advance(JOIN_HOLD_S + 1)  # the first two waited JOIN_HOLD_S; the late one not yet
+    for p in peers:
+        assert p.rejected == f"channel 'ch' did not go live within {JOIN_HOLD_S:g} s"
+        assert not p.conns  # they closed the tracker link too
+    assert not late.rejected and list(tracker._waiting_on.values()) == ["ch"]
+    w.start(seed)
+    assert late.id >= 0 and set(tracker.channels["ch"].forest.members) == {seed.id, late.id}
+    w.advance(JOIN_HOLD_S + 11)  # its deadline passes: it is a member now, and stays one
+    assert not late.rejected and late.id in tracker.channels["ch"].forest.members
+    assert tracker.next_timer() is None
+
+
+def test_a_viewer_that_gives_up_waiting_is_forgotten():
+    w, tracker, seed, peers = build(3, seed_first=False)
+    peers[0].leave(now=w.now)
+    w.run()
+    assert len(tracker.waiting["ch"]) == 2
+    w.kill(peers[1])
+    assert list(tracker.waiting["ch"].values())[0].address == "p2"
+    w.start(seed)
+    assert set(tracker.channels["ch"].forest.members) == {seed.id, peers[2].id}
+
+
+def test_held_joins_are_bounded(monkeypatch):
+    monkeypatch.setattr(tracker_node, "MAX_WAITING", 2)
+    w, tracker, seed, peers = build(3, seed_first=False)
+    assert [bool(p.rejected) for p in peers] == [False, False, True]
+    assert "too many viewers are waiting" in peers[2].rejected
+    w.start(seed)
+    assert all(p.id >= 0 for p in peers[:2])
 
 
 def test_trees_stay_shallow_and_relays_sit_near_the_root():

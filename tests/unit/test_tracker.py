@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 from meshcast import messages as m
 from meshcast.crypto import SimCrypto, SimKey
-from meshcast.effects import Send
+from meshcast.effects import Close, Send
 from meshcast.policy import STRETCH_HEADROOM, child_slots
 from tracker.forest import Member
-from tracker.node import RETRY_S, TOKEN_LIFETIME, TrackerNode
+from tracker.node import JOIN_HOLD_S, RETRY_S, TOKEN_LIFETIME, TrackerNode
 from tracker.placement import RELAY_FANOUT, relay_cap
 
 K = 4
@@ -180,6 +180,9 @@ def test_stats_give_an_operator_the_audience_tree_shape_and_seed_load():
     assert (c["viewers"], c["cannot_relay"], c["relaying"], c["refused"]) == (1, 1, 0, 1)
     assert c["seed"] == {"children": K, "slots": 5} and c["max_depth"] == 1
     assert t.stats()["rejections"] == 1
+    t.link_opened(4, now=0.0)
+    t.handle(4, m.Join("premiere", "", 0), now=0.0)  # not live yet: held
+    assert t.stats()["waiting"] == {"premiere": 1}
 
 
 def forty_relays() -> TrackerNode:
@@ -290,3 +293,70 @@ def test_a_parent_lost_again_at_once_is_handed_back_only_after_a_wait():
     assert assigns() == [seed.id] and viewer.parent[0] == seed.id
     assert t.next_timer() is None
     check_invariants(t)
+
+
+hold_ops = st.lists(st.tuples(st.sampled_from(["join", "join", "leave", "announce", "seed_gone", "wait"]),
+                              st.integers(0, 1000)), min_size=1, max_size=40)
+
+
+@settings(max_examples=100, deadline=None)
+@given(ops=hold_ops)
+def test_joins_wait_for_their_channel_to_go_live_then_are_placed_or_refused(ops):
+    """A Join for a channel that is not live is held: placed when the seed announces the channel,
+    refused after `JOIN_HOLD_S`, forgotten when its viewer goes; never held while it is live."""
+    t = TrackerNode(key=SimKey(), crypto=SimCrypto(), rng=random.Random(1))
+    now, next_link, seed_link = 0.0, 1, None
+    joined: dict[int, float] = {}  # viewer link → when it sent its Join
+    closed: set[int] = set()
+    for op, x in ops:
+        link, next_link = next_link, next_link + 1
+        open_viewers = sorted(set(joined) - closed)
+        if op == "join":
+            t.link_opened(link, now=now)
+            t.handle(link, m.Join("c", f"v{link}", 3000, ()), now=now)
+            joined[link] = now
+        elif op == "leave" and open_viewers:
+            gone = open_viewers[x % len(open_viewers)]
+            if x % 2:
+                t.handle(gone, m.Leave("bye"), now=now)
+            else:
+                t.link_closed(gone, now=now)
+            closed.add(gone)
+        elif op == "announce" and seed_link is None:
+            seed_link = link
+            t.link_opened(link, now=now)
+            t.handle(link, m.Announce("c", SimKey(9).public, "seed", 20_000, BITRATE, K, 200,
+                                      b"\0" * 64), now=now)
+        elif op == "seed_gone" and seed_link is not None:
+            t.link_closed(seed_link, now=now)
+            seed_link = None
+        elif op == "wait":
+            now += JOIN_HOLD_S * x / 800
+            while (due := t.next_timer()) is not None and due <= now:
+                t.handle_timer(now=due)
+        for eff in t.drain():
+            if isinstance(eff, Close):
+                closed.add(eff.link)
+        live = seed_link is not None
+        held = {held_link for ch in t.waiting.values() for held_link in ch}
+        assert t._waiting_on == {held_link: "c" for held_link in held}
+        assert not (live and held), "a join held while its channel is live"
+        for viewer, since in joined.items():
+            if viewer in closed:
+                assert viewer not in held and viewer not in t.links
+            elif viewer in held:
+                assert since > now - JOIN_HOLD_S, "held longer than JOIN_HOLD_S"
+            else:
+                assert t.links[viewer] is not None, "a viewer neither held, placed nor refused"
+
+
+def test_a_second_join_or_an_announce_from_a_held_viewer_is_a_protocol_error():
+    for second in (m.Join("c", "v", 3000, ()),
+                   m.Announce("c", SimKey(9).public, "seed", 20_000, BITRATE, K, 200, b"\0" * 64)):
+        t = TrackerNode(key=SimKey(), crypto=SimCrypto(), rng=random.Random(1))
+        t.link_opened(1, now=0.0)
+        t.handle(1, m.Join("c", "v", 3000, ()), now=0.0)
+        t.handle(1, second, now=0.0)
+        effects = t.drain()
+        assert any(isinstance(e, Close) and "second" in e.reason for e in effects)
+        assert t.waiting == {} and t._waiting_on == {} and t.channels == {}

@@ -71,6 +71,7 @@ FIELDS: dict[type, tuple[st.SearchStrategy, ...]] = {
     m.ChunkHead: (channel, seq, st.integers(0, m.MAX_CHUNK), st.integers(0, 255), clock, sig),
     m.Revoke: (node_id, clock, reason),
     m.Detach: (node_id, substream, clock),
+    m.Waiting: (reason,),
 }
 TOP = [cls for cls, (tag, _) in wire.SCHEMA.items() if tag]
 message = st.one_of(*(st.builds(cls, *FIELDS[cls]) for cls in TOP))

@@ -137,10 +137,12 @@ class Assign:
 
 @dataclass(frozen=True, slots=True)
 class Neighbours:
-    """Mesh neighbours for have-maps and pull repair, each with a pull-only token."""
+    """Mesh neighbours for have-maps and pull repair, each with a pull-only token; among them
+    the channel's seed, `seed_id` (a restarted seed is a new node: its viewers learn it here)."""
 
     peers: tuple[PeerRef, ...]
     tokens: tuple[Token, ...]
+    seed_id: int
 
 
 @dataclass(frozen=True, slots=True)

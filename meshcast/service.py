@@ -27,7 +27,7 @@ from meshcast.runtime import NodeRunner, parse_address
 from peer.node import PeerNode
 from peer.player import PlayerOutput
 from seed.ingest import open_source
-from seed.node import SeedNode
+from seed.node import SeedNode, live_first_seq
 from tracker.node import JOIN_HOLD_S, TrackerNode
 
 log = logging.getLogger("meshcast")
@@ -91,7 +91,8 @@ async def run_seed(*, tracker: str, channel: str, input: str, key: str | None = 
         address = f"{host}:{ep.local_address[1]}"
         node = SeedNode(channel=channel, key=signing_key, crypto=Crypto(), tracker=tracker,
                         address=address, upload_kbps=upload_kbps, bitrate_kbps=bitrate_kbps,
-                        substreams=substreams, chunk_ms=chunk_ms)
+                        substreams=substreams, chunk_ms=chunk_ms,
+                        first_seq=live_first_seq(time.time(), chunk_ms))
         runner = NodeRunner(node, ep, on_effect=_log_effect("seed"))
         handle = SeedHandle(node, address, signing_key.public)
         async with anyio.create_task_group() as tg:
@@ -105,7 +106,7 @@ async def run_seed(*, tracker: str, channel: str, input: str, key: str | None = 
                         raise SystemExit(f"seed: the tracker refused the channel: {node.rejected}")
                     runner.call(lambda now: node.ingest(chunk.payload, rap=chunk.rap, now=now))
                     handle.ingested_bytes += len(chunk.payload)
-            log.info("seed: input ended after %d chunks", node.next_seq)
+            log.info("seed: input ended after %d chunks", node.chunks_sent)
             handle.finished.set()
 
 

@@ -119,7 +119,7 @@ SCHEMA: dict[type, tuple[int, tuple[Check, ...]]] = {
                     integer(10, 10_000), KBPS, text(8), NODE_ID)),
     m.Assign: (4, (SUBSTREAM, nested(m.PeerRef), nested(m.Token), optional(nested(m.PeerRef)),
                    optional(nested(m.Token)), boolean)),
-    m.Neighbours: (5, (array(nested(m.PeerRef), 64), array(nested(m.Token), 64))),
+    m.Neighbours: (5, (array(nested(m.PeerRef), 64), array(nested(m.Token), 64), NODE_ID)),
     m.Reject: (6, (REASON,)),
     m.Leave: (7, (REASON,)),
     m.ParentLost: (8, (SUBSTREAM, NODE_ID, NODE_ID)),

@@ -229,6 +229,11 @@ class PeerNode(RelayNode):
                 self._out.append(Notice(f"lost the tracker ({reason}); still playing"))
             return
         ours = conn.ours
+        if ours and conn.node_id == self.seed_id:
+            # It refused our token (a restarted seed is a new node; an old token expired), or
+            # went away: no pulls from it until the tracker sends its contact again, or every
+            # pull would open a link to it anew, at network speed.
+            self.neighbours.pop(conn.node_id, None)
         for key in [key for key in self.rx if key[0] == conn.link]:
             rx = self.rx.pop(key)
             if rx is not None:
@@ -344,6 +349,9 @@ class PeerNode(RelayNode):
             self._subscribe(link, k, slot)
 
     def _on_neighbours(self, msg: m.Neighbours, now: float) -> None:
+        if msg.seed_id != self.seed_id and msg.seed_id != m.NO_PEER:  # the seed restarted
+            self.neighbours.pop(self.seed_id, None)
+            self.seed_id = msg.seed_id
         for ref, token in zip(msg.peers, msg.tokens):
             if ref.id in self.blocked:
                 continue

@@ -21,6 +21,16 @@ TRACKER: Final = "tracker"
 RECONNECT_S: Final = 2.0
 
 
+def live_first_seq(unix_s: float, chunk_ms: int) -> int:
+    """The sequence number a live seed starts from: chunk periods since the Unix epoch.
+
+    Viewers play by sequence number and drop what is older than what they played, so a seed
+    restarted from 0 would be ignored until it caught up with the old one (as long as that one
+    had been live). From the wall clock, a restart (same chunk length) goes on a little after
+    where the old seed stopped, and its viewers skip only the outage."""
+    return int(unix_s * 1000) // chunk_ms
+
+
 class SeedNode(RelayNode):
     """Signs and pushes one channel's chunks."""
 
@@ -28,13 +38,14 @@ class SeedNode(RelayNode):
 
     def __init__(self, *, channel: str, key: Any, crypto: Crypto, tracker: str, address: str,
                  upload_kbps: int, bitrate_kbps: int, substreams: int = 4, chunk_ms: int = 200,
-                 buffer_s: float = 10.0) -> None:
+                 buffer_s: float = 10.0, first_seq: int = 0) -> None:
+        """`first_seq`: the first chunk's sequence number (a live seed: `live_first_seq`)."""
         super().__init__(crypto=crypto, upload_kbps=upload_kbps, buffer_s=buffer_s)
         self.key = key
         self.tracker = tracker
         self.address = address
         self._configure(channel, key.public, b"", substreams, chunk_ms, bitrate_kbps)
-        self.next_seq = 0
+        self.next_seq = first_seq
         self.rejected = ""
         self.chunks_sent = 0
 

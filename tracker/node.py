@@ -45,7 +45,8 @@ losing (see `_on_parent_lost`)."""
 
 class Channel:
     __slots__ = ("name", "public_key", "bitrate_kbps", "substreams", "chunk_ms", "forest",
-                 "seed_link", "banned", "headroom", "refused", "evicted")
+                 "seed_link", "banned", "headroom", "refused", "evicted", "renew_at", "renewing",
+                 "renew_per_tick")
 
     def __init__(self, name: str, public_key: bytes, bitrate_kbps: int, substreams: int,
                  chunk_ms: int, relay_fanout: int = 0) -> None:
@@ -60,6 +61,11 @@ class Channel:
         """Viewers turned away for lack of upload capacity."""
         self.evicted = 0
         """Members sent away: reported for forged chunks, or no room left after a departure."""
+        self.renew_at = math.inf
+        """When the next sweep renewing its members' tokens starts (`TrackerNode._renew`)."""
+        self.renewing: list[int] = []
+        """Members the current sweep has still to renew, the next one last."""
+        self.renew_per_tick = 0
 
     def slots(self, upload_kbps: int) -> int:
         return child_slots(upload_kbps, self.bitrate_kbps, self.substreams, self.headroom)
@@ -173,6 +179,10 @@ class TrackerNode(NodeBase):
             ch = self.channels[msg.channel] = Channel(msg.channel, msg.public_key, msg.bitrate_kbps,
                                                       msg.substreams, msg.chunk_ms,
                                                       self.strategy.relay_fanout)
+            ch.renew_at = now + TOKEN_LIFETIME / 2
+            renew = self._timers.get("renew")
+            if renew is None or ch.renew_at < renew:
+                self._set_timer("renew", ch.renew_at)
         elif ch.seed_link is not None and ch.seed_link in self.links:
             self._drop_link(ch.seed_link, "replaced by a new seed connection", now)
         ch.bitrate_kbps, ch.chunk_ms = msg.bitrate_kbps, msg.chunk_ms
@@ -182,10 +192,14 @@ class TrackerNode(NodeBase):
         ch.seed_link = link
         self.links[link] = (ch, seed)
         self._out.append(Send(link, self._welcome(ch, seed)))
-        # Members orphaned by a seed restart hang off nothing: place them again.
+        # Members from before a seed restart: the new seed is their last-resort source (it is a
+        # new node), and those it orphaned hang off nothing: place them again.
         for member in list(ch.forest.members.values()):
+            if member is seed:
+                continue
+            self._send_neighbours(ch, member, now, peers=[])
             for k in range(ch.substreams):
-                if member is not seed and member.parent[k] == m.NO_PEER:
+                if member.parent[k] == m.NO_PEER:
                     self._place(ch, member, k, now)
         # Viewers who came before the broadcast: in the order they came.
         for held, join in list(self.waiting.get(ch.name, {}).items()):
@@ -328,6 +342,10 @@ class TrackerNode(NodeBase):
         member.backup[k] = backup.id if backup is not None else m.NO_PEER
         if old != member.backup[k] and old != parent.id:
             self._moved_off(ch, member, old, k, now)
+        self._send_assign(ch, member, k, parent, backup, now)
+
+    def _send_assign(self, ch: Channel, member: Member, k: int, parent: Member,
+                     backup: Member | None, now: float) -> None:
         expires = now + TOKEN_LIFETIME
         msg = m.Assign(k, parent.ref, self._token(ch, member, parent, k, expires),
                        backup.ref if backup else None,
@@ -335,11 +353,14 @@ class TrackerNode(NodeBase):
                        member.relays(k))
         (self._held if member is self._joining else self._out).append(Send(member.link, msg))
 
-    def _send_neighbours(self, ch: Channel, member: Member, now: float) -> None:
-        """Tree mode: the seed, as the last-resort source for pulls. Mesh mode: random members."""
+    def _send_neighbours(self, ch: Channel, member: Member, now: float,
+                         peers: list[Member] | None = None) -> None:
+        """Tree mode: the seed, as the last-resort source for pulls. Mesh mode: random members,
+        and the seed. With `peers`: those (fresh tokens for them), and the seed."""
         forest = ch.forest
-        peers: list[Member] = []
-        if self.strategy.mode == "mesh":
+        chosen = peers is None
+        peers = [] if peers is None else peers
+        if self.strategy.mode == "mesh" and chosen:
             ids = forest.ids
             for _ in range(4 * MESH_NEIGHBOURS):
                 if len(peers) >= MESH_NEIGHBOURS or len(ids) <= 1:
@@ -349,10 +370,12 @@ class TrackerNode(NodeBase):
                     peers.append(cand)
         if forest.seed is not None:
             peers.append(forest.seed)
-        member.neighbours = tuple(p.id for p in peers if not p.is_seed)
+        if chosen:
+            member.neighbours = tuple(p.id for p in peers if not p.is_seed)
         expires = now + TOKEN_LIFETIME
         msg = m.Neighbours(tuple(p.ref for p in peers),
-                           tuple(self._token(ch, member, p, m.NO_PEER, expires) for p in peers))
+                           tuple(self._token(ch, member, p, m.NO_PEER, expires) for p in peers),
+                           forest.seed.id if forest.seed is not None else m.NO_PEER)
         self._out.append(Send(member.link, msg))
 
     def _remove(self, ch: Channel, member: Member, now: float) -> None:
@@ -435,9 +458,44 @@ class TrackerNode(NodeBase):
             for old in [kk for kk, t in handed.items() if t <= now - RETRY_S]:
                 del handed[old]
 
+    def _renew(self, now: float) -> None:
+        """Re-issue members' tokens before they expire, in sweeps: one starts every
+        `TOKEN_LIFETIME` / 2 per channel and renews every member's within `TOKEN_LIFETIME` / 10,
+        a slice per tick, so no token a member holds is older than 0.6 of its lifetime. Its
+        backup's token stays good however long its session, and so does its seed's."""
+        tick = TOKEN_LIFETIME / 120
+        wake = math.inf
+        for ch in self.channels.values():
+            if not ch.renewing and now >= ch.renew_at:
+                ch.renewing = [mid for mid, mm in ch.forest.members.items() if not mm.is_seed]
+                ch.renewing.reverse()  # the longest-standing last, to go first
+                ch.renew_per_tick = max(1, math.ceil(len(ch.renewing) / 12))
+                ch.renew_at = now + TOKEN_LIFETIME / 2
+            members, renewing = ch.forest.members, ch.renewing
+            for _ in range(min(ch.renew_per_tick, len(renewing))):
+                member = members.get(renewing.pop())
+                if member is not None:
+                    self._renew_member(ch, member, now)
+            wake = min(wake, now + tick if renewing else ch.renew_at)
+        if wake < math.inf:
+            self._set_timer("renew", wake)
+
+    def _renew_member(self, ch: Channel, member: Member, now: float) -> None:
+        """Fresh tokens for `member`'s parents and backups (unchanged) and its neighbours."""
+        members = ch.forest.members
+        for k in range(ch.substreams):
+            parent = members.get(member.parent[k])
+            if parent is not None:
+                self._send_assign(ch, member, k, parent, members.get(member.backup[k]), now)
+        self._send_neighbours(ch, member, now,
+                              peers=[members[i] for i in member.neighbours if i in members])
+
     def _on_timer(self, key: Any, now: float) -> None:
         if key == "hold":
             self._expire_holds(now)
+            return
+        if key == "renew":
+            self._renew(now)
             return
         if key != "retry":
             super()._on_timer(key, now)

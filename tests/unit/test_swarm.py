@@ -12,7 +12,7 @@ from meshcast.messages import NO_PEER, Detach, Reject, Subscribe, Token, Unsubsc
 from meshcast.crypto import Crypto, SigningKey
 from meshcast.policy import HEADROOM, STRETCH_HEADROOM, child_slots
 from peer.node import LATE_SLACK, PeerNode
-from seed.node import SeedNode
+from seed.node import SeedNode, live_first_seq
 from tests.harness import Wiring
 from tracker import node as tracker_node
 from tracker.node import JOIN_HOLD_S, TOKEN_LIFETIME, TrackerNode
@@ -182,7 +182,7 @@ def test_a_held_join_is_refused_once_the_tracker_held_it_long_enough():
     assert late.id >= 0 and set(tracker.channels["ch"].forest.members) == {seed.id, late.id}
     w.advance(JOIN_HOLD_S + 11)  # its deadline passes: it is a member now, and stays one
     assert not late.rejected and late.id in tracker.channels["ch"].forest.members
-    assert tracker.next_timer() is None
+    assert "hold" not in tracker._timers  # no held join left to time out
 
 
 def test_a_viewer_that_gives_up_waiting_is_forgotten():
@@ -203,6 +203,76 @@ def test_held_joins_are_bounded(monkeypatch):
     assert "too many viewers are waiting" in peers[2].rejected
     w.start(seed)
     assert all(p.id >= 0 for p in peers[:2])
+
+
+@pytest.mark.parametrize("outage_chunks", [10, 1000])
+def test_a_restarted_seed_is_played_on_after_the_outage(outage_chunks):
+    # The broadcaster's seed dies and comes back (same key) `outage_chunks` chunk periods
+    # later, numbering its chunks from the wall clock (`live_first_seq`). A viewer who arrives
+    # during the outage waits for it; everyone plays the new chunks and skips only the outage.
+    w, tracker, seed, peers = build(6)
+    stream(w, seed, 20)
+    w.kill(seed)
+    late = w.add("late", PeerNode(channel="ch", crypto=Crypto(), rng=random.Random(9),
+                                  tracker="tracker", address="late", upload_kbps=3000))
+    w.start(late)
+    assert late.id == NO_PEER and len(tracker.waiting["ch"]) == 1
+    w.advance(w.now + outage_chunks * CHUNK_MS / 1000)
+    # The old seed started at t = 0 with seq 0 = live_first_seq(0): the same timeline.
+    first = live_first_seq(w.now, CHUNK_MS)
+    assert 20 + outage_chunks - 1 <= first <= 20 + outage_chunks
+    seed2 = w.add("seed", SeedNode(channel="ch", key=seed.key, crypto=Crypto(), tracker="tracker",
+                                   address="seed", upload_kbps=4000, bitrate_kbps=BITRATE,
+                                   chunk_ms=CHUNK_MS, first_seq=first))
+    w.start(seed2)
+    stream(w, seed2, 30)
+    assert tracker.waiting == {} and not any(p.rejected for p in peers + [late])
+    for p in peers + [late]:  # the new seed (a new node) is everyone's last-resort source
+        assert p.seed_id == seed2.id and p.neighbours[seed2.id][1].parent == seed2.id
+    for p in peers:
+        assert played(w, p) == list(range(20)) + list(range(first, first + 30))
+    assert played(w, late) == list(range(first, first + 30))
+
+
+def test_tokens_are_renewed_for_sessions_longer_than_their_lifetime(monkeypatch):
+    monkeypatch.setattr(tracker_node, "TOKEN_LIFETIME", 20.0)  # a broadcast of three lifetimes
+    w, tracker, seed, peers = build(8, seed_kbps=8000, peer_kbps=6000)  # room for backups
+    stream(w, seed, 300)  # 60 s
+    for p in peers:
+        assert all(s.token.expires > w.now + 5 for s in p.backup if s is not None)
+        assert p.neighbours[p.seed_id][1].expires > w.now + 5  # the seed, the last resort
+    # A relay dies: its children switch to their backups, whose tokens are still good.
+    relay = max(peers, key=lambda p: p._children())
+    orphans = {(p, k): p.backup[k].ref.id for p in peers for k, s in enumerate(p.primary)
+               if s is not None and s.ref.id == relay.id and p.backup[k] is not None}
+    assert orphans
+    w.kill(relay)
+    stream(w, seed, 20)
+    for (p, k), backup in orphans.items():
+        assert p.primary[k] is not None and p.primary[k].ref.id == backup
+    for p in peers:
+        if p is not relay:
+            assert played(w, p)[-1] == seed.next_seq - 1
+
+
+def test_a_seed_that_refuses_our_token_is_not_asked_again_and_again(monkeypatch):
+    # With the tracker gone, nobody renews tokens: after their lifetime, a viewer that needs a
+    # chunk only the seed may have opens a link to it with an expired token, and is refused.
+    # It must not open another at once (that loop ran at network speed; here it would not
+    # settle).
+    monkeypatch.setattr(tracker_node, "TOKEN_LIFETIME", 20.0)
+    w, tracker, seed, peers = build(12)
+    w.kill(tracker)
+    stream(w, seed, 110)  # 22 s
+    viewer = next(p for p in peers if p._link_to(p.seed_id) is None)
+    assert viewer.neighbours[viewer.seed_id][1].expires < w.now
+    viewer._note_gap(seed.next_seq + 1, w.now)  # lost, it thinks: nobody has it, the seed last
+    w.advance(w.now + 1.0)
+    assert sum("Hello refused: token expired" in n for n in w.notices) == 1
+    assert viewer.seed_id not in viewer.neighbours  # until the tracker sends a fresh token
+    stream(w, seed, 10)
+    assert sum("Hello refused: token expired" in n for n in w.notices) == 1
+    assert played(w, viewer)[-1] == seed.next_seq - 1
 
 
 def test_trees_stay_shallow_and_relays_sit_near_the_root():

@@ -56,7 +56,7 @@ FIELDS: dict[type, tuple[st.SearchStrategy, ...]] = {
                 node_id),
     m.Assign: (substream, peer_ref, token, st.none() | peer_ref, st.none() | token, st.booleans()),
     m.Neighbours: (st.lists(peer_ref, max_size=64).map(tuple),
-                   st.lists(token, max_size=64).map(tuple)),
+                   st.lists(token, max_size=64).map(tuple), node_id),
     m.Reject: (reason,),
     m.Leave: (reason,),
     m.ParentLost: (substream, node_id, node_id),

@@ -174,3 +174,40 @@ async def test_forging_relay_is_evicted_and_nothing_forged_is_played(tmp_path: P
         found = runs(out.read_bytes(), chunks)  # any corrupt byte fails here
         assert len(found) <= p.node.skipped + 1
         assert sum(length for _, length in found) == p.player.bytes
+
+
+async def test_a_restarted_seed_carries_the_channel_on(tmp_path: Path, media) -> None:
+    """The broadcaster's seed stops and a new one starts with the same key: its viewers play
+    on from its chunks (numbered from the wall clock, so later than the old seed's) without
+    rejoining, and the tracker places them under it."""
+    source, _ = media
+    key = str(tmp_path / "key.pem")
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tracker = await tg.start(partial(run_tracker, seed=1))
+            sw = Swarm(tg, tracker, None, tmp_path)  # type: ignore[arg-type]
+            seed_kw = dict(tracker=tracker.address, channel=CHANNEL, input=str(source), key=key,
+                           realtime=True, upload_kbps=1500, bitrate_kbps=BITRATE_KBPS)
+            async with anyio.create_task_group() as first:
+                old = await first.start(partial(run_seed, **seed_kw))
+                for _ in range(4):
+                    await sw.add_peer()
+                while min(p.node.delivered for p in sw.peers) < 10:
+                    await anyio.sleep(0.05)
+                first.cancel_scope.cancel()  # its endpoint closes: every link to it drops
+            old_last = old.node.next_seq - 1
+            played_before = [p.node.delivered for p in sw.peers]
+            new = await tg.start(partial(run_seed, **seed_kw))
+            while not all(p.last_seq is not None and p.last_seq >= new.node.next_seq - 2 >= old_last + 10
+                          for p in sw.peers):
+                await anyio.sleep(0.05)
+            tg.cancel_scope.cancel()
+    report(sw.peers)
+    assert new.node.id != old.node.id and new.public_key == old.public_key
+    print(f"old seed: {old.node.chunks_sent} chunks up to seq {old_last}; new seed: "
+          f"{new.node.chunks_sent} from seq {new.node.next_seq - new.node.chunks_sent}; played "
+          f"since: {[p.node.delivered - b for p, b in zip(sw.peers, played_before)]}")
+    for p, before in zip(sw.peers, played_before):
+        assert p.node.rejected == "" and p.node.forged == 0
+        assert p.node.delivered - before >= new.node.chunks_sent - 3  # all but the first few
+        assert p.node.seed_id == new.node.id

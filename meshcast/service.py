@@ -97,8 +97,8 @@ async def run_seed(*, tracker: str, channel: str, input: str, key: str | None = 
         handle = SeedHandle(node, address, signing_key.public)
         async with anyio.create_task_group() as tg:
             await tg.start(runner.run)
-            log.info("seed for %r on %s, channel key %s (from %s)", channel, address,
-                     signing_key.public.hex(), key_path)
+            log.info("seed for %r on %s, channel key %s (from %s), chunks numbered from %d",
+                     channel, address, signing_key.public.hex(), key_path, node.next_seq)
             async with open_source(input, chunk_ms=chunk_ms, realtime=realtime) as source:
                 task_status.started(handle)
                 async for chunk in source:

@@ -11,6 +11,7 @@ descendants among them — play to the end, and the stall the kill caused is pri
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -105,7 +106,6 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     tmp = tmp_path_factory.mktemp("live_e2e")
     source = synthetic_ts(tmp / "input.ts", SECONDS)
     chunks = Chunks(source.read_bytes())
-    last_seq = len(chunks.starts) - 1
     ps = Processes(tmp)
     peers = [f"peer{i}" for i in range(PEERS)]
     stats = [tmp / f"{p}.jsonl" for p in peers]
@@ -120,6 +120,10 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
                  "--bitrate-kbps", BITRATE_KBPS)
         ps.wait_for("the seed's key", lambda: len(ps.text("seed", "out").strip()) == 64, 15,
                     ["tracker", "seed"])
+        # Its chunks are numbered from the wall clock (a restarted seed carries on): from here.
+        first = re.search(r"chunks numbered from (\d+)", ps.text("seed"))
+        assert first, ps.text("seed")
+        last_seq = int(first.group(1)) + len(chunks.starts) - 1
         for i, (p, s) in enumerate(zip(peers, stats)):
             extra = ["--playout-delay", "1.5"] if i == 0 else []  # a viewer's own margin
             ps.spawn(p, "peer", "--tracker", tracker, "--channel", CHANNEL,

@@ -7,6 +7,8 @@ and `--ops` viewers leave abruptly (their link closes), timed. Prints µs per jo
 departure (the orphans' re-placement included), median of `--runs` runs; then viewers who
 upload nothing join until the channel is full, and `--ops` more are refused, timed. Most of a
 join is signing its tokens: a parent and a backup per sub-stream, and the seed's for pulls.
+Also timed: renewing one member's tokens (what the tracker's sweeps do for every member every
+`TOKEN_LIFETIME` / 2), and the share of a core that takes for the whole channel.
 
     python bench/tracker_churn.py [--sizes 1000,10000,100000] [--ops 2000] [--runs 3]
 """
@@ -20,7 +22,7 @@ import time
 
 from meshcast import messages as m
 from meshcast.crypto import Crypto, SigningKey
-from tracker.node import TrackerNode
+from tracker.node import TOKEN_LIFETIME, TrackerNode
 
 CHANNEL = "bench"
 BITRATE = 2000
@@ -66,7 +68,7 @@ class Driver:
         self.tracker.drain()
 
 
-def one_run(size: int, ops: int, rng_seed: int) -> tuple[float, float, float]:
+def one_run(size: int, ops: int, rng_seed: int) -> tuple[float, float, float, float]:
     d = Driver(rng_seed)
     for i in range(size):
         d.join(now=i * 1e-3)
@@ -82,6 +84,14 @@ def one_run(size: int, ops: int, rng_seed: int) -> tuple[float, float, float]:
     leave_us = (time.perf_counter() - t) / ops * 1e6
     assert d.tracker.rejections == 0, "the channel ran out of slots: not what this measures"
     now += ops * 1e-3
+    tracker = d.tracker
+    ch = tracker.channels[CHANNEL]
+    members = [mm for mm in ch.forest.members.values() if not mm.is_seed][:ops]
+    t = time.perf_counter()
+    for mm in members:
+        tracker._renew_member(ch, mm, now)
+        tracker.drain()
+    renew_us = (time.perf_counter() - t) / len(members) * 1e6
     while d.tracker.rejections == 0:  # viewers who upload nothing, until one is refused
         d.join(now=now, upload=0)
     t = time.perf_counter()
@@ -89,7 +99,7 @@ def one_run(size: int, ops: int, rng_seed: int) -> tuple[float, float, float]:
         d.join(now=now + i * 1e-3, upload=0)
     refused_us = (time.perf_counter() - t) / ops * 1e6
     assert d.tracker.rejections == ops + 1
-    return join_us, leave_us, refused_us
+    return join_us, leave_us, refused_us, renew_us
 
 
 def main() -> None:
@@ -100,14 +110,16 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
     print(f"{'viewers':>9} {'join (µs)':>10} {'departure (µs)':>15} {'departures/s':>13} "
-          f"{'refused join (µs)':>18}")
+          f"{'refused join (µs)':>18} {'renewal (µs)':>13} {'renewal CPU':>12}")
     for size in (int(s) for s in args.sizes.split(",")):
         runs = [one_run(size, args.ops, seed) for seed in range(1, args.runs + 1)]
         join = statistics.median(r[0] for r in runs)
         leave = statistics.median(r[1] for r in runs)
         refused = statistics.median(r[2] for r in runs)
-        print(f"{size:>9,} {join:>10.0f} {leave:>15.0f} {1e6 / leave:>13,.0f} {refused:>18.0f}",
-              flush=True)
+        renew = statistics.median(r[3] for r in runs)
+        share = size * renew * 1e-6 / (TOKEN_LIFETIME / 2)  # a sweep per half lifetime
+        print(f"{size:>9,} {join:>10.0f} {leave:>15.0f} {1e6 / leave:>13,.0f} {refused:>18.0f} "
+              f"{renew:>13.0f} {share:>11.1%}", flush=True)
 
 
 if __name__ == "__main__":

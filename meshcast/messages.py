@@ -124,11 +124,13 @@ class Welcome:
 
 @dataclass(frozen=True, slots=True)
 class Assign:
-    """Use `parent` for sub-stream `substream`, with `backup` ready if it fails."""
+    """Use `parent` for sub-stream `substream`, with `backup` ready if it fails. Without a
+    parent `token`, a renewal: the parent is unchanged (a subscribed child no longer needs its
+    token), take the fresh backup token; one naming another parent than ours is stale."""
 
     substream: int
     parent: PeerRef
-    token: Token
+    token: Token | None
     backup: PeerRef | None = None
     backup_token: Token | None = None
     relays: bool = False

@@ -117,7 +117,7 @@ SCHEMA: dict[type, tuple[int, tuple[Check, ...]]] = {
     m.Join: (2, (CHANNEL, ADDRESS, KBPS, array(number(-1e6, 1e6), 8))),
     m.Welcome: (3, (NODE_ID, CHANNEL, KEY, KEY, integer(1, m.MAX_SUBSTREAMS),
                     integer(10, 10_000), KBPS, text(8), NODE_ID)),
-    m.Assign: (4, (SUBSTREAM, nested(m.PeerRef), nested(m.Token), optional(nested(m.PeerRef)),
+    m.Assign: (4, (SUBSTREAM, nested(m.PeerRef), optional(nested(m.Token)), optional(nested(m.PeerRef)),
                    optional(nested(m.Token)), boolean)),
     m.Neighbours: (5, (array(nested(m.PeerRef), 64), array(nested(m.Token), 64), NODE_ID)),
     m.Reject: (6, (REASON,)),

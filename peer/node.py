@@ -75,7 +75,7 @@ class Slot:
 
     __slots__ = ("ref", "token")
 
-    def __init__(self, ref: m.PeerRef, token: m.Token) -> None:
+    def __init__(self, ref: m.PeerRef, token: m.Token | None) -> None:
         self.ref = ref
         self.token: m.Token | None = token
 
@@ -330,10 +330,13 @@ class PeerNode(RelayNode):
         if k >= self.substreams:
             raise RemoteProtocolError(f"Assign for sub-stream {k} of {self.substreams}")
         old = self.primary[k]
+        same = old is not None and old.ref.id == msg.parent.id
+        if msg.token is None and not same:
+            return  # a renewal for a parent we have left (our ParentLost is on its way)
         self.relays = self.relays | 1 << k if msg.relays else self.relays & ~(1 << k)
         self.backup[k] = Slot(msg.backup, msg.backup_token) if msg.backup and msg.backup_token else None
-        if old is not None and old.ref.id == msg.parent.id:
-            if old.token is not None:  # not subscribed yet: use the fresher token
+        if same:
+            if old.token is not None and msg.token is not None:  # not subscribed yet: fresher
                 old.token = msg.token
             return
         old_link = self._link_to(old.ref.id) if old is not None else None

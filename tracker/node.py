@@ -345,9 +345,11 @@ class TrackerNode(NodeBase):
         self._send_assign(ch, member, k, parent, backup, now)
 
     def _send_assign(self, ch: Channel, member: Member, k: int, parent: Member,
-                     backup: Member | None, now: float) -> None:
+                     backup: Member | None, now: float, renewal: bool = False) -> None:
+        """`renewal`: no parent token (the member subscribed long ago and dropped it)."""
         expires = now + TOKEN_LIFETIME
-        msg = m.Assign(k, parent.ref, self._token(ch, member, parent, k, expires),
+        msg = m.Assign(k, parent.ref,
+                       None if renewal else self._token(ch, member, parent, k, expires),
                        backup.ref if backup else None,
                        self._token(ch, member, backup, k, expires) if backup else None,
                        member.relays(k))
@@ -483,12 +485,13 @@ class TrackerNode(NodeBase):
             self._set_timer("renew", wake)
 
     def _renew_member(self, ch: Channel, member: Member, now: float) -> None:
-        """Fresh tokens for `member`'s parents and backups (unchanged) and its neighbours."""
+        """Fresh tokens for `member`'s backups (unchanged, as its parents) and neighbours."""
         members = ch.forest.members
         for k in range(ch.substreams):
             parent = members.get(member.parent[k])
             if parent is not None:
-                self._send_assign(ch, member, k, parent, members.get(member.backup[k]), now)
+                self._send_assign(ch, member, k, parent, members.get(member.backup[k]), now,
+                                  renewal=True)
         self._send_neighbours(ch, member, now,
                               peers=[members[i] for i in member.neighbours if i in members])
 

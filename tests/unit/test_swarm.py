@@ -8,7 +8,7 @@ import random
 import pytest
 
 from meshcast import effects as fx
-from meshcast.messages import NO_PEER, Detach, Reject, Subscribe, Token, Unsubscribe
+from meshcast.messages import NO_PEER, Assign, Detach, PeerRef, Reject, Subscribe, Token, Unsubscribe
 from meshcast.crypto import Crypto, SigningKey
 from meshcast.policy import HEADROOM, STRETCH_HEADROOM, child_slots
 from peer.node import LATE_SLACK, PeerNode
@@ -253,6 +253,25 @@ def test_tokens_are_renewed_for_sessions_longer_than_their_lifetime(monkeypatch)
     for p in peers:
         if p is not relay:
             assert played(w, p)[-1] == seed.next_seq - 1
+
+
+def test_a_renewal_naming_a_parent_we_have_left_is_ignored():
+    # The tracker renews tokens (an Assign without a parent token) while our ParentLost is on
+    # its way: that Assign names the parent we left. It must change nothing (nor be an error).
+    w, tracker, seed, peers = build(8, seed_kbps=8000, peer_kbps=6000)
+    stream(w, seed, 10)
+    p, k = next((p, k) for p in peers for k in range(4) if p.backup[k] is not None)
+    primary, backup = p.primary[k], p.backup[k]
+    p.drain()
+    p.handle(p.tracker_link, Assign(k, PeerRef(999, "gone"), None, backup.ref, backup.token),
+             now=w.now)
+    assert (p.primary[k], p.backup[k]) == (primary, backup) and p.tracker_link is not None
+    assert p.drain() == []
+    # One naming our parent takes the fresh backup token and leaves the subscription be.
+    fresh = Token(p.id, backup.ref.id, "ch", k, w.now + 1, b"\0" * 64)
+    p.handle(p.tracker_link, Assign(k, primary.ref, None, backup.ref, fresh, bool(p.relays >> k & 1)),
+             now=w.now)
+    assert p.primary[k] is primary and p.backup[k].token == fresh and p.drain() == []
 
 
 def test_a_seed_that_refuses_our_token_is_not_asked_again_and_again(monkeypatch):

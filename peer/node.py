@@ -335,7 +335,7 @@ class PeerNode(RelayNode):
             return  # a renewal for a parent we have left (our ParentLost is on its way)
         self.relays = self.relays | 1 << k if msg.relays else self.relays & ~(1 << k)
         self.backup[k] = Slot(msg.backup, msg.backup_token) if msg.backup and msg.backup_token else None
-        if same:
+        if old is not None and same:
             if old.token is not None and msg.token is not None:  # not subscribed yet: fresher
                 old.token = msg.token
             return

@@ -59,6 +59,11 @@ The price, in a steady 10k audience: ~1.5 % of chunks are pulled though merely l
 latency rises ~9 % (889 → 971 ms over 30 s); 0.3 s of slack, or an envelope of the path's
 lag instead of its last value, cost as much and repaired less."""
 
+REJOIN_S: Final = 2.0
+"""After losing the tracker, a viewer (still playing from its trees) tries it again after about
+this long, doubling up to `REJOIN_MAX_S`, jittered: a restarted tracker is not hit by every
+viewer at once."""
+REJOIN_MAX_S: Final = 30.0
 PULL_WINDOW: Final = 4
 """Pulls in flight per source in tree mode."""
 REQUEST_TIMEOUT: Final = 1.0
@@ -94,7 +99,7 @@ class Rx:
 class PeerNode(RelayNode):
     """A viewer peer (and relay)."""
 
-    __slots__ = ("rng", "tracker", "address", "coords", "pinned_key", "playout_delay",
+    __slots__ = ("rng", "tracker", "address", "coords", "pinned_key", "playout_delay", "_rejoin_delay",
                  "rejected", "leaving", "joined_at", "primary", "backup", "relays",
                  "last_rx", "newest_in", "opening", "neighbours", "seed_id",
                  "blocked", "rx", "receiving", "gaps", "requested", "_from_seed", "_start_rap",
@@ -116,6 +121,7 @@ class PeerNode(RelayNode):
         self.playout_delay = playout_delay
         self.rejected = ""
         self.leaving = False
+        self._rejoin_delay = REJOIN_S
         self.joined_at: float | None = None
         self.primary: list[Slot | None] = []
         self.backup: list[Slot | None] = []
@@ -168,9 +174,14 @@ class PeerNode(RelayNode):
         """Out of the swarm (leaving, or refused by the tracker): close every link and forget
         every parent, so that no link still opening subscribes to one (`link_opened`); and stop
         every timer (a refused viewer's stall checks woke it every 1.8 s for nothing)."""
+        self._clear_timers()
+        self._drop_swarm(reason, now)
+
+    def _drop_swarm(self, reason: str, now: float) -> None:
+        """Forget every parent and close every link (so that no link still opening subscribes
+        to one, and nothing reports a lost parent)."""
         self.primary = [None] * len(self.primary)
         self.backup = [None] * len(self.backup)
-        self._clear_timers()
         for link in list(self.conns):
             self._close(link, reason, now)
 
@@ -186,6 +197,13 @@ class PeerNode(RelayNode):
             self._close(link, "leaving" if self.leaving else "rejected by the tracker", now)
             return
         if ref == TRACKER:
+            if self.id != m.NO_PEER:
+                # Back after losing the tracker (restarted, perhaps with a new key and new ids):
+                # start over in its trees. Playback and the chunks kept go on.
+                del self.conns[link]
+                self._drop_swarm("rejoining the tracker", now)
+                self.conns[link] = conn
+                self.neighbours, self.opening, self.blocked = {}, {}, {}
             self.tracker_link = link
             self._out.append(Send(link, m.Join(self.channel, self.address, self.upload_kbps,
                                                self.coords)))
@@ -207,6 +225,9 @@ class PeerNode(RelayNode):
 
     def open_failed(self, ref: Any, *, now: float, reason: str = "") -> None:
         if ref == TRACKER:
+            if self.id != m.NO_PEER and not self.leaving:  # a rejoin: keep trying
+                self._rejoin_later(now)
+                return
             self.rejected = f"tracker unreachable: {reason}"
             self._out.append(Notice(self.rejected))
             return
@@ -226,7 +247,8 @@ class PeerNode(RelayNode):
         if conn.link == self.tracker_link:
             self.tracker_link = None
             if not self.rejected:
-                self._out.append(Notice(f"lost the tracker ({reason}); still playing"))
+                self._out.append(Notice(f"lost the tracker ({reason}); still playing, rejoining"))
+                self._rejoin_later(now, first=True)
             return
         ours = conn.ours
         if ours and conn.node_id == self.seed_id:
@@ -311,7 +333,15 @@ class PeerNode(RelayNode):
             self._out.append(Notice(self.rejected))
             self._close(self.tracker_link, "channel key mismatch", now)  # type: ignore[arg-type]
             return
+        rejoined = self.id != m.NO_PEER and (
+            msg.channel, msg.public_key, msg.substreams, msg.chunk_ms, msg.bitrate_kbps, msg.mode
+        ) == (self.channel, self.public_key, self.substreams, self.chunk_ms, self.bitrate_kbps,
+              self.mode)
         self.id, self.seed_id = msg.node_id, msg.seed_id
+        if rejoined:  # the same stream from a restarted tracker: keep the chunks, go on playing
+            self.tracker_key = msg.tracker_key
+            self.relays = 0
+            return
         self._configure(msg.channel, msg.public_key, msg.tracker_key, msg.substreams, msg.chunk_ms,
                         msg.bitrate_kbps, msg.mode)
         k = msg.substreams
@@ -798,8 +828,18 @@ class PeerNode(RelayNode):
 
     # -- timers --------------------------------------------------------------------------------
 
+    def _rejoin_later(self, now: float, first: bool = False) -> None:
+        """Try the tracker again: `REJOIN_S` after losing it, doubling per failed try up to
+        `REJOIN_MAX_S`, each ±50 % at random."""
+        delay = REJOIN_S if first else min(REJOIN_MAX_S, 2 * self._rejoin_delay)
+        self._rejoin_delay = delay
+        self._set_timer("rejoin", now + delay * self.rng.uniform(0.5, 1.5))
+
     def _on_timer(self, key: Any, now: float) -> None:
-        if key == "start":
+        if key == "rejoin":
+            if self.tracker_link is None and not self.rejected and not self.leaving:
+                self._out.append(Open(self.tracker, TRACKER))
+        elif key == "start":
             self._try_start(now)
             self._release(now)
         elif key == "play":

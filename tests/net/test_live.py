@@ -211,3 +211,39 @@ async def test_a_restarted_seed_carries_the_channel_on(tmp_path: Path, media) ->
         assert p.node.rejected == "" and p.node.forged == 0
         assert p.node.delivered - before >= new.node.chunks_sent - 3  # all but the first few
         assert p.node.seed_id == new.node.id
+
+
+async def test_viewers_play_through_a_tracker_restart(tmp_path: Path, media) -> None:
+    """The tracker process stops and a new one (a new key) starts on the same address: the
+    trees carry the stream meanwhile, then the seed and every viewer come back to the new
+    tracker and are placed in its trees, without a viewer ever stopping."""
+    source, _ = media
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            async with anyio.create_task_group() as first:
+                old = await first.start(partial(run_tracker, seed=1))
+                sw = Swarm(tg, old, None, tmp_path)  # type: ignore[arg-type]
+                sw.seed = await tg.start(partial(
+                    run_seed, tracker=old.address, channel=CHANNEL, input=str(source),
+                    key=str(tmp_path / "key.pem"), realtime=True, upload_kbps=1500,
+                    bitrate_kbps=BITRATE_KBPS))
+                for _ in range(4):
+                    await sw.add_peer()
+                while min(p.node.delivered for p in sw.peers) < 5:
+                    await anyio.sleep(0.05)
+                first.cancel_scope.cancel()  # the tracker's endpoint closes: its links drop
+            new = await tg.start(partial(run_tracker, old.address, seed=2))
+            key = new.node.key.public
+            while not (sw.seed.node.tracker_key == key
+                       and all(p.node.tracker_key == key and p.node.id in
+                               new.node.channels[CHANNEL].forest.members for p in sw.peers)):
+                await anyio.sleep(0.05)
+            rejoined = [p.node.delivered for p in sw.peers]
+            last = await sw.played_to_the_end(sw.peers)
+            tg.cancel_scope.cancel()
+    report(sw.peers)
+    assert key != old.node.key.public
+    for p, at_rejoin in zip(sw.peers, rejoined):
+        assert p.node.rejected == "" and p.last_seq == last
+        assert p.node.delivered > at_rejoin  # played on under the new tracker
+        assert p.max_stall < 3.0  # never stopped for long: the trees carried the stream

@@ -294,6 +294,55 @@ def test_a_seed_that_refuses_our_token_is_not_asked_again_and_again(monkeypatch)
     assert played(w, viewer)[-1] == seed.next_seq - 1
 
 
+def test_viewers_play_through_a_tracker_restart_and_rejoin_it(monkeypatch):
+    # The tracker dies; the trees it built go on carrying the stream. A new tracker (a new key,
+    # ids from 1 again) comes up at the same address: the seed announces the channel again,
+    # every viewer rejoins it and is placed anew, and it renews their tokens from then on.
+    monkeypatch.setattr(tracker_node, "TOKEN_LIFETIME", 20.0)
+    w, tracker, seed, peers = build(8, seed_kbps=8000, peer_kbps=6000)
+    stream(w, seed, 20)
+    w.kill(tracker)
+    assert sum("still playing, rejoining" in n for n in w.notices) == len(peers)
+    stream(w, seed, 10)  # 2 s without a tracker
+    assert all(played(w, p)[-1] == seed.next_seq - 1 for p in peers)
+    new = w.add("tracker", TrackerNode(key=SigningKey(), crypto=Crypto(), rng=random.Random(5)))
+    stream(w, seed, 100)  # 20 s: the seed and every viewer come back (jittered back-off)
+    forest = new.channels["ch"].forest
+    assert seed.id in forest.members and seed.tracker_key == new.key.public
+    for p in peers:
+        assert not p.rejected and p.id in forest.members and -1 not in forest.members[p.id].depth
+        assert p.tracker_key == new.key.public and p.seed_id == seed.id
+        assert played(w, p)[-1] == seed.next_seq - 1
+        assert p.skipped <= 10  # the moment of the rejoin, at most
+    # The new tracker repairs the trees: a relay dies, its children go on.
+    stream(w, seed, 150)  # past a token lifetime under the new tracker
+    relay = max(peers, key=lambda p: p._children())
+    w.kill(relay)
+    stream(w, seed, 20)
+    for p in peers:
+        if p is not relay:
+            assert played(w, p)[-1] == seed.next_seq - 1
+
+
+def test_a_viewer_tries_a_vanished_tracker_less_and_less_often():
+    w, tracker, seed, peers = build(2)
+    w.kill(tracker)
+    p = peers[0]
+    tries = [w.now]
+    for _ in range(8):
+        due = p.next_timer()
+        while due is not None and "rejoin" not in p._timers:
+            w.advance(due)
+            due = p.next_timer()
+        at = p._timers["rejoin"]
+        w.advance(at)
+        tries.append(at)
+    gaps = [b - a for a, b in zip(tries, tries[1:])]
+    assert not p.rejected  # still playing what it can; the CLI does not exit
+    assert 1 <= gaps[0] <= 3 and 2 <= gaps[1] <= 6, gaps  # 2 s at first, then doubling ...
+    assert all(15 <= g <= 45 for g in gaps[-2:]), gaps  # ... up to 30 s (each ±50 %)
+
+
 def test_trees_stay_shallow_and_relays_sit_near_the_root():
     w, tracker, seed, peers = build(60, seed_kbps=8000, peer_kbps=3000)
     forest = tracker.channels["ch"].forest

@@ -174,14 +174,9 @@ class PeerNode(RelayNode):
         """Out of the swarm (leaving, or refused by the tracker): close every link and forget
         every parent, so that no link still opening subscribes to one (`link_opened`); and stop
         every timer (a refused viewer's stall checks woke it every 1.8 s for nothing)."""
-        self._clear_timers()
-        self._drop_swarm(reason, now)
-
-    def _drop_swarm(self, reason: str, now: float) -> None:
-        """Forget every parent and close every link (so that no link still opening subscribes
-        to one, and nothing reports a lost parent)."""
         self.primary = [None] * len(self.primary)
         self.backup = [None] * len(self.backup)
+        self._clear_timers()
         for link in list(self.conns):
             self._close(link, reason, now)
 
@@ -197,13 +192,8 @@ class PeerNode(RelayNode):
             self._close(link, "leaving" if self.leaving else "rejected by the tracker", now)
             return
         if ref == TRACKER:
-            if self.id != m.NO_PEER:
-                # Back after losing the tracker (restarted, perhaps with a new key and new ids):
-                # start over in its trees. Playback and the chunks kept go on.
-                del self.conns[link]
-                self._drop_swarm("rejoining the tracker", now)
-                self.conns[link] = conn
-                self.neighbours, self.opening, self.blocked = {}, {}, {}
+            # (Also back after losing the tracker: we keep our links and subscriptions, and the
+            # tracker's Assigns move us from the old trees into its own, as any move does.)
             self.tracker_link = link
             self._out.append(Send(link, m.Join(self.channel, self.address, self.upload_kbps,
                                                self.coords)))
@@ -338,9 +328,8 @@ class PeerNode(RelayNode):
         ) == (self.channel, self.public_key, self.substreams, self.chunk_ms, self.bitrate_kbps,
               self.mode)
         self.id, self.seed_id = msg.node_id, msg.seed_id
-        if rejoined:  # the same stream from a restarted tracker: keep the chunks, go on playing
+        if rejoined:  # the same stream from a (restarted) tracker: keep everything, go on playing
             self.tracker_key = msg.tracker_key
-            self.relays = 0
             return
         self._configure(msg.channel, msg.public_key, msg.tracker_key, msg.substreams, msg.chunk_ms,
                         msg.bitrate_kbps, msg.mode)

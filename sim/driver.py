@@ -175,10 +175,9 @@ class Simulation:
     def _run(self) -> RunResult:
         sc = self.scenario
         wall = time.perf_counter()
-        self.nodes[TRACKER] = TrackerNode(key=SimKey(0), crypto=self.crypto,
-                                          rng=random.Random(self.rng.random()),
-                                          strategy=sc.run.strategy)
-        self.alive[TRACKER] = 1
+        self._start_tracker(SimKey(0))
+        if sc.tracker.restart_at_s > 0:
+            self.sched.at(sc.tracker.restart_at_s, self._tracker_down)
         for c in range(self.channels):
             index = 1 + c
             seed = SeedNode(channel=self._channel(c), key=SimKey(index), crypto=self.crypto,
@@ -198,6 +197,26 @@ class Simulation:
             if node is not None and self.alive[spec.id] and node.id >= 0:
                 self.metrics.depth(spec.id, tracker.depth_of(node.channel, node.id))
         return RunResult(self.metrics, events, time.perf_counter() - wall, len(self.specs), tracker)
+
+    def _start_tracker(self, key: SimKey) -> None:
+        self.nodes[TRACKER] = TrackerNode(key=key, crypto=self.crypto,
+                                          rng=random.Random(self.rng.random()),
+                                          strategy=self.scenario.run.strategy)
+        self.alive[TRACKER] = 1
+
+    def _tracker_down(self) -> None:
+        """The tracker process stops (a restart): its links close, each end told after one
+        one-way delay; a new tracker answers at the same address `down_s` later."""
+        self.alive[TRACKER] = 0
+        self.nodes[TRACKER].drain()
+        self.timer_at[TRACKER] = math.inf
+        owner, now = self.owner, self.sched.now
+        for link in self._links_of(TRACKER):
+            owner[link] = -1
+            if owner[link ^ 1] >= 0:
+                self.sched.at(now + self.delay[link], self._closed_cb, link ^ 1, "tracker restarting")
+        self.first_link[TRACKER] = -1
+        self.sched.after(self.scenario.tracker.down_s, self._start_tracker, SimKey(self.n))
 
     def _go_live(self, index: int) -> None:
         seed: SeedNode = self.nodes[index]

@@ -18,6 +18,7 @@ The tables (see the dataclasses below for keys and defaults)::
     [[peers.upload]] share, kbps          (capacity classes; shares sum to 1)
     [network]  model = "coordinates" | "matrix" | "ripe", loss, chunk_drop  (+ model params)
     [channels] count, zipf_s
+    [tracker]  restart_at_s, down_s       (a tracker restart: 0 = none)
     [run]      seed, strategy
 """
 
@@ -40,6 +41,7 @@ __all__ = [
     "PeersConfig",
     "NetworkConfig",
     "ChannelsConfig",
+    "TrackerConfig",
     "RunConfig",
     "Scenario",
     "parse_scenario",
@@ -202,6 +204,15 @@ class NetworkConfig(_Tagged):
 
 
 @dataclass(frozen=True)
+class TrackerConfig:
+    restart_at_s: float = _opt(0.0, NON_NEGATIVE)
+    """When the tracker process restarts (0: never). It closes its links; a new tracker, with a
+    new key and nothing of the old one's state, starts `down_s` later at the same address. The
+    seeds and viewers find it again by themselves."""
+    down_s: float = _opt(5.0, POSITIVE)
+
+
+@dataclass(frozen=True)
 class ChannelsConfig:
     count: int = _opt(1, POSITIVE_INT)
     zipf_s: float = _opt(1.0, NON_NEGATIVE)
@@ -223,6 +234,7 @@ class Scenario:
     peers: PeersConfig = field(default_factory=PeersConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     channels: ChannelsConfig = field(default_factory=ChannelsConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 

@@ -85,7 +85,10 @@ class TrackerNode(NodeBase):
         self.strategy: TreePlacement = make_strategy(strategy, rng)
         self.channels: dict[str, Channel] = {}
         self.links: dict[Link, tuple[Channel, Member] | None] = {}
-        self._next_id = 1
+        self._next_id = 1 + (int.from_bytes(key.public[-3:], "big") << 20)
+        """Ids start from where this tracker's key says: a restarted tracker (a new key) gives
+        out ids its predecessor did not, so a viewer that rejoins it keeps its links to the old
+        trees (named by old ids) while it is placed in the new ones."""
         self.evictions = 0
         self.rejections = 0
         self._joining: Member | None = None

@@ -3,7 +3,8 @@ the pure build's, digit for digit.
 
 mypyc type-checks what it compiles, so code that runs fine in Python can stop the build (a
 narrowing mypy cannot follow); and a compiled module could round or order differently. Skipped,
-saying why, where mypyc or a C compiler is missing (the test extras install mypy).
+saying why, where mypyc, a C compiler or Python's headers are missing (the test extras install
+mypy, `.ci/setup` the rest).
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ REPO = Path(__file__).resolve().parents[2]
 HAVE_MYPYC = subprocess.run([sys.executable, "-c", "import mypyc"], capture_output=True).returncode == 0
 HAVE_CC = shutil.which(sysconfig.get_config_var("CC").split()[0] if sysconfig.get_config_var("CC")
                        else "cc") is not None
+HAVE_HEADERS = (Path(sysconfig.get_paths()["include"]) / "Python.h").exists()
 
-pytestmark = pytest.mark.skipif(not (HAVE_MYPYC and HAVE_CC),
-                                reason="the compiled build needs mypyc (pip install mypy) and a C compiler")
+pytestmark = pytest.mark.skipif(
+    not (HAVE_MYPYC and HAVE_CC and HAVE_HEADERS),
+    reason="the compiled build needs mypyc (pip install mypy), a C compiler and Python's headers "
+           "(apt-get install gcc python3-dev; .ci/setup installs them)")
 
 RUN = """
 import json, sys

@@ -79,24 +79,24 @@ def _non_negative_int(text: str) -> int:
     return 0 if text.strip() == "0" else _positive_int(text)
 
 
-def _positive_float(text: str) -> float:
+def _float(text: str, *, zero: bool) -> float:
+    """A finite number above 0 (or at least 0, with `zero`), for argparse."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    if not (value >= 0 if zero else value > 0) or math.isinf(value):
+        raise argparse.ArgumentTypeError(
+            f"must be {'0 or ' if zero else ''}a positive number, got {text}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    return _float(text, zero=False)
 
 
 def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive number, got {text}")
-    return value
+    return _float(text, zero=True)
 
 
 def _channel_key(text: str) -> bytes:

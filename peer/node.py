@@ -121,7 +121,8 @@ class PeerNode(RelayNode):
         self.playout_delay = playout_delay
         self.rejected = ""
         self.leaving = False
-        self._rejoin_delay = REJOIN_S
+        self._rejoin_delay = 0.0
+        """The wait before the last try of the tracker since we lost it (0: never lost it)."""
         self.joined_at: float | None = None
         self.primary: list[Slot | None] = []
         self.backup: list[Slot | None] = []
@@ -215,7 +216,7 @@ class PeerNode(RelayNode):
 
     def open_failed(self, ref: Any, *, now: float, reason: str = "") -> None:
         if ref == TRACKER:
-            if self.id != m.NO_PEER and not self.leaving:  # a rejoin: keep trying
+            if self._rejoin_delay > 0 and not self.leaving:  # a rejoin: keep trying
                 self._rejoin_later(now)
                 return
             self.rejected = f"tracker unreachable: {reason}"

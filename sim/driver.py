@@ -207,15 +207,7 @@ class Simulation:
     def _tracker_down(self) -> None:
         """The tracker process stops (a restart): its links close, each end told after one
         one-way delay; a new tracker answers at the same address `down_s` later."""
-        self.alive[TRACKER] = 0
-        self.nodes[TRACKER].drain()
-        self.timer_at[TRACKER] = math.inf
-        owner, now = self.owner, self.sched.now
-        for link in self._links_of(TRACKER):
-            owner[link] = -1
-            if owner[link ^ 1] >= 0:
-                self.sched.at(now + self.delay[link], self._closed_cb, link ^ 1, "tracker restarting")
-        self.first_link[TRACKER] = -1
+        self._stop(TRACKER, "tracker restarting", killed=False)
         self.sched.after(self.scenario.tracker.down_s, self._start_tracker, SimKey(self.n))
 
     def _go_live(self, index: int) -> None:
@@ -256,14 +248,22 @@ class Simulation:
             self._call(i, lambda now: node.leave(now=now))
             self.alive[i] = 0
             return
-        # kill -9: nothing is sent; every remote end notices only at its idle time-out.
+        self._stop(i, "idle timeout", killed=True)
+
+    def _stop(self, i: int, reason: str, *, killed: bool) -> None:
+        """Node i's process ends and sends nothing more. Each remote end of its links learns so
+        at its idle time-out if it was killed (kill -9), else one one-way delay later (the
+        process closed its connections on the way out). Its index is free for a new node."""
         self.alive[i] = 0
-        node.drain()
+        self.nodes[i].drain()
+        self.timer_at[i] = math.inf
         owner = self.owner
         for link in self._links_of(i):
             owner[link] = -1
             if owner[link ^ 1] >= 0:
-                self.sched.after(IDLE_TIMEOUT, self._closed_cb, link ^ 1, "idle timeout")
+                delay = IDLE_TIMEOUT if killed else self.delay[link]
+                self.sched.after(delay, self._closed_cb, link ^ 1, reason)
+        self.first_link[i] = -1
 
     def _links_of(self, i: int) -> list[int]:
         """Node i's open links, in the order they were registered."""

@@ -469,7 +469,8 @@ class TrackerNode(NodeBase):
         a slice every `TOKEN_LIFETIME` / 1200 (0.5 s), so no token a member holds is older than
         3/4 of its lifetime: its backup's and its seed's stay good however long its session.
         Small slices keep the tracker responsive: each token is an Ed25519 signature (~30 µs),
-        ~9 per member, so 100k members take ~90 ms a slice."""
+        5 per member (backups and seed: `_renew_member`), so 100k members take ~50 ms a slice
+        (bench/tracker_churn.py: 145 µs a member)."""
         tick = TOKEN_LIFETIME / 1200
         wake = math.inf
         for ch in self.channels.values():

@@ -326,6 +326,22 @@ def test_viewers_play_through_a_tracker_restart_and_rejoin_it(monkeypatch):
             assert played(w, p)[-1] == seed.next_seq - 1
 
 
+def test_a_viewer_waiting_for_the_broadcast_outlasts_a_tracker_restart():
+    # Held (the channel is not live) when the tracker goes: its first tries fail, it is not
+    # refused for that ("tracker unreachable" is for a first contact), and it is placed once
+    # the new tracker is up and the seed announces the channel.
+    w, tracker, seed, peers = build(2, seed_first=False)
+    w.kill(tracker)
+    w.advance(w.now + 10)
+    assert not any(p.rejected for p in peers)
+    new = w.add("tracker", TrackerNode(key=SigningKey(), crypto=Crypto(), rng=random.Random(5)))
+    w.advance(w.now + 60)  # every viewer's next try, backed off to at most 45 s
+    assert len(new.waiting["ch"]) == 2
+    w.start(seed)
+    stream(w, seed, 10)
+    assert all(played(w, p) == list(range(10)) for p in peers)
+
+
 def test_a_viewer_tries_a_vanished_tracker_less_and_less_often():
     w, tracker, seed, peers = build(2)
     w.kill(tracker)

@@ -29,6 +29,7 @@ import anyio.abc
 
 from meshcast.errors import MeshcastError
 from meshcast.messages import NO_PEER
+from meshcast.net.admission import PER_IP_BURST, PER_IP_RATE
 from meshcast.net.quic import ConnectError
 from meshcast.policy import HEADROOM, child_slots
 from meshcast.runtime import parse_address
@@ -177,7 +178,8 @@ async def _tracker(args: argparse.Namespace) -> int:
     _check_stats_path(args.stats)
     async with anyio.create_task_group() as tg:
         handle: TrackerHandle = await tg.start(partial(run_tracker, args.listen,
-                                                       strategy=args.strategy, hold_s=args.hold))
+                                                       strategy=args.strategy, hold_s=args.hold,
+                                                       per_ip=_per_ip(args)))
         if args.stats:
             tg.start_soon(_write_stats, handle.node.stats, args.stats)
     return 0
@@ -210,7 +212,7 @@ async def _seed(args: argparse.Namespace) -> int:
         handle: SeedHandle = await tg.start(partial(
             run_seed, tracker=args.tracker, channel=args.channel, input=args.input, key=args.key,
             listen=args.listen, upload_kbps=args.upload_kbps, bitrate_kbps=args.bitrate_kbps,
-            chunk_ms=args.chunk_ms, realtime=args.realtime))
+            chunk_ms=args.chunk_ms, realtime=args.realtime, per_ip=_per_ip(args)))
         # The key alone on stdout, so a script can capture it; the hint goes to the log.
         print(handle.public_key.hex(), flush=True)
         log.info("viewers pin it with: meshcast peer --tracker %s --channel %s --channel-key %s",
@@ -281,7 +283,8 @@ async def _peer(args: argparse.Namespace) -> int:
         handle: PeerHandle = await tg.start(partial(
             run_peer, tracker=args.tracker, channel=args.channel, listen=args.listen,
             http=args.http, output=args.output, upload_kbps=args.upload_kbps,
-            channel_key=args.channel_key, playout_delay=args.playout_delay))
+            channel_key=args.channel_key, playout_delay=args.playout_delay,
+            per_ip=_per_ip(args)))
         if handle.http_port is not None:
             log.info("%s", _play_hint(handle.http_port))
         if args.stats:
@@ -478,10 +481,12 @@ async def _demo(args: argparse.Namespace, stop: anyio.CancelScope) -> int:
     ffmpeg: anyio.abc.Process | None = None
     try:
         async with anyio.create_task_group() as tg:
-            tracker = await tg.start(partial(run_tracker, "127.0.0.1:0"))
+            # No per-address limit: the whole swarm connects from 127.0.0.1.
+            tracker = await tg.start(partial(run_tracker, "127.0.0.1:0", per_ip=None))
             seed: SeedHandle = await tg.start(partial(
                 run_seed, tracker=tracker.address, channel=channel, input=f"udp://127.0.0.1:{udp_port}",
-                key=key_path, upload_kbps=seed_kbps, bitrate_kbps=DEMO_BITRATE_KBPS, substreams=k))
+                key=key_path, upload_kbps=seed_kbps, bitrate_kbps=DEMO_BITRATE_KBPS, substreams=k,
+                per_ip=None))
             # Its own session: the terminal's Ctrl-C reaches only us, and we stop ffmpeg in order.
             ffmpeg = await anyio.open_process(
                 synthetic_stream_command(f"udp://127.0.0.1:{udp_port}?pkt_size=1316", realtime=True),
@@ -493,7 +498,7 @@ async def _demo(args: argparse.Namespace, stop: anyio.CancelScope) -> int:
             for i in range(args.peers):
                 peers.append(await tg.start(partial(
                     run_peer, tracker=tracker.address, channel=channel, upload_kbps=peer_kbps,
-                    http=f"127.0.0.1:{http_port}" if i == 0 else None)))
+                    http=f"127.0.0.1:{http_port}" if i == 0 else None, per_ip=None)))
             demo = Demo(tracker, seed, peers, channel, peers[0].http_port or http_port,
                         (seed_kbps, peer_kbps))
             if not args.json:
@@ -540,6 +545,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- parser ---------------------------------------------------------------------------------------
 
 
+def _admission_args(p: argparse.ArgumentParser) -> None:
+    """The per-address limit on new inbound connections, which every role takes."""
+    p.add_argument("--per-ip-rate", type=_non_negative_float, default=PER_IP_RATE, metavar="N",
+                   help="new connections a second one source address may open once its burst is "
+                        f"spent; more are dropped before any handshake (default {PER_IP_RATE:g}; "
+                        "0: no limit)")
+    p.add_argument("--per-ip-burst", type=_positive_int, default=PER_IP_BURST, metavar="N",
+                   help=f"new connections one source address may open at once (default "
+                        f"{PER_IP_BURST}): enough for a household or a NAT's viewers")
+
+
+def _per_ip(args: argparse.Namespace) -> tuple[float, int] | None:
+    return (args.per_ip_rate, args.per_ip_burst) if args.per_ip_rate > 0 else None
+
+
 def _member_args(p: argparse.ArgumentParser, listen_help: str) -> None:
     """The flags a seed and a peer share: where the tracker is, the channel, our own address."""
     p.add_argument("--tracker", required=True, type=_address, metavar="HOST:PORT", help="the tracker")
@@ -577,6 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", metavar="PATH",
                    help="append a JSON line to PATH every second: per channel, viewers, relays, "
                         "tree depth, the seed's children and slots, refusals and evictions")
+    _admission_args(p)
     p.set_defaults(func=cmd_tracker)
 
     p = sub.add_parser("seed", parents=[common], help="publish a channel from a live MPEG-TS input",
@@ -599,6 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linger", type=float, default=10.0, metavar="S",
                    help="seconds to keep serving after the input ends, for late peers' "
                         "pulls (default 10, the seed's buffer)")
+    _admission_args(p)
     p.set_defaults(func=cmd_seed)
 
     p = sub.add_parser("peer", parents=[common], help="watch a channel and relay it",
@@ -618,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "waits up to that long behind a missing chunk)")
     p.add_argument("--stats", metavar="PATH",
                    help="append a JSON line of live figures to PATH every second")
+    _admission_args(p)
     p.set_defaults(func=cmd_peer)
 
     p = sub.add_parser("demo", parents=[common], help="a whole live swarm in one process",

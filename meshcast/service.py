@@ -22,6 +22,7 @@ import anyio.abc
 
 from meshcast import effects as fx
 from meshcast.crypto import Crypto, SigningKey
+from meshcast.net.admission import PER_IP_BURST, PER_IP_RATE, Admission
 from meshcast.net.quic import open_endpoint
 from meshcast.runtime import NodeRunner, parse_address
 from peer.node import PeerNode
@@ -45,6 +46,15 @@ def _log_effect(role: str) -> Any:
     return on_effect
 
 
+PerIp = tuple[float, int] | None
+"""New inbound connections per source address: (a second, at once); None: no limit."""
+PER_IP: PerIp = (PER_IP_RATE, PER_IP_BURST)
+
+
+def _admission(per_ip: PerIp) -> Admission | None:
+    return Admission(*per_ip) if per_ip else None
+
+
 @dataclass
 class TrackerHandle:
     node: TrackerNode
@@ -52,13 +62,14 @@ class TrackerHandle:
 
 
 async def run_tracker(listen: str = "127.0.0.1:0", *, strategy: str = "tree", seed: int | None = None,
-                      hold_s: float = JOIN_HOLD_S,
+                      hold_s: float = JOIN_HOLD_S, per_ip: PerIp = PER_IP,
                       task_status: anyio.abc.TaskStatus = anyio.TASK_STATUS_IGNORED) -> None:
-    """Serve a tracker on `listen` until cancelled (`hold_s`: see `TrackerNode`)."""
+    """Serve a tracker on `listen` until cancelled (`hold_s`: see `TrackerNode`; `per_ip`:
+    the new connections, hence joins, one address may make: see `meshcast.net.admission`)."""
     host, port = parse_address(listen)
     node = TrackerNode(key=SigningKey(), crypto=Crypto(), rng=random.Random(seed), strategy=strategy,
                        hold_s=hold_s)
-    async with open_endpoint(host, port) as ep:
+    async with open_endpoint(host, port, admission=_admission(per_ip)) as ep:
         runner = NodeRunner(node, ep, on_effect=_log_effect("tracker"))
         address = f"{host}:{ep.local_address[1]}"
         async with anyio.create_task_group() as tg:
@@ -80,14 +91,15 @@ class SeedHandle:
 async def run_seed(*, tracker: str, channel: str, input: str, key: str | None = None,
                    listen: str = "127.0.0.1:0", upload_kbps: int = 20_000,
                    bitrate_kbps: int = 2_000, chunk_ms: int = 200, substreams: int = 4,
-                   realtime: bool = False,
+                   realtime: bool = False, per_ip: PerIp = PER_IP,
                    task_status: anyio.abc.TaskStatus = anyio.TASK_STATUS_IGNORED) -> None:
     """Ingest `input`, sign and push its chunks, until the input ends and then until cancelled."""
     parse_address(tracker)
     key_path = Path(key) if key else default_key_path(channel)
     signing_key = SigningKey.load_or_create(key_path)
     host, port = parse_address(listen)
-    async with open_endpoint(host, port, upload_bps=upload_kbps * 1000) as ep:
+    async with open_endpoint(host, port, upload_bps=upload_kbps * 1000,
+                             admission=_admission(per_ip)) as ep:
         address = f"{host}:{ep.local_address[1]}"
         node = SeedNode(channel=channel, key=signing_key, crypto=Crypto(), tracker=tracker,
                         address=address, upload_kbps=upload_kbps, bitrate_kbps=bitrate_kbps,
@@ -157,12 +169,14 @@ class PeerHandle:
 async def run_peer(*, tracker: str, channel: str, listen: str = "127.0.0.1:0",
                    http: str | None = None, output: str | None = None, upload_kbps: int = 5_000,
                    channel_key: bytes | None = None, playout_delay: float = 0.5,
+                   per_ip: PerIp = PER_IP,
                    task_status: anyio.abc.TaskStatus = anyio.TASK_STATUS_IGNORED) -> None:
     """Watch `channel`: relay to children, serve the player over HTTP and/or to a file."""
     parse_address(tracker)
     host, port = parse_address(listen)
     player = PlayerOutput()
-    async with open_endpoint(host, port, upload_bps=upload_kbps * 1000 if upload_kbps else None) as ep:
+    async with open_endpoint(host, port, upload_bps=upload_kbps * 1000 if upload_kbps else None,
+                             admission=_admission(per_ip)) as ep:
         address = f"{host}:{ep.local_address[1]}" if upload_kbps > 0 else ""
         node = PeerNode(channel=channel, crypto=Crypto(), rng=random.Random(), tracker=tracker,
                         address=address, upload_kbps=upload_kbps, public_key=channel_key,

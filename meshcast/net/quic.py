@@ -52,6 +52,12 @@ is exact. The pump pulls datagrams from aioquic only when it may send them, so t
 the link's own queue, where `unsent_bytes` sees it. With `delay`, every datagram is then held
 `delay(address)` seconds in a delay line (one-way delay injection, order kept per destination).
 
+Admission
+---------
+With `admission` (`meshcast.net.admission`), a new client's first datagram is dropped before any
+handshake work when its source address has opened too many connections lately; the endpoint logs
+each refused address at most once a minute.
+
 Trust
 -----
 Clients do not verify the server's certificate (`ssl.CERT_NONE`): it is a throw-away identity made
@@ -75,6 +81,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import math
 import socket
 import ssl
@@ -96,6 +103,7 @@ from aioquic.quic.packet import (
     pull_quic_header,
 )
 
+from meshcast.net.admission import Admission
 from meshcast.net.tls import self_signed_certificate
 from meshcast.policy import LINK_IDLE_TIMEOUT_S
 
@@ -123,6 +131,8 @@ _BATCH = 64 * 1024  # stream bytes handed to aioquic per pump round: ~50 datagra
 _MIN_BUDGET = 1200  # one datagram: a link always makes progress on its turn
 _RECV_BATCH = 128  # datagrams read per wakeup of the receive task
 _SOCKET_BUFFER = 4 * 1024 * 1024
+
+log = logging.getLogger("meshcast.net")
 
 
 # --- events -----------------------------------------------------------------------------------
@@ -178,13 +188,15 @@ async def open_endpoint(
     delay: Callable[[tuple[str, int]], float] | None = None,
     idle_timeout: float = LINK_IDLE_TIMEOUT_S,
     max_receive_buffer: int = 32 * 1024 * 1024,
+    admission: Admission | None = None,
 ) -> AsyncIterator[QuicEndpoint]:
     """Bind a UDP socket and run a QUIC endpoint on it until the block exits.
 
     `upload_bps` caps the endpoint's sending rate (bits per second of UDP payload, all links
     together); `delay(address)` is the one-way delay, in seconds, added to each datagram sent to
     `address`; `idle_timeout` bounds how long a silent (vanished) peer keeps its link;
-    `max_receive_buffer` bounds the bytes a link buffers for a reader that stops reading.
+    `max_receive_buffer` bounds the bytes a link buffers for a reader that stops reading;
+    `admission` limits new inbound connections per source address (None: no limit).
     """
     (family, _, _, _, sockaddr), *_ = await anyio.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -201,6 +213,7 @@ async def open_endpoint(
                 delay=delay,
                 idle_timeout=idle_timeout,
                 max_receive_buffer=max_receive_buffer,
+                admission=admission,
             )
             tg.start_soon(endpoint._receive_loop)
             if endpoint._delay_line is not None:
@@ -228,8 +241,10 @@ class QuicEndpoint:
         delay: Callable[[tuple[str, int]], float] | None,
         idle_timeout: float,
         max_receive_buffer: int,
+        admission: Admission | None = None,
     ) -> None:
         self.local_address = sock.getsockname()[:2]
+        self.admission = admission
         self.idle_timeout = idle_timeout
         self.max_receive_buffer = max_receive_buffer
         self._sock = sock
@@ -325,7 +340,7 @@ class QuicEndpoint:
                     break
                 except (ConnectionRefusedError, ConnectionResetError):
                     continue  # ICMP errors: QUIC's own timers will notice the silence
-                link = self._link_for(data, address)
+                link = self._link_for(data, address, now)
                 if link is not None:
                     link._datagram_received(data, address, now)
                     touched[link] = None
@@ -333,7 +348,7 @@ class QuicEndpoint:
             for link in touched:
                 link._wake()
 
-    def _link_for(self, data: bytes, address: tuple) -> QuicLink | None:
+    def _link_for(self, data: bytes, address: tuple, now: float) -> QuicLink | None:
         """Route a datagram to its link, creating a server link for a new client's Initial."""
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=_CID_LENGTH)
@@ -354,6 +369,15 @@ class QuicEndpoint:
                 ),
                 address,
             )
+            return None
+        admission = self.admission
+        if admission is not None and not admission.admit(address[0], now):
+            # Before any handshake work: the client's connect times out (or its retransmitted
+            # Initial gets in once its address has a token again).
+            if admission.report(address[0], now):
+                log.warning("refusing new connections from %s: more than %d at once or %g a "
+                            "second (%d refused in all)", address[0], admission.burst,
+                            admission.rate, admission.refused)
             return None
         conn = QuicConnection(
             configuration=self._server_config,

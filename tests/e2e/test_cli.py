@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -66,6 +67,8 @@ def test_help(command: list[str]) -> None:
     ["peer", "--tracker", "127.0.0.1:1", "--channel", "x", "--playout-delay", "-1"],
     ["demo", "--peers", "0"],
     ["tracker", "--listen", "127.0.0.1:0", "--hold", "-1"],
+    ["tracker", "--listen", "127.0.0.1:0", "--per-ip-rate", "-1"],
+    ["seed", "--tracker", "127.0.0.1:1", "--channel", "x", "--per-ip-burst", "0"],
 ])
 def test_bad_usage_exits_2(args: list[str]) -> None:
     result = run(args, timeout=30)
@@ -106,6 +109,51 @@ def test_tracker_rejection_ends_the_peer_and_sigterm_ends_the_tracker() -> None:
         assert "Traceback" not in err
     finally:
         stop(tracker)
+
+
+def _await_line(proc: subprocess.Popen[str], needle: str, timeout: float) -> str:
+    """Read `proc`'s stderr until a line holds `needle` (or fail after `timeout` s)."""
+    assert proc.stderr is not None
+    deadline = time.monotonic() + timeout
+    seen = []
+    while (left := deadline - time.monotonic()) > 0:
+        if not select.select([proc.stderr], [], [], left)[0]:
+            break
+        line = proc.stderr.readline()
+        if not line:
+            break  # it exited
+        seen.append(line)
+        if needle in line:
+            return line
+    raise AssertionError(f"no {needle!r} within {timeout} s in:\n{''.join(seen)}")
+
+
+def test_a_tracker_refuses_a_flood_from_one_address_and_keeps_serving_the_rest() -> None:
+    # Two connections at once from an address, then (nearly) none: the third viewer from
+    # 127.0.0.1 is dropped before its handshake, while the first two stay waiting for the
+    # channel, and the tracker says which address it refuses.
+    port = free_udp_port()
+    tracker = subprocess.Popen([*MESHCAST, "tracker", "--listen", f"127.0.0.1:{port}",
+                                "--per-ip-burst", "2", "--per-ip-rate", "0.001"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    viewers: list[subprocess.Popen[str]] = []
+    try:
+        _await_line(tracker, "tracker listening on", 30)
+        for _ in range(2):
+            viewers.append(subprocess.Popen(
+                [*MESHCAST, "peer", "--tracker", f"127.0.0.1:{port}", "--channel", "later"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                text=True))
+            _await_line(viewers[-1], "is not live yet: waiting", 30)
+        third = run(["peer", "--tracker", f"127.0.0.1:{port}", "--channel", "later"], timeout=30)
+        assert_one_line_error(third, "tracker unreachable")
+        line = _await_line(tracker, "refusing new connections from 127.0.0.1", 10)
+        assert "more than 2 at once" in line
+        assert all(v.poll() is None for v in viewers)  # still waiting, not refused
+    finally:
+        for proc in (*viewers, tracker):
+            stop(proc)
 
 
 @pytest.mark.parametrize("command", [["tracker", "--listen", "127.0.0.1:0"],

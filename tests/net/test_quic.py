@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 import anyio
 import pytest
 
+from meshcast.net.admission import Admission
 from meshcast.net.quic import (
     ConnectError,
     ControlData,
@@ -210,6 +211,25 @@ async def test_connect_to_a_closed_port_fails_in_bounded_time() -> None:
         with anyio.fail_after(3):
             with pytest.raises(ConnectError, match=rf"no QUIC answer from 127\.0\.0\.1:{port} within 0\.5 s"):
                 await client.connect("127.0.0.1", port, timeout=0.5)
+
+
+async def test_admission_drops_new_connections_past_an_address_burst() -> None:
+    # Two new connections from 127.0.0.1, then none for a long while: the third client gets no
+    # answer at all, and the two admitted links carry on both ways.
+    admission = Admission(rate=0.001, burst=2)
+    async with open_endpoint(admission=admission) as server, open_endpoint() as client:
+        with anyio.fail_after(10):
+            pairs = []
+            for _ in range(2):
+                pairs.append((await client.connect(*server.local_address), await server.accept()))
+            with pytest.raises(ConnectError, match="no QUIC answer"):
+                await client.connect(*server.local_address, timeout=1.5)
+            assert admission.refused >= 1  # the Initial, and any retransmission of it
+            for i, (a, b) in enumerate(pairs):
+                a.send_control(b"ping %d" % i)
+                assert await read_control(b, 6) == b"ping %d" % i
+                b.send_control(b"pong %d" % i)
+                assert await read_control(a, 6) == b"pong %d" % i
 
 
 async def test_upload_shaping_holds_the_rate() -> None:

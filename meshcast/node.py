@@ -28,6 +28,8 @@ from meshcast.window import ChunkWindow
 
 _STALE: Final = -1.0
 """`NodeBase._first` when the earliest deadline must be looked for again."""
+HELLO_REFUSED: Final = "Hello refused"
+"""How a relay's close reason starts when it refused the token a `Hello` showed."""
 SLOW_DROPS: Final = 3
 """Chunks dropped for one child (its queue was full) before the tracker hears it is slow."""
 DETACH_GRACE_S: Final = 2.0
@@ -361,7 +363,7 @@ class RelayNode(NodeBase):
         if msg.token is not None:
             why = self._check_token(msg.token, msg.node_id, now, None)
             if why:
-                raise RemoteProtocolError(f"Hello refused: {why}")
+                raise RemoteProtocolError(f"{HELLO_REFUSED}: {why}")
             conn.authorized = True
             if msg.token.substream == m.NO_PEER:
                 conn.neighbour = True

@@ -30,7 +30,7 @@ from meshcast.crypto import Crypto
 from meshcast.effects import (Chunk, ChunkBegin, ChunkBytes, ChunkEnd, Deliver, Link, Notice, Open,
                               Send, SendChunk, Skip)
 from meshcast.errors import RemoteProtocolError
-from meshcast.node import Conn, RelayNode
+from meshcast.node import HELLO_REFUSED, Conn, RelayNode
 from meshcast.policy import MAX_BACKLOG_S
 
 TRACKER: Final = "tracker"
@@ -242,10 +242,11 @@ class PeerNode(RelayNode):
                 self._rejoin_later(now, first=True)
             return
         ours = conn.ours
-        if ours and conn.node_id == self.seed_id:
-            # It refused our token (a restarted seed is a new node; an old token expired), or
-            # went away: no pulls from it until the tracker sends its contact again, or every
-            # pull would open a link to it anew, at network speed.
+        if ours and conn.node_id == self.seed_id and HELLO_REFUSED in reason:
+            # It refused our token (a restarted seed is a new node; an old token expired): no
+            # pulls from it until the tracker sends its contact again, or every pull would open
+            # a link to it anew, at network speed. A link lost otherwise (a network blip, an
+            # idle time-out) leaves the contact be: the token is still good.
             self.neighbours.pop(conn.node_id, None)
         for key in [key for key in self.rx if key[0] == conn.link]:
             rx = self.rx.pop(key)

@@ -296,6 +296,28 @@ def test_a_seed_that_refuses_our_token_is_not_asked_again_and_again(monkeypatch)
     assert played(w, viewer)[-1] == seed.next_seq - 1
 
 
+def test_a_blip_on_the_link_to_the_seed_leaves_the_seed_our_last_resort():
+    # A network blip (an idle time-out) closes a viewer's link to the seed. Its token there is
+    # still good, so the seed stays its last-resort source: a pull that needs it (re)opens a
+    # link and is let in.
+    w, tracker, seed, peers = build(12)
+    stream(w, seed, 20)
+    viewer = next(p for p in peers if p._link_to(p.seed_id) is not None)
+    link = viewer._link_to(viewer.seed_id)
+    _, seed_end = w.peer_of.pop(link)
+    del w.peer_of[seed_end]
+    seed.link_closed(seed_end, now=w.now, reason="Idle timeout")
+    viewer.link_closed(link, now=w.now, reason="Idle timeout")
+    w.run()
+    assert viewer.seed_id in viewer.neighbours
+    viewer._note_gap(seed.next_seq + 1, w.now)  # lost, it thinks: nobody has it, the seed last
+    w.advance(w.now + 1.0)
+    assert viewer._link_to(viewer.seed_id) is not None
+    assert not any("Hello refused" in n for n in w.notices)
+    stream(w, seed, 10)
+    assert played(w, viewer)[-1] == seed.next_seq - 1
+
+
 def test_viewers_play_through_a_tracker_restart_and_rejoin_it(monkeypatch):
     # The tracker dies; the trees it built go on carrying the stream. A new tracker (a new key,
     # ids from 1 again) comes up at the same address: the seed announces the channel again,

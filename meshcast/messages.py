@@ -48,6 +48,10 @@ class PeerRef:
     """Transport address ("host:port" on the network, an opaque name in the simulator)."""
 
 
+NO_REF: Final = PeerRef(NO_PEER, "")
+"""No node (a `Resume` entry for a sub-stream without a parent)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Token:
     """The tracker's permission for `child` to take media from `parent`.
@@ -86,6 +90,8 @@ class Announce:
     chunk_ms: int
     proof: bytes
     """Signature with the channel key over (channel, address): proves the seed holds the key."""
+    resume_id: int = NO_PEER
+    """Back at a (restarted) tracker: the id this seed had, which its children still name."""
 
 
 # -- peer ↔ tracker ------------------------------------------------------------------------------
@@ -101,6 +107,19 @@ class Join:
     upload_kbps: int
     coords: tuple[float, ...] = ()
     """Network coordinates (e.g. Vivaldi), if the peer has them; the tracker places by distance."""
+    resume: Resume | None = None
+    """Back at a (restarted) tracker: where this viewer sits in the trees that carry it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """A rejoining viewer's place in the trees it still plays from: the id it had, the
+    sub-stream it relays (`NO_PEER`: none) and its parent in each sub-stream (id `NO_PEER`:
+    none). A restarted tracker rebuilds those trees from these instead of moving everyone."""
+
+    node_id: int
+    home: int
+    parents: tuple[PeerRef, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -112,9 +112,11 @@ KEY = blob(m.KEY_LEN, exact=True)
 SCHEMA: dict[type, tuple[int, tuple[Check, ...]]] = {
     m.PeerRef: (0, (NODE_ID, ADDRESS)),
     m.Token: (0, (NODE_ID, NODE_ID, CHANNEL, integer(-1, m.MAX_SUBSTREAMS - 1), TIME, SIG)),
+    m.Resume: (0, (NODE_ID, integer(-1, m.MAX_SUBSTREAMS - 1),
+                   array(nested(m.PeerRef), m.MAX_SUBSTREAMS))),
     m.Announce: (1, (CHANNEL, KEY, ADDRESS, KBPS, KBPS, integer(1, m.MAX_SUBSTREAMS),
-                     integer(10, 10_000), SIG)),
-    m.Join: (2, (CHANNEL, ADDRESS, KBPS, array(number(-1e6, 1e6), 8))),
+                     integer(10, 10_000), SIG, NODE_ID)),
+    m.Join: (2, (CHANNEL, ADDRESS, KBPS, array(number(-1e6, 1e6), 8), optional(nested(m.Resume)))),
     m.Welcome: (3, (NODE_ID, CHANNEL, KEY, KEY, integer(1, m.MAX_SUBSTREAMS),
                     integer(10, 10_000), KBPS, text(8), NODE_ID)),
     m.Assign: (4, (SUBSTREAM, nested(m.PeerRef), optional(nested(m.Token)), optional(nested(m.PeerRef)),

@@ -197,7 +197,7 @@ class PeerNode(RelayNode):
             # tracker's Assigns move us from the old trees into its own, as any move does.)
             self.tracker_link = link
             self._out.append(Send(link, m.Join(self.channel, self.address, self.upload_kbps,
-                                               self.coords)))
+                                               self.coords, self._resume())))
         elif ref is not None:
             node_id = ref
             token = self._opened(node_id)
@@ -213,6 +213,15 @@ class PeerNode(RelayNode):
                 self._send_have(conn)
             if node_id == self.seed_id and self.gaps:
                 self._repair(now)
+
+    def _resume(self) -> m.Resume | None:
+        """Where we sit in the trees, for a tracker we come back to (None: we never had a
+        place, or the mesh has no trees)."""
+        if self.id == m.NO_PEER or self.mode != "tree":
+            return None
+        home = next((k for k in range(self.substreams) if self.relays >> k & 1), m.NO_PEER)
+        return m.Resume(self.id, home, tuple(m.NO_REF if slot is None else slot.ref
+                                             for slot in self.primary))
 
     def open_failed(self, ref: Any, *, now: float, reason: str = "") -> None:
         if ref == TRACKER:

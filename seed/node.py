@@ -61,7 +61,8 @@ class SeedNode(RelayNode):
             proof = self.crypto.sign_announce(self.key, self.channel, self.address)
             self._out.append(Send(link, m.Announce(self.channel, self.key.public, self.address,
                                                    self.upload_kbps, self.bitrate_kbps,
-                                                   self.substreams, self.chunk_ms, proof)))
+                                                   self.substreams, self.chunk_ms, proof,
+                                                   self.id)))  # (back at a tracker: our old id)
 
     def open_failed(self, ref: Any, *, now: float, reason: str = "") -> None:
         if ref == TRACKER:

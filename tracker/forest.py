@@ -100,7 +100,9 @@ class Forest:
 
     # -- membership ----------------------------------------------------------------------------
 
-    def add(self, member: Member) -> None:
+    def add(self, member: Member, home: int = NO_PEER) -> None:
+        """`home`: the tree it relays in, if it already does (a member resumed from a former
+        tracker's trees); otherwise the one with the least relay capacity."""
         if self.relay_fanout:
             member.relay_cap = min(member.relay_cap, self.relay_fanout)
         self.members[member.id] = member
@@ -111,7 +113,9 @@ class Forest:
             self.seed = member
         elif member.slots > 0:
             # Home = the tree with the least relay capacity so far: keeps the K trees balanced.
-            member.home = min(range(self.k), key=lambda k: (self.home_capacity[k], k))
+            if not 0 <= home < self.k:
+                home = min(range(self.k), key=lambda k: (self.home_capacity[k], k))
+            member.home = home
             self.home_capacity[member.home] += member.slots
         self._index(member)
 
@@ -167,7 +171,8 @@ class Forest:
         parent.used += 1
         self._note_spare(parent)
         self._index(parent)
-        self._set_depth(child, k, parent.depth[k] + 1)
+        d = parent.depth[k]
+        self._set_depth(child, k, d + 1 if d >= 0 else -1)  # (-1: the parent is cut off too)
 
     def detach(self, child: Member, k: int) -> None:
         pid = child.parent[k]

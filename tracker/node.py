@@ -8,7 +8,9 @@ the orphans at once — to the backup each orphan has already switched to when t
 It never oversubscribes: when no member and not the seed has a free slot, the channel is first
 stretched (parents may then use `STRETCH_HEADROOM` of their upload instead of `HEADROOM`), and
 only when that is used up too does a newcomer get a `Reject` that says so. A `Join` for a channel
-that is not live yet is held (`Waiting`) and placed when its seed announces it.
+that is not live yet is held (`Waiting`) and placed when its seed announces it. A restarted
+tracker takes over the trees its nodes come back with (`Resume`): old ids and parents where they
+fit, so a restart moves nobody.
 """
 
 from __future__ import annotations
@@ -41,12 +43,22 @@ rejected at once (each held join keeps its link and its message)."""
 RETRY_S = 1.0
 """How long a member waits before the tracker hands it back, once more, a parent it keeps
 losing (see `_on_parent_lost`)."""
+RESUME_WINDOW_S = 60.0
+"""For this long after a tracker starts, nodes coming back from a predecessor's trees (a `Join`
+with a `Resume`, an `Announce` with a `resume_id`) get their old id and their old parents back,
+where those have room: the trees that carried the stream while no tracker ran are adopted, not
+rebuilt, so nobody moves. Later, such a claim counts for nothing (a newcomer's join)."""
+RESUME_WAIT_S = 5.0
+"""How long a resumed viewer's place in a tree waits for its parent there to come back too;
+then it is placed as a newcomer would be (a move)."""
+_ID_BLOCK = 1 << 20
+"""The ids a tracker gives out start at a block of this size chosen by its key."""
 
 
 class Channel:
     __slots__ = ("name", "public_key", "bitrate_kbps", "substreams", "chunk_ms", "forest",
-                 "seed_link", "banned", "headroom", "refused", "evicted", "renew_at", "renewing",
-                 "renew_per_tick")
+                 "seed_link", "banned", "headroom", "refused", "evicted", "resumed", "renew_at",
+                 "renewing", "renew_per_tick")
 
     def __init__(self, name: str, public_key: bytes, bitrate_kbps: int, substreams: int,
                  chunk_ms: int, relay_fanout: int = 0) -> None:
@@ -61,6 +73,8 @@ class Channel:
         """Viewers turned away for lack of upload capacity."""
         self.evicted = 0
         """Members sent away: reported for forged chunks, or no room left after a departure."""
+        self.resumed = 0
+        """Nodes back from a former tracker's trees that got their old id (and place) back."""
         self.renew_at = math.inf
         """When the next sweep renewing its members' tokens starts (`TrackerNode._renew`)."""
         self.renewing: list[int] = []
@@ -85,10 +99,21 @@ class TrackerNode(NodeBase):
         self.strategy: TreePlacement = make_strategy(strategy, rng)
         self.channels: dict[str, Channel] = {}
         self.links: dict[Link, tuple[Channel, Member] | None] = {}
-        self._next_id = 1 + (int.from_bytes(key.public[-3:], "big") << 20)
+        self._next_id = self._id_base = 1 + (int.from_bytes(key.public[-3:], "big") << 20)
         """Ids start from where this tracker's key says: a restarted tracker (a new key) gives
-        out ids its predecessor did not, so a viewer that rejoins it keeps its links to the old
-        trees (named by old ids) while it is placed in the new ones."""
+        out ids its predecessor did not, so the ids it hands back to resumed nodes (its
+        predecessor's) never clash with its own, and a viewer it places anew keeps its links to
+        the old trees (named by old ids) while it moves."""
+        self._born: float | None = None
+        """When the first node reached this tracker: resume claims count until
+        `RESUME_WINDOW_S` later."""
+        self._foreign_ids = False
+        """Some member has an id this tracker did not give out (a resumed one)."""
+        self._adopting: dict[tuple[str, int, int], list[tuple[int, str]]] = {}
+        """(channel, parent id, sub-stream) → resumed members (id, the parent's address they
+        gave) whose place in that tree waits for that parent to come back."""
+        self._adopt_until: deque[tuple[float, str, int]] = deque()
+        """(when, channel, member id): when a resumed member stops waiting for its parents."""
         self.evictions = 0
         self.rejections = 0
         self._joining: Member | None = None
@@ -112,6 +137,8 @@ class TrackerNode(NodeBase):
 
     def link_opened(self, link: Link, *, now: float, ref: Any = None) -> None:
         self.links[link] = None
+        if self._born is None:
+            self._born = now
 
     def link_closed(self, link: Link, *, now: float, reason: str = "") -> None:
         entry = self.links.pop(link, None)
@@ -154,8 +181,25 @@ class TrackerNode(NodeBase):
 
     def _new_id(self) -> int:
         nid = self._next_id
-        self._next_id += 1
+        while self._foreign_ids and any(nid in ch.forest.members for ch in self.channels.values()):
+            nid += 1  # a resumed node has it (past our first block: a million ids later)
+        self._next_id = nid + 1
         return nid
+
+    def _resuming(self, now: float) -> bool:
+        return self._born is not None and now - self._born < RESUME_WINDOW_S
+
+    def _claim_id(self, ch: Channel, claimed: int, now: float) -> int:
+        """`claimed` (a node's id at our predecessor) if we may give it back, else a new id."""
+        if (claimed >= 1 and self._resuming(now) and claimed not in ch.forest.members
+                and not self._id_base <= claimed < self._id_base + _ID_BLOCK):
+            self._foreign_ids = True
+            ch.resumed += 1
+            if ch.resumed == 1:
+                self._out.append(Notice(f"channel {ch.name!r}: taking over the trees its nodes "
+                                        f"come back with (a tracker restart)"))
+            return claimed
+        return self._new_id()
 
     def _welcome(self, ch: Channel, member: Member) -> m.Welcome:
         return m.Welcome(member.id, ch.name, ch.public_key, self.key.public, ch.substreams,
@@ -189,12 +233,13 @@ class TrackerNode(NodeBase):
         elif ch.seed_link is not None and ch.seed_link in self.links:
             self._drop_link(ch.seed_link, "replaced by a new seed connection", now)
         ch.bitrate_kbps, ch.chunk_ms = msg.bitrate_kbps, msg.chunk_ms
-        seed = Member(self._new_id(), link, msg.address, msg.upload_kbps, ch.slots(msg.upload_kbps), (), now,
-                      ch.substreams, is_seed=True)
+        seed = Member(self._claim_id(ch, msg.resume_id, now), link, msg.address, msg.upload_kbps,
+                      ch.slots(msg.upload_kbps), (), now, ch.substreams, is_seed=True)
         ch.forest.add(seed)
         ch.seed_link = link
         self.links[link] = (ch, seed)
         self._out.append(Send(link, self._welcome(ch, seed)))
+        self._adopt_children(ch, seed, now)
         # Members from before a seed restart: the new seed is their last-resort source (it is a
         # new node), and those it orphaned hang off nothing: place them again.
         for member in list(ch.forest.members.values()):
@@ -218,6 +263,9 @@ class TrackerNode(NodeBase):
             return
         if msg.address and msg.address in ch.banned:
             self._reject(link, "evicted from this channel", now)
+            return
+        if msg.resume is not None and self.strategy.mode == "tree" and self._resuming(now):
+            self._on_resume(link, ch, msg, msg.resume, now)
             return
         slots = ch.slots(msg.upload_kbps) if msg.address else 0
         member = Member(self._new_id(), link, msg.address, msg.upload_kbps, slots,
@@ -244,6 +292,80 @@ class TrackerNode(NodeBase):
         self._out.extend(held)
         held.clear()
         self._send_neighbours(ch, member, now)
+
+    def _on_resume(self, link: Link, ch: Channel, msg: m.Join, resume: m.Resume, now: float) -> None:
+        """A viewer back from our predecessor's trees: its old id, home tree and parents where
+        they are members with room; a parent not back yet is waited for (`RESUME_WAIT_S`), as
+        the viewer still plays from it; no parent, or one that cannot take it: placed anew."""
+        slots = ch.slots(msg.upload_kbps) if msg.address else 0
+        member = Member(self._claim_id(ch, resume.node_id, now), link, msg.address,
+                        msg.upload_kbps, slots, tuple(msg.coords), now, ch.substreams)
+        member.relay_cap = relay_cap(msg.upload_kbps, ch.bitrate_kbps, ch.chunk_ms)
+        forest = ch.forest
+        forest.add(member, home=resume.home)
+        self.links[link] = (ch, member)
+        self._out.append(Send(link, self._welcome(ch, member)))
+        waits = False
+        for k in range(ch.substreams):
+            ref = resume.parents[k] if k < len(resume.parents) else m.NO_REF
+            parent = forest.members.get(ref.id)
+            if parent is None and ref.id != m.NO_PEER:
+                self._adopting.setdefault((ch.name, ref.id, k), []).append((member.id, ref.address))
+                waits = True
+            elif not (parent is not None and self._adopt(ch, parent, member, k, ref.address, now)
+                      or self._place(ch, member, k, now)):
+                self._evict_for_capacity(ch, member, now)
+                return
+        if waits:
+            self._adopt_until.append((now + RESUME_WAIT_S, ch.name, member.id))
+            if len(self._adopt_until) == 1:
+                self._set_timer("adopt", now + RESUME_WAIT_S)
+        self._adopt_children(ch, member, now)
+        self._send_neighbours(ch, member, now)
+
+    def _adopt(self, ch: Channel, parent: Member, child: Member, k: int, address: str,
+               now: float) -> bool:
+        """Put `child` back under `parent` in tree k, as it was in our predecessor's trees, if
+        `parent` is the node it named and has room for it there; tell `child` (True)."""
+        forest = ch.forest
+        if (parent.address != address or not parent.relays(k) or parent.free <= 0
+                or (child.relays(k) and not parent.is_seed
+                    and sum(parent.children[k].values()) >= parent.relay_cap)
+                or forest.is_descendant(parent, child, k)):
+            return False
+        forest.attach(child, k, parent)
+        self._assign(ch, child, k, now)
+        return True
+
+    def _adopt_children(self, ch: Channel, member: Member, now: float) -> None:
+        """`member` is back: the resumed members that named it as a parent rejoin it there."""
+        if not self._adopting:
+            return
+        for k in range(ch.substreams):
+            for child_id, address in self._adopting.pop((ch.name, member.id, k), ()):
+                child = ch.forest.members.get(child_id)
+                if child is None or child.parent[k] != m.NO_PEER:
+                    continue
+                if not (self._adopt(ch, member, child, k, address, now)
+                        or self._place(ch, child, k, now)):
+                    self._evict_for_capacity(ch, child, now)
+
+    def _stop_waiting(self, now: float) -> None:
+        """Resumed members whose parents did not come back in time: placed as newcomers."""
+        queue = self._adopt_until
+        while queue and queue[0][0] <= now:
+            _, name, member_id = queue.popleft()
+            ch = self.channels.get(name)
+            if ch is None or (member := ch.forest.members.get(member_id)) is None:
+                continue
+            for k in range(ch.substreams):
+                if member.parent[k] == m.NO_PEER and not self._place(ch, member, k, now):
+                    self._evict_for_capacity(ch, member, now)
+                    break
+        if queue:
+            self._set_timer("adopt", queue[0][0])
+        else:
+            self._adopting.clear()  # whoever still waits there was placed: stale entries
 
     def _hold(self, link: Link, msg: m.Join, now: float) -> None:
         """Keep the join of a viewer whose channel is not live until it is (`_on_announce`), for
@@ -428,6 +550,14 @@ class TrackerNode(NodeBase):
         if k >= ch.substreams or member.is_seed:
             raise RemoteProtocolError(f"ParentLost for sub-stream {k}")
         forest = ch.forest
+        if member.parent[k] == m.NO_PEER and self._adopting:
+            waiting = self._adopting.get((ch.name, msg.parent, k), [])
+            if any(child_id == member.id for child_id, _ in waiting):
+                # Resumed, it waited for that parent to come back; it died meanwhile.
+                waiting[:] = [entry for entry in waiting if entry[0] != member.id]
+                if not self._place(ch, member, k, now):
+                    self._evict_for_capacity(ch, member, now)
+                return
         if member.parent[k] != msg.parent:
             return  # stale: the tracker moved it already
         target = forest.members.get(msg.switched_to)
@@ -506,6 +636,9 @@ class TrackerNode(NodeBase):
         if key == "renew":
             self._renew(now)
             return
+        if key == "adopt":
+            self._stop_waiting(now)
+            return
         if key != "retry":
             super()._on_timer(key, now)
             return
@@ -561,6 +694,7 @@ class TrackerNode(NodeBase):
                 "stretched": ch.headroom != HEADROOM_FACTOR,
                 "refused": ch.refused,
                 "evicted": ch.evicted,
+                "resumed": ch.resumed,
             }
         waiting = {name: len(held) for name, held in self.waiting.items()}
         return {"channels": channels, "waiting": waiting, "rejections": self.rejections,

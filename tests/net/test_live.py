@@ -216,7 +216,7 @@ async def test_a_restarted_seed_carries_the_channel_on(tmp_path: Path, media) ->
 async def test_viewers_play_through_a_tracker_restart(tmp_path: Path, media) -> None:
     """The tracker process stops and a new one (a new key) starts on the same address: the
     trees carry the stream meanwhile, then the seed and every viewer come back to the new
-    tracker and are placed in its trees, without a viewer ever stopping."""
+    tracker, which adopts the trees they come back with, without a viewer ever stopping."""
     source, _ = media
     with anyio.fail_after(60):
         async with anyio.create_task_group() as tg:
@@ -231,6 +231,7 @@ async def test_viewers_play_through_a_tracker_restart(tmp_path: Path, media) -> 
                     await sw.add_peer()
                 while min(p.node.delivered for p in sw.peers) < 5:
                     await anyio.sleep(0.05)
+                ids = [sw.seed.node.id] + [p.node.id for p in sw.peers]
                 first.cancel_scope.cancel()  # the tracker's endpoint closes: its links drop
             new = await tg.start(partial(run_tracker, old.address, seed=2))
             key = new.node.key.public
@@ -243,6 +244,8 @@ async def test_viewers_play_through_a_tracker_restart(tmp_path: Path, media) -> 
             tg.cancel_scope.cancel()
     report(sw.peers)
     assert key != old.node.key.public
+    # The new tracker adopted the trees: every node kept its id.
+    assert [sw.seed.node.id] + [p.node.id for p in sw.peers] == ids
     for p, at_rejoin in zip(sw.peers, rejoined):
         assert p.node.rejected == "" and p.last_seq == last
         assert p.node.delivered > at_rejoin  # played on under the new tracker

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshcast.crypto import SimKey
-from sim.driver import Simulation
+from sim.driver import RunResult, Simulation
 from sim.scenario import parse_scenario
 
 EVENT_LIMIT = 500_000
@@ -139,10 +139,12 @@ def test_any_small_scenario_runs_to_the_end_with_sane_figures(raw):
     assert run(raw) == s  # deterministic
 
 
-def test_a_tracker_restart_is_a_dip_and_everyone_comes_back():
+def test_a_tracker_restart_costs_no_playback():
     # `[tracker] restart_at_s`: the tracker stops at 10 s and a new one (a new key, no state)
     # answers 5 s later. The trees carry the stream meanwhile; the seed and every viewer find
-    # the new tracker by themselves and are placed in its trees; playback recovers.
+    # the new tracker by themselves, and it adopts the trees they come back with: every node
+    # keeps its id and its parents, and playback never dips (before adoption, re-placing
+    # everyone at once cost 61 % of the chunks at the worst second of a 500-viewer run).
     sc = parse_scenario({
         "stream": {"bitrate_kbps": 1000, "chunk_ms": 100, "substreams": 4, "duration_s": 40},
         "seed": {"upload_kbps": 10000},
@@ -151,15 +153,19 @@ def test_a_tracker_restart_is_a_dip_and_everyone_comes_back():
         "tracker": {"restart_at_s": 10.0, "down_s": 5.0},
         "run": {"seed": 4},
     })
-    sim = Simulation(sc)
-    result = sim.run()
+    def run() -> tuple[Simulation, RunResult, dict[int, int]]:
+        sim = Simulation(sc)
+        ids: dict[int, int] = {}  # viewers' ids just before the restart
+        sim.sched.at(9.9, lambda: ids.update({s.id: sim.nodes[s.id].id for s in sim.specs}))
+        return sim, sim.run(), ids
+
+    sim, result, ids_before = run()
     new = result.tracker
     assert new is sim.nodes[0] and new.key.public != SimKey(0).public
     forest = new.channels["ch0"].forest
     assert all(sim.nodes[s.id].id in forest.members for s in sim.specs)
+    assert {s.id: sim.nodes[s.id].id for s in sim.specs} == ids_before
+    assert all(-1 not in mm.depth for mm in forest.members.values())
     series = result.metrics.series()
-    during = [c for t, c in zip(series["t_s"], series["continuity"]) if 10 <= t < 15 and c is not None]
-    tail = [c for t, c in zip(series["t_s"], series["continuity"]) if t >= 35 and c is not None]
-    assert min(during) >= 0.99  # no tracker: the trees carry on
-    assert min(tail) >= 0.99  # rejoined and placed: recovered
-    assert Simulation(sc).run().summary() | {"wall_s": 0} == result.summary() | {"wall_s": 0}
+    assert min(c for t, c in zip(series["t_s"], series["continuity"]) if t >= 5 and c is not None) >= 0.999
+    assert run()[1].summary() | {"wall_s": 0} == result.summary() | {"wall_s": 0}

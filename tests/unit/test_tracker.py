@@ -11,10 +11,11 @@ from hypothesis import strategies as st
 
 from meshcast import messages as m
 from meshcast.crypto import SimCrypto, SimKey
-from meshcast.effects import Close, Send
+from meshcast.effects import Close, Notice, Send
 from meshcast.policy import STRETCH_HEADROOM, child_slots
 from tracker.forest import Member
-from tracker.node import JOIN_HOLD_S, RETRY_S, TOKEN_LIFETIME, TrackerNode
+from tracker.node import (JOIN_HOLD_S, RESUME_WAIT_S, RESUME_WINDOW_S, RETRY_S, TOKEN_LIFETIME,
+                          TrackerNode)
 from tracker.placement import RELAY_FANOUT, relay_cap
 
 K = 4
@@ -29,7 +30,9 @@ def new_tracker(strategy: str, seed_kbps: int) -> TrackerNode:
     return t
 
 
-def check_invariants(t: TrackerNode) -> None:
+def check_invariants(t: TrackerNode, waiting: set[tuple[int, int]] = frozenset()) -> None:
+    """`waiting`: (member id, tree) of resumed members that may still wait for their parent
+    there (unattached, their subtree cut off from the root: depth −1)."""
     forest = t.channels["c"].forest
     for member in forest.members.values():
         assert member.used == sum(len(c) for c in member.children)
@@ -38,16 +41,22 @@ def check_invariants(t: TrackerNode) -> None:
             for cid in member.children[k]:
                 child = forest.members[cid]
                 assert child.parent[k] == member.id
-                assert child.depth[k] == member.depth[k] + 1
-            if not member.is_seed:
-                assert member.parent[k] in forest.members, "every member has a parent in each tree"
-                # no cycles: walking up reaches the seed, in exactly `depth` hops
-                hops, cur = 0, member
-                while not cur.is_seed:
-                    cur = forest.members[cur.parent[k]]
-                    hops += 1
-                    assert hops <= len(forest.members)
-                assert hops == member.depth[k]
+                assert child.depth[k] == (member.depth[k] + 1 if member.depth[k] >= 0 else -1)
+            if member.is_seed:
+                continue
+            if member.parent[k] == m.NO_PEER:
+                assert (member.id, k) in waiting, "every member has a parent in each tree"
+                assert member.depth[k] == -1
+                continue
+            assert member.parent[k] in forest.members
+            # no cycles: walking up reaches the seed in exactly `depth` hops (or a member
+            # still waiting for its parent: then the depth is -1)
+            hops, cur = 0, member
+            while not cur.is_seed and cur.parent[k] != m.NO_PEER:
+                cur = forest.members[cur.parent[k]]
+                hops += 1
+                assert hops <= len(forest.members)
+            assert hops == member.depth[k] if cur.is_seed else member.depth[k] == -1
     # The indexes placement searches hold exactly the members they stand for.
     cap = forest.relay_fanout
     for k in range(K):
@@ -360,3 +369,168 @@ def test_a_second_join_or_an_announce_from_a_held_viewer_is_a_protocol_error():
         effects = t.drain()
         assert any(isinstance(e, Close) and "second" in e.reason for e in effects)
         assert t.waiting == {} and t._waiting_on == {} and t.channels == {}
+
+
+# -- a restarted tracker adopts the trees its nodes come back with ------------------------------
+
+OLD_SEED = 7  # ids our predecessor gave out (outside this tracker's own block)
+
+
+def restarted(seed_kbps: int = 20_000) -> TrackerNode:
+    """A tracker with a new key whose seed comes back from the old one, as `OLD_SEED`."""
+    t = TrackerNode(key=SimKey(3), crypto=SimCrypto(), rng=random.Random(1))
+    t.link_opened(1, now=0.0)
+    t.handle(1, m.Announce("c", SimKey(9).public, "seed", seed_kbps, BITRATE, K, 200, b"\0" * 64,
+                           OLD_SEED), now=0.0)
+    return t
+
+
+def resume(t: TrackerNode, link: int, old_id: int, home: int, parents: list[tuple[int, str]],
+           now: float = 1.0, kbps: int = 4500) -> list[tuple[int, int]]:
+    """A viewer back at `t` on `link`; returns the (sub-stream, parent id) of its Assigns."""
+    t.link_opened(link, now=now)
+    t.handle(link, m.Join("c", f"v{old_id}", kbps, (), m.Resume(
+        old_id, home, tuple(m.PeerRef(i, a) for i, a in parents))), now=now)
+    return [(e.msg.substream, e.msg.parent.id) for e in t.drain()
+            if type(e) is Send and e.link == link and type(e.msg) is m.Assign]
+
+
+def member(t: TrackerNode, link: int) -> Member:
+    entry = t.links[link]
+    assert entry is not None
+    return entry[1]
+
+
+def test_nodes_back_from_a_former_tracker_keep_their_ids_and_parents():
+    t = restarted()
+    assert t.channels["c"].forest.seed.id == OLD_SEED
+    assert any("taking over the trees" in n.text for n in t.drain() if type(n) is Notice)
+    seed = [(OLD_SEED, "seed")] * K
+    assert resume(t, 2, 100, 0, seed) == [(k, OLD_SEED) for k in range(K)]
+    a = member(t, 2)
+    assert a.id == 100 and a.home == 0
+    # B relayed sub-stream 1 below A in tree 0: the same place again, and its old id.
+    assert resume(t, 3, 101, 1, [(100, "v100")] + seed[1:]) == [(0, 100)] + [
+        (k, OLD_SEED) for k in range(1, K)]
+    b = member(t, 3)
+    assert b.id == 101 and b.home == 1 and b.parent[0] == 100 and b.depth[0] == 2
+    check_invariants(t)
+    assert t.stats()["channels"]["c"]["resumed"] == 3  # the seed, A and B
+    # A newcomer gets an id of this tracker's own: none of the resumed ones.
+    t.link_opened(4, now=1.0)
+    t.handle(4, m.Join("c", "new", 4500), now=1.0)
+    assert member(t, 4).id not in (OLD_SEED, 100, 101)
+
+
+def test_a_viewer_back_before_its_parent_waits_for_it_and_then_rejoins_it():
+    t = restarted()
+    seed = [(OLD_SEED, "seed")] * K
+    # B comes back first: in tree 0 it waits for A (and goes on playing from it).
+    assert resume(t, 3, 101, 1, [(100, "v100")] + seed[1:]) == [(k, OLD_SEED) for k in range(1, K)]
+    b = member(t, 3)
+    assert b.parent[0] == m.NO_PEER
+    check_invariants(t, waiting={(101, 0)})
+    assert resume(t, 2, 100, 0, seed, now=2.0) == [(k, OLD_SEED) for k in range(K)]
+    assert [(e.msg.substream, e.msg.parent.id) for e in t.drain() if type(e) is Send
+            and type(e.msg) is m.Assign] == []  # (B's Assign went out with A's arrival)
+    assert b.parent[0] == 100 and b.depth[0] == 2
+    check_invariants(t)
+
+
+def test_a_parent_that_does_not_come_back_leaves_its_child_placed_anew():
+    t = restarted()
+    seed = [(OLD_SEED, "seed")] * K
+    resume(t, 3, 101, 1, [(100, "v100")] + seed[1:])
+    b = member(t, 3)
+    assert t.next_timer() == pytest.approx(1.0 + RESUME_WAIT_S)
+    t.handle_timer(now=1.0 + RESUME_WAIT_S)
+    assert b.parent[0] == OLD_SEED  # the only member with room
+    assert any(type(e) is Send and e.link == 3 and type(e.msg) is m.Assign for e in t.drain())
+    assert t._adopting == {} and "adopt" not in t._timers
+    check_invariants(t)
+
+
+def test_a_waiting_viewer_whose_parent_dies_is_placed_at_once():
+    t = restarted()
+    seed = [(OLD_SEED, "seed")] * K
+    resume(t, 3, 101, 1, [(100, "v100")] + seed[1:])
+    t.handle(3, m.ParentLost(0, 100, m.NO_PEER), now=1.5)
+    assert member(t, 3).parent[0] == OLD_SEED
+    assert [(e.msg.substream, e.msg.parent.id) for e in t.drain() if type(e) is Send
+            and type(e.msg) is m.Assign] == [(0, OLD_SEED)]
+    check_invariants(t)
+    t.handle_timer(now=1.0 + RESUME_WAIT_S)  # its deadline changes nothing now
+    assert t.drain() == [] and member(t, 3).parent[0] == OLD_SEED
+
+
+@pytest.mark.parametrize("case", ["late", "own id", "taken id", "other address", "no room"])
+def test_a_claim_the_tracker_cannot_honour_is_a_plain_join(case):
+    # Too late, an id this tracker gives out itself or one already taken: a new id. A parent
+    # at another address than the one named, or without room: placed as a newcomer is.
+    t = restarted()
+    seed = [(OLD_SEED, "seed")] * K
+    assert child_slots(700, BITRATE, K) == 1
+    resume(t, 2, 100, 0, seed, kbps=700 if case == "no room" else 4500)
+    if case == "no room":
+        resume(t, 3, 101, 1, [(100, "v100")] + seed[1:])
+    claim, parent, now = {
+        "late": (102, (100, "v100"), RESUME_WINDOW_S + 1.0),
+        "own id": (t._next_id + 5, (100, "v100"), 1.0),
+        "taken id": (100, (100, "v100"), 1.0),
+        "other address": (102, (OLD_SEED, "elsewhere"), 1.0),  # (a leaf goes under A)
+        "no room": (102, (100, "v100"), 1.0),  # A's one slot is B's
+    }[case]
+    got = dict(resume(t, 4, claim, 2, [parent] + seed[1:], now=now))
+    c = member(t, 4)
+    if case in ("other address", "no room"):
+        assert c.id == claim and got[0] == c.parent[0] != parent[0]
+    else:
+        assert c.id != claim and t._id_base <= c.id < t._next_id  # one of its own
+    check_invariants(t)
+
+
+resume_ops = st.lists(st.tuples(st.sampled_from(["resume", "resume", "resume", "leave", "lost",
+                                                 "wait"]),
+                                st.integers(0, 30), st.integers(-1, K - 1),
+                                st.lists(st.integers(0, 30), min_size=K, max_size=K),
+                                st.sampled_from([0, 1500, 4500, 9000])),
+                      min_size=1, max_size=50)
+
+
+@settings(max_examples=100, deadline=None)
+@given(ops=resume_ops)
+def test_any_resume_claims_keep_the_forest_sound(ops):
+    """Whatever nodes claim (ids, homes, parents, in any order, lying or not): no member over
+    its slots, no cycle, ids unique, and nobody unattached past its wait."""
+    t = restarted(seed_kbps=8000)
+    now, next_link, links = 1.0, 2, []
+    joined_at: dict[int, float] = {}
+    for op, claim, home, parents, kbps in ops:
+        if op == "resume":
+            link, next_link = next_link, next_link + 1
+            old = [OLD_SEED] + list(range(100, 131))  # a small pool: claims collide
+            refs = [(old[p], "seed" if old[p] == OLD_SEED else f"v{old[p]}") for p in parents]
+            t.link_opened(link, now=now)
+            t.handle(link, m.Join("c", f"v{old[claim]}", kbps, (), m.Resume(
+                old[claim], home, tuple(m.PeerRef(i, a) for i, a in refs))), now=now)
+            if t.links.get(link) is not None:
+                links.append(link)
+                joined_at[member(t, link).id] = now
+        elif op == "leave" and links:
+            t.link_closed(links.pop(claim % len(links)), now=now)
+        elif op == "lost" and links:
+            mm = member(t, links[claim % len(links)])
+            t.handle(mm.link, m.ParentLost(max(home, 0), mm.parent[max(home, 0)], m.NO_PEER),
+                     now=now)
+        elif op == "wait":
+            now += claim / 10
+            while (due := t.next_timer()) is not None and due <= now:
+                t.handle_timer(now=due)
+        t.drain()
+        links = [link for link in links if t.links.get(link) is not None]
+        forest = t.channels["c"].forest
+        waiting = {(mid, k) for mid, mm in forest.members.items() if not mm.is_seed
+                   for k in range(K) if mm.parent[k] == m.NO_PEER
+                   and joined_at[mid] + RESUME_WAIT_S > now}
+        check_invariants(t, waiting)
+        assert len({member(t, link).id for link in links}) == len(links)

@@ -45,13 +45,18 @@ peer_ref = st.builds(m.PeerRef, node_id, address)
 token = st.builds(m.Token, node_id, node_id, channel, st.integers(-1, m.MAX_SUBSTREAMS - 1),
                   clock, sig)
 seqs = st.lists(seq, max_size=64).map(tuple)
+resume = st.builds(m.Resume, node_id, st.integers(-1, m.MAX_SUBSTREAMS - 1),
+                   st.lists(peer_ref, max_size=m.MAX_SUBSTREAMS).map(tuple))
 
 FIELDS: dict[type, tuple[st.SearchStrategy, ...]] = {
     m.PeerRef: (node_id, address),
     m.Token: (node_id, node_id, channel, st.integers(-1, m.MAX_SUBSTREAMS - 1), clock, sig),
-    m.Announce: (channel, key, address, kbps, kbps, n_substreams, chunk_ms, sig),
+    m.Resume: (node_id, st.integers(-1, m.MAX_SUBSTREAMS - 1),
+               st.lists(peer_ref, max_size=m.MAX_SUBSTREAMS).map(tuple)),
+    m.Announce: (channel, key, address, kbps, kbps, n_substreams, chunk_ms, sig, node_id),
     m.Join: (channel, address, kbps,
-             st.lists(st.floats(-1e6, 1e6, allow_nan=False), max_size=8).map(tuple)),
+             st.lists(st.floats(-1e6, 1e6, allow_nan=False), max_size=8).map(tuple),
+             st.none() | resume),
     m.Welcome: (node_id, channel, key, key, n_substreams, chunk_ms, kbps, st.text(max_size=8),
                 node_id),
     m.Assign: (substream, peer_ref, st.none() | token, st.none() | peer_ref, st.none() | token,

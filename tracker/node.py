@@ -48,9 +48,11 @@ RESUME_WINDOW_S = 60.0
 with a `Resume`, an `Announce` with a `resume_id`) get their old id and their old parents back,
 where those have room: the trees that carried the stream while no tracker ran are adopted, not
 rebuilt, so nobody moves. Later, such a claim counts for nothing (a newcomer's join)."""
-RESUME_WAIT_S = 5.0
+RESUME_WAIT_S = 45.0
 """How long a resumed viewer's place in a tree waits for its parent there to come back too;
-then it is placed as a newcomer would be (a move)."""
+then it is placed as a newcomer would be (a move). Waiting costs nothing: the viewer plays from
+that parent meanwhile, and reports it (`ParentLost`) if it dies. So it is the longest a live
+parent may take: a viewer retries a lost tracker at most 30 s apart, ±50 %."""
 _ID_BLOCK = 1 << 20
 """The ids a tracker gives out start at a block of this size chosen by its key."""
 

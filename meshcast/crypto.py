@@ -140,11 +140,22 @@ _SIM_SIG: Final = b"\x00" * SIG_LEN
 class SimCrypto(Crypto):
     """For the simulator: same interface, no curve arithmetic, no hashing.
 
-    Signatures are a constant; `FORGED` marks data a simulated attacker altered, which fails
-    verification exactly where real data would.
+    Chunk and announce signatures are a constant; a token's names the key that issued it (its
+    public half, padded), so a token of one tracker fails where another's key is expected, as
+    with real keys (a restarted tracker has a new one). `FORGED` marks data a simulated
+    attacker altered, which fails verification exactly where real data would.
     """
 
-    # `key` is a `SimKey` here, not a `SigningKey`: it is never used.
+    def __init__(self) -> None:
+        super().__init__()
+        self._sigs: dict[bytes, bytes] = {}
+        """Public key → the signature of every token it issues (one object per key)."""
+
+    def _sig(self, public: bytes) -> bytes:
+        sig = self._sigs.get(public)
+        if sig is None:
+            sig = self._sigs[public] = public[:SIG_LEN].ljust(SIG_LEN, b"\0")
+        return sig
 
     def sign_chunk(self, key: Any, channel: str, seq: int, flags: int, ts: float,
                    payload: bytes) -> ChunkHead:
@@ -155,10 +166,10 @@ class SimCrypto(Crypto):
 
     def issue_token(self, key: Any, child: int, parent: int, channel: str, substream: int,
                     expires: float) -> Token:
-        return Token(child, parent, channel, substream, expires, _SIM_SIG)
+        return Token(child, parent, channel, substream, expires, self._sig(key.public))
 
     def token_valid(self, public: bytes, token: Token) -> bool:
-        return token.sig != FORGED
+        return token.sig == self._sig(public)
 
     def sign_announce(self, key: Any, channel: str, address: str) -> bytes:
         return _SIM_SIG

@@ -30,6 +30,10 @@ _STALE: Final = -1.0
 """`NodeBase._first` when the earliest deadline must be looked for again."""
 HELLO_REFUSED: Final = "Hello refused"
 """How a relay's close reason starts when it refused the token a `Hello` showed."""
+FORMER_KEY_S: Final = 600.0
+"""After the tracker's key changes (a restarted tracker), tokens its predecessor signed stay
+good this long (a token's lifetime): viewers not back at the new tracker yet still reach their
+backups and the seed with them."""
 SLOW_DROPS: Final = 3
 """Chunks dropped for one child (its queue was full) before the tracker hears it is slow."""
 DETACH_GRACE_S: Final = 2.0
@@ -147,7 +151,7 @@ class RelayNode(NodeBase):
     __slots__ = ("crypto", "upload_kbps", "buffer_s", "id", "channel", "public_key", "tracker_key",
                  "substreams", "chunk_ms", "chunk_s", "bitrate_kbps", "mode", "conns",
                  "_subscribers", "buffer", "newest", "bytes_up", "window", "revoked", "detached",
-                 "tracker_link")
+                 "tracker_link", "former_key")
 
     def __init__(self, *, crypto: Crypto, upload_kbps: int, buffer_s: float = 10.0) -> None:
         super().__init__()
@@ -158,6 +162,9 @@ class RelayNode(NodeBase):
         self.channel = ""
         self.public_key = b""
         self.tracker_key = b""
+        self.former_key: tuple[bytes, float] | None = None
+        """The tracker's key before it changed, and until when its tokens count
+        (`FORMER_KEY_S`); None: it never changed."""
         self.substreams = 4
         self.chunk_ms = 200
         self.chunk_s = 0.2
@@ -291,9 +298,17 @@ class RelayNode(NodeBase):
             return "revoked by the tracker"
         if self.detached is not None and self._spent(child, token.substream, token.expires, now):
             return "token spent: the tracker moved it away from us"
-        if not self.crypto.token_valid(self.tracker_key, token):
+        if not self.crypto.token_valid(self.tracker_key, token) and not (
+                self.former_key is not None and now < self.former_key[1]
+                and self.crypto.token_valid(self.former_key[0], token)):
             return "token signature invalid"
         return ""
+
+    def _tracker_key_is(self, key: bytes, now: float) -> None:
+        """The tracker (back, or a restarted one) signs with `key` from now on."""
+        if self.tracker_key and key != self.tracker_key:
+            self.former_key = (self.tracker_key, now + FORMER_KEY_S)
+        self.tracker_key = key
 
     def _revoke(self, msg: m.Revoke, now: float) -> None:
         """The tracker evicted `msg.node_id`: close every link it has to us, and refuse the

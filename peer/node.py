@@ -340,7 +340,7 @@ class PeerNode(RelayNode):
               self.mode)
         self.id, self.seed_id = msg.node_id, msg.seed_id
         if rejoined:  # the same stream from a (restarted) tracker: keep everything, go on playing
-            self.tracker_key = msg.tracker_key
+            self._tracker_key_is(msg.tracker_key, now)
             return
         self._configure(msg.channel, msg.public_key, msg.tracker_key, msg.substreams, msg.chunk_ms,
                         msg.bitrate_kbps, msg.mode)

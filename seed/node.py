@@ -86,7 +86,8 @@ class SeedNode(RelayNode):
         if conn.link != self.tracker_link:
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} from a peer")
         if type(msg) is m.Welcome:
-            self.id, self.tracker_key, self.mode = msg.node_id, msg.tracker_key, msg.mode
+            self.id, self.mode = msg.node_id, msg.mode
+            self._tracker_key_is(msg.tracker_key, now)
             self._start_haves(now)
         elif type(msg) is m.Reject:
             self.rejected = msg.reason

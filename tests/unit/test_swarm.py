@@ -9,8 +9,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshcast import effects as fx
-from meshcast.messages import NO_PEER, Assign, Detach, PeerRef, Reject, Subscribe, Token, Unsubscribe
+from meshcast.messages import (NO_PEER, Assign, Detach, Hello, PeerRef, Reject, Subscribe, Token,
+                               Unsubscribe)
 from meshcast.crypto import Crypto, SigningKey
+from meshcast.node import FORMER_KEY_S
 from meshcast.policy import HEADROOM, STRETCH_HEADROOM, child_slots
 from peer.node import LATE_SLACK, PeerNode
 from seed.node import SeedNode, live_first_seq
@@ -351,6 +353,32 @@ def test_viewers_play_through_a_tracker_restart_and_rejoin_it(monkeypatch):
     for p in peers:
         if p is not relay:
             assert played(w, p)[-1] == seed.next_seq - 1
+
+
+def test_a_restarted_trackers_predecessor_still_vouches_for_a_while(monkeypatch):
+    # The seed is back at a new tracker (a new key); a viewer that is not back yet shows it a
+    # token the old tracker signed: good for `FORMER_KEY_S`, as long as no newer key replaced
+    # the old one's place; a token of any other key never.
+    monkeypatch.setattr(tracker_node, "TOKEN_LIFETIME", 10 * FORMER_KEY_S)  # outlives the grace
+    w, tracker, seed, peers = build(2)
+    stream(w, seed, 5)
+    viewer = peers[0]
+    old_token = viewer.neighbours[seed.id][1]
+    w.kill(tracker)
+    new = w.add("tracker", TrackerNode(key=SigningKey(), crypto=Crypto(), rng=random.Random(5)))
+    stream(w, seed, 20)  # 4 s: the seed is back (it retries every 2 s)
+    assert seed.tracker_key == new.key.public
+
+    def hello(link: int, token: Token, now: float) -> list:
+        seed.link_opened(link, now=now)
+        seed.handle(link, Hello(viewer.id, "ch", token), now=now)
+        return [e.reason for e in seed.drain() if type(e) is fx.Close]
+
+    assert hello(9001, old_token, w.now) == []
+    stranger = Crypto().issue_token(SigningKey(), viewer.id, seed.id, "ch", NO_PEER, w.now + 60)
+    assert hello(9002, stranger, w.now) == ["protocol error: Hello refused: token signature invalid"]
+    late = w.now + FORMER_KEY_S + 1
+    assert hello(9003, old_token, late) == ["protocol error: Hello refused: token signature invalid"]
 
 
 def test_a_viewer_waiting_for_the_broadcast_outlasts_a_tracker_restart():

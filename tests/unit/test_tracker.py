@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshcast import messages as m
-from meshcast.crypto import SimCrypto, SimKey
+from meshcast.crypto import FORGED, SimCrypto, SimKey
 from meshcast.effects import Close, Notice, Send
 from meshcast.policy import STRETCH_HEADROOM, child_slots
 from tracker.forest import Member
@@ -534,3 +534,14 @@ def test_any_resume_claims_keep_the_forest_sound(ops):
                    and joined_at[mid] + RESUME_WAIT_S > now}
         check_invariants(t, waiting)
         assert len({member(t, link).id for link in links}) == len(links)
+
+
+def test_the_simulators_tokens_name_the_key_that_issued_them():
+    # As with real keys: a token of one tracker does not pass for another's (a restarted
+    # tracker has a new key), and a forged one passes for none.
+    crypto = SimCrypto()
+    token = crypto.issue_token(SimKey(1), 5, 6, "c", 0, 10.0)
+    assert crypto.token_valid(SimKey(1).public, token)
+    assert not crypto.token_valid(SimKey(2).public, token)
+    forged = m.Token(5, 6, "c", 0, 10.0, FORGED)
+    assert not any(crypto.token_valid(SimKey(i).public, forged) for i in range(3))

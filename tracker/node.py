@@ -319,9 +319,7 @@ class TrackerNode(NodeBase):
                 self._evict_for_capacity(ch, member, now)
                 return
         if waits:
-            self._adopt_until.append((now + RESUME_WAIT_S, ch.name, member.id))
-            if len(self._adopt_until) == 1:
-                self._set_timer("adopt", now + RESUME_WAIT_S)
+            self._later(self._adopt_until, "adopt", (now + RESUME_WAIT_S, ch.name, member.id))
         self._adopt_children(ch, member, now)
         self._send_neighbours(ch, member, now)
 
@@ -354,9 +352,7 @@ class TrackerNode(NodeBase):
 
     def _stop_waiting(self, now: float) -> None:
         """Resumed members whose parents did not come back in time: placed as newcomers."""
-        queue = self._adopt_until
-        while queue and queue[0][0] <= now:
-            _, name, member_id = queue.popleft()
+        for _, name, member_id in self._due(self._adopt_until, "adopt", now):
             ch = self.channels.get(name)
             if ch is None or (member := ch.forest.members.get(member_id)) is None:
                 continue
@@ -364,9 +360,7 @@ class TrackerNode(NodeBase):
                 if member.parent[k] == m.NO_PEER and not self._place(ch, member, k, now):
                     self._evict_for_capacity(ch, member, now)
                     break
-        if queue:
-            self._set_timer("adopt", queue[0][0])
-        else:
+        if not self._adopt_until:
             self._adopting.clear()  # whoever still waits there was placed: stale entries
 
     def _hold(self, link: Link, msg: m.Join, now: float) -> None:
@@ -381,9 +375,7 @@ class TrackerNode(NodeBase):
             return
         self.waiting.setdefault(msg.channel, {})[link] = msg
         self._waiting_on[link] = msg.channel
-        self._hold_until.append((now + self.hold_s, link))
-        if len(self._hold_until) == 1:
-            self._set_timer("hold", now + self.hold_s)
+        self._later(self._hold_until, "hold", (now + self.hold_s, link))
         self._out.append(Send(link, m.Waiting(
             f"channel {msg.channel!r} is not live yet: waiting for its broadcast to start")))
 
@@ -395,15 +387,27 @@ class TrackerNode(NodeBase):
             del self.waiting[name]
 
     def _expire_holds(self, now: float) -> None:
-        queue = self._hold_until
-        while queue and queue[0][0] <= now:
-            _, link = queue.popleft()
+        for _, link in self._due(self._hold_until, "hold", now):
             name = self._waiting_on.get(link)
             if name is not None:
                 self._unhold(link)
                 self._reject(link, f"channel {name!r} did not go live within {self.hold_s:g} s", now)
+
+    def _later(self, queue: deque[Any], key: str, entry: tuple[Any, ...]) -> None:
+        """Queue `entry`, due at its first field (never before those queued), and keep timer
+        `key` set for the first entry of `queue`."""
+        queue.append(entry)
+        if len(queue) == 1:
+            self._set_timer(key, entry[0])
+
+    def _due(self, queue: deque[Any], key: str, now: float) -> list[Any]:
+        """Take the entries of `queue` due by `now` off it; timer `key` wakes for the next."""
+        due = []
+        while queue and queue[0][0] <= now:
+            due.append(queue.popleft())
         if queue:
-            self._set_timer("hold", queue[0][0])
+            self._set_timer(key, queue[0][0])
+        return due
 
     def _reject(self, link: Link, reason: str, now: float) -> None:
         self.rejections += 1
@@ -578,8 +582,7 @@ class TrackerNode(NodeBase):
             # It lost that parent again at once: the parent's count of its children (which
             # refuses) and ours (which has room) differ, as they do for a while after abrupt
             # departures and handoffs. Handing it back again would loop at network speed.
-            self._retry.append((now + RETRY_S, ch.name, member.id, k))
-            self._set_timer("retry", self._retry[0][0])
+            self._later(self._retry, "retry", (now + RETRY_S, ch.name, member.id, k))
             return
         self._hand_back(ch, member, k, now)
 
@@ -644,9 +647,7 @@ class TrackerNode(NodeBase):
         if key != "retry":
             super()._on_timer(key, now)
             return
-        retry = self._retry
-        while retry and retry[0][0] <= now:
-            _, name, member_id, k = retry.popleft()
+        for _, name, member_id, k in self._due(self._retry, "retry", now):
             ch = self.channels.get(name)
             if ch is None:
                 continue
@@ -654,8 +655,6 @@ class TrackerNode(NodeBase):
             if member is None or member.parent[k] != m.NO_PEER:
                 continue  # gone, or placed meanwhile (its subtree's parent came back)
             self._hand_back(ch, member, k, now)
-        if retry:
-            self._set_timer("retry", retry[0][0])
 
     def _on_complaint(self, ch: Channel, member: Member, msg: m.Complaint, now: float) -> None:
         offender = ch.forest.members.get(msg.offender)

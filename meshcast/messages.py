@@ -92,6 +92,9 @@ class Announce:
     """Signature with the channel key over (channel, address): proves the seed holds the key."""
     resume_id: int = NO_PEER
     """Back at a (restarted) tracker: the id this seed had, which its children still name."""
+    resume_key: bytes = b""
+    """... and the key of the tracker that gave it: its viewers prove their own ids with tokens
+    that key signed."""
 
 
 # -- peer ↔ tracker ------------------------------------------------------------------------------
@@ -120,6 +123,8 @@ class Resume:
     node_id: int
     home: int
     parents: tuple[PeerRef, ...]
+    proof: Token | None = None
+    """A token the former tracker gave this node (its seed's, or a backup's): it proves the id."""
 
 
 @dataclass(frozen=True, slots=True)

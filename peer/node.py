@@ -220,8 +220,12 @@ class PeerNode(RelayNode):
         if self.id == m.NO_PEER or self.mode != "tree":
             return None
         home = next((k for k in range(self.substreams) if self.relays >> k & 1), m.NO_PEER)
+        # A token the tracker gave us proves our id: the seed's (renewed), else a backup's.
+        contact = self.neighbours.get(self.seed_id)
+        proof = contact[1] if contact is not None else next(
+            (slot.token for slot in self.backup if slot is not None and slot.token is not None), None)
         return m.Resume(self.id, home, tuple(m.NO_REF if slot is None else slot.ref
-                                             for slot in self.primary))
+                                             for slot in self.primary), proof)
 
     def open_failed(self, ref: Any, *, now: float, reason: str = "") -> None:
         if ref == TRACKER:

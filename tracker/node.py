@@ -9,8 +9,9 @@ It never oversubscribes: when no member and not the seed has a free slot, the ch
 stretched (parents may then use `STRETCH_HEADROOM` of their upload instead of `HEADROOM`), and
 only when that is used up too does a newcomer get a `Reject` that says so. A `Join` for a channel
 that is not live yet is held (`Waiting`) and placed when its seed announces it. A restarted
-tracker takes over the trees its nodes come back with (`Resume`): old ids and parents where they
-fit, so a restart moves nobody.
+tracker takes over the trees its nodes come back with (`Resume`, each id proven by a token of the
+old tracker's, whose key the seed passes on): old ids and parents where they fit, so a restart
+moves nobody.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ _ID_BLOCK = 1 << 20
 
 class Channel:
     __slots__ = ("name", "public_key", "bitrate_kbps", "substreams", "chunk_ms", "forest",
-                 "seed_link", "banned", "headroom", "refused", "evicted", "resumed", "renew_at",
-                 "renewing", "renew_per_tick")
+                 "seed_link", "banned", "headroom", "refused", "evicted", "resumed",
+                 "former_key", "renew_at", "renewing", "renew_per_tick")
 
     def __init__(self, name: str, public_key: bytes, bitrate_kbps: int, substreams: int,
                  chunk_ms: int, relay_fanout: int = 0) -> None:
@@ -77,6 +78,9 @@ class Channel:
         """Members sent away: reported for forged chunks, or no room left after a departure."""
         self.resumed = 0
         """Nodes back from a former tracker's trees that got their old id (and place) back."""
+        self.former_key = b""
+        """The key of the tracker the seed came back from: a viewer's claim to an id there needs
+        a token it signed for that id (b"": none can be proven)."""
         self.renew_at = math.inf
         """When the next sweep renewing its members' tokens starts (`TrackerNode._renew`)."""
         self.renewing: list[int] = []
@@ -191,17 +195,25 @@ class TrackerNode(NodeBase):
     def _resuming(self, now: float) -> bool:
         return self._born is not None and now - self._born < RESUME_WINDOW_S
 
-    def _claim_id(self, ch: Channel, claimed: int, now: float) -> int:
-        """`claimed` (a node's id at our predecessor) if we may give it back, else a new id."""
-        if (claimed >= 1 and self._resuming(now) and claimed not in ch.forest.members
-                and not self._id_base <= claimed < self._id_base + _ID_BLOCK):
-            self._foreign_ids = True
-            ch.resumed += 1
-            if ch.resumed == 1:
-                self._out.append(Notice(f"channel {ch.name!r}: taking over the trees its nodes "
-                                        f"come back with (a tracker restart)"))
-            return claimed
-        return self._new_id()
+    def _claimable(self, ch: Channel, claimed: int, now: float) -> bool:
+        """May `claimed` (a node's id at our predecessor) be given back to it?"""
+        return (claimed >= 1 and self._resuming(now) and claimed not in ch.forest.members
+                and not self._id_base <= claimed < self._id_base + _ID_BLOCK)
+
+    def _proven(self, ch: Channel, resume: m.Resume, now: float) -> bool:
+        """Does the viewer hold a token our predecessor signed for the id it claims?"""
+        proof = resume.proof
+        return (proof is not None and ch.former_key != b"" and proof.child == resume.node_id
+                and proof.channel == ch.name and proof.expires >= now
+                and self.crypto.token_valid(ch.former_key, proof))
+
+    def _resumed(self, ch: Channel, claimed: int) -> int:
+        self._foreign_ids = True
+        ch.resumed += 1
+        if ch.resumed == 1:
+            self._out.append(Notice(f"channel {ch.name!r}: taking over the trees its nodes come "
+                                    f"back with (a tracker restart)"))
+        return claimed
 
     def _welcome(self, ch: Channel, member: Member) -> m.Welcome:
         return m.Welcome(member.id, ch.name, ch.public_key, self.key.public, ch.substreams,
@@ -235,8 +247,14 @@ class TrackerNode(NodeBase):
         elif ch.seed_link is not None and ch.seed_link in self.links:
             self._drop_link(ch.seed_link, "replaced by a new seed connection", now)
         ch.bitrate_kbps, ch.chunk_ms = msg.bitrate_kbps, msg.chunk_ms
-        seed = Member(self._claim_id(ch, msg.resume_id, now), link, msg.address, msg.upload_kbps,
-                      ch.slots(msg.upload_kbps), (), now, ch.substreams, is_seed=True)
+        # A seed proves who it is with the channel key: its old id back, and with it the key
+        # its viewers' claims are checked against.
+        resumed = self._claimable(ch, msg.resume_id, now)
+        if resumed:
+            ch.former_key = msg.resume_key
+        seed = Member(self._resumed(ch, msg.resume_id) if resumed else self._new_id(), link,
+                      msg.address, msg.upload_kbps, ch.slots(msg.upload_kbps), (), now,
+                      ch.substreams, is_seed=True)
         ch.forest.add(seed)
         ch.seed_link = link
         self.links[link] = (ch, seed)
@@ -266,8 +284,10 @@ class TrackerNode(NodeBase):
         if msg.address and msg.address in ch.banned:
             self._reject(link, "evicted from this channel", now)
             return
-        if msg.resume is not None and self.strategy.mode == "tree" and self._resuming(now):
-            self._on_resume(link, ch, msg, msg.resume, now)
+        resume = msg.resume
+        if (resume is not None and self.strategy.mode == "tree"
+                and self._claimable(ch, resume.node_id, now) and self._proven(ch, resume, now)):
+            self._on_resume(link, ch, msg, resume, now)
             return
         slots = ch.slots(msg.upload_kbps) if msg.address else 0
         member = Member(self._new_id(), link, msg.address, msg.upload_kbps, slots,
@@ -296,11 +316,12 @@ class TrackerNode(NodeBase):
         self._send_neighbours(ch, member, now)
 
     def _on_resume(self, link: Link, ch: Channel, msg: m.Join, resume: m.Resume, now: float) -> None:
-        """A viewer back from our predecessor's trees: its old id, home tree and parents where
-        they are members with room; a parent not back yet is waited for (`RESUME_WAIT_S`), as
-        the viewer still plays from it; no parent, or one that cannot take it: placed anew."""
+        """A viewer back from our predecessor's trees, its id proven: that id, its home tree
+        and its parents where they are members with room; a parent not back yet is waited for
+        (`RESUME_WAIT_S`), as the viewer still plays from it; no parent, or one that cannot
+        take it: placed anew."""
         slots = ch.slots(msg.upload_kbps) if msg.address else 0
-        member = Member(self._claim_id(ch, resume.node_id, now), link, msg.address,
+        member = Member(self._resumed(ch, resume.node_id), link, msg.address,
                         msg.upload_kbps, slots, tuple(msg.coords), now, ch.substreams)
         member.relay_cap = relay_cap(msg.upload_kbps, ch.bitrate_kbps, ch.chunk_ms)
         forest = ch.forest

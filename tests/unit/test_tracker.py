@@ -374,6 +374,7 @@ def test_a_second_join_or_an_announce_from_a_held_viewer_is_a_protocol_error():
 # -- a restarted tracker adopts the trees its nodes come back with ------------------------------
 
 OLD_SEED = 7  # ids our predecessor gave out (outside this tracker's own block)
+OLD_KEY = SimKey(2)  # our predecessor's
 
 
 def restarted(seed_kbps: int = 20_000) -> TrackerNode:
@@ -381,16 +382,24 @@ def restarted(seed_kbps: int = 20_000) -> TrackerNode:
     t = TrackerNode(key=SimKey(3), crypto=SimCrypto(), rng=random.Random(1))
     t.link_opened(1, now=0.0)
     t.handle(1, m.Announce("c", SimKey(9).public, "seed", seed_kbps, BITRATE, K, 200, b"\0" * 64,
-                           OLD_SEED), now=0.0)
+                           OLD_SEED, OLD_KEY.public), now=0.0)
     return t
 
 
+def proof_of(node_id: int, key: SimKey = OLD_KEY) -> m.Token:
+    """The seed token `key`'s tracker gave `node_id`: what proves its id."""
+    return SimCrypto().issue_token(key, node_id, OLD_SEED, "c", m.NO_PEER, 600.0)
+
+
 def resume(t: TrackerNode, link: int, old_id: int, home: int, parents: list[tuple[int, str]],
-           now: float = 1.0, kbps: int = 4500) -> list[tuple[int, int]]:
-    """A viewer back at `t` on `link`; returns the (sub-stream, parent id) of its Assigns."""
+           now: float = 1.0, kbps: int = 4500, proof: m.Token | None | bool = True,
+           ) -> list[tuple[int, int]]:
+    """A viewer back at `t` on `link` (`proof`: True, a good one); returns the (sub-stream,
+    parent id) of its Assigns."""
     t.link_opened(link, now=now)
     t.handle(link, m.Join("c", f"v{old_id}", kbps, (), m.Resume(
-        old_id, home, tuple(m.PeerRef(i, a) for i, a in parents))), now=now)
+        old_id, home, tuple(m.PeerRef(i, a) for i, a in parents),
+        proof_of(old_id) if proof is True else proof or None)), now=now)
     return [(e.msg.substream, e.msg.parent.id) for e in t.drain()
             if type(e) is Send and e.link == link and type(e.msg) is m.Assign]
 
@@ -463,10 +472,13 @@ def test_a_waiting_viewer_whose_parent_dies_is_placed_at_once():
     assert t.drain() == [] and member(t, 3).parent[0] == OLD_SEED
 
 
-@pytest.mark.parametrize("case", ["late", "own id", "taken id", "other address", "no room"])
+@pytest.mark.parametrize("case", ["late", "own id", "taken id", "no proof", "another key's proof",
+                                  "another id's proof", "expired proof", "other address",
+                                  "no room"])
 def test_a_claim_the_tracker_cannot_honour_is_a_plain_join(case):
-    # Too late, an id this tracker gives out itself or one already taken: a new id. A parent
-    # at another address than the one named, or without room: placed as a newcomer is.
+    # Too late, an id this tracker gives out itself or one already taken, or no token of our
+    # predecessor's for that id: a new id (a plain join). A parent at another address than the
+    # one named, or without room: placed as a newcomer is.
     t = restarted()
     seed = [(OLD_SEED, "seed")] * K
     assert child_slots(700, BITRATE, K) == 1
@@ -479,8 +491,12 @@ def test_a_claim_the_tracker_cannot_honour_is_a_plain_join(case):
         "taken id": (100, (100, "v100"), 1.0),
         "other address": (102, (OLD_SEED, "elsewhere"), 1.0),  # (a leaf goes under A)
         "no room": (102, (100, "v100"), 1.0),  # A's one slot is B's
-    }[case]
-    got = dict(resume(t, 4, claim, 2, [parent] + seed[1:], now=now))
+    }.get(case, (102, (100, "v100"), 1.0))
+    proof = {"no proof": None, "another key's proof": proof_of(102, SimKey(4)),
+             "another id's proof": proof_of(100),
+             "expired proof": SimCrypto().issue_token(OLD_KEY, 102, OLD_SEED, "c", -1, 0.5),
+             }.get(case, True)
+    got = dict(resume(t, 4, claim, 2, [parent] + seed[1:], now=now, proof=proof))
     c = member(t, 4)
     if case in ("other address", "no room"):
         assert c.id == claim and got[0] == c.parent[0] != parent[0]
@@ -511,8 +527,9 @@ def test_any_resume_claims_keep_the_forest_sound(ops):
             old = [OLD_SEED] + list(range(100, 131))  # a small pool: claims collide
             refs = [(old[p], "seed" if old[p] == OLD_SEED else f"v{old[p]}") for p in parents]
             t.link_opened(link, now=now)
+            proof = proof_of(old[claim]) if kbps != 1500 else proof_of(old[(claim + 1) % 31])
             t.handle(link, m.Join("c", f"v{old[claim]}", kbps, (), m.Resume(
-                old[claim], home, tuple(m.PeerRef(i, a) for i, a in refs))), now=now)
+                old[claim], home, tuple(m.PeerRef(i, a) for i, a in refs), proof)), now=now)
             if t.links.get(link) is not None:
                 links.append(link)
                 joined_at[member(t, link).id] = now

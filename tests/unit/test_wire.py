@@ -46,14 +46,15 @@ token = st.builds(m.Token, node_id, node_id, channel, st.integers(-1, m.MAX_SUBS
                   clock, sig)
 seqs = st.lists(seq, max_size=64).map(tuple)
 resume = st.builds(m.Resume, node_id, st.integers(-1, m.MAX_SUBSTREAMS - 1),
-                   st.lists(peer_ref, max_size=m.MAX_SUBSTREAMS).map(tuple))
+                   st.lists(peer_ref, max_size=m.MAX_SUBSTREAMS).map(tuple), st.none() | token)
 
 FIELDS: dict[type, tuple[st.SearchStrategy, ...]] = {
     m.PeerRef: (node_id, address),
     m.Token: (node_id, node_id, channel, st.integers(-1, m.MAX_SUBSTREAMS - 1), clock, sig),
     m.Resume: (node_id, st.integers(-1, m.MAX_SUBSTREAMS - 1),
-               st.lists(peer_ref, max_size=m.MAX_SUBSTREAMS).map(tuple)),
-    m.Announce: (channel, key, address, kbps, kbps, n_substreams, chunk_ms, sig, node_id),
+               st.lists(peer_ref, max_size=m.MAX_SUBSTREAMS).map(tuple), st.none() | token),
+    m.Announce: (channel, key, address, kbps, kbps, n_substreams, chunk_ms, sig, node_id,
+                 st.binary(max_size=m.KEY_LEN)),
     m.Join: (channel, address, kbps,
              st.lists(st.floats(-1e6, 1e6, allow_nan=False), max_size=8).map(tuple),
              st.none() | resume),

@@ -19,7 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
+"""Raised whenever a message changes shape, so mismatched builds refuse each other by version,
+not by a field count (2: `Join.resume`, `Announce.resume_id`/`resume_key`, `Neighbours.seed_id`,
+`Assign` without a token, `Waiting`)."""
 
 MAX_CHANNEL: Final = 64
 """Longest channel name, in characters."""

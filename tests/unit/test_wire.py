@@ -26,6 +26,8 @@ from meshcast.effects import ChunkBegin, ChunkBytes, ChunkEnd, Open, Send
 from meshcast.errors import LocalProtocolError, RemoteProtocolError
 from tests.unit.test_swarm import build, played, stream
 
+V = m.PROTOCOL_VERSION
+
 # -- strategies: one per field, in declaration order (the test below checks they cover SCHEMA) --
 
 node_id = st.integers(-1, 2**48)
@@ -243,19 +245,19 @@ def test_unknown_tag_is_refused(tag):
     (msgpack.packb([1]), "expected a list [version, tag"),
     (msgpack.packb("hello"), "expected a list [version, tag"),
     (msgpack.packb([True, 6, "x"]), "unsupported protocol version True"),
-    (msgpack.packb([1, 6, b"\xff"], use_bin_type=True), "Reject.reason"),
-    (msgpack.packb([1, 6, "x" * (m.MAX_REASON + 1)]), "Reject.reason: expected a string of at most"),
-    (msgpack.packb([1, 14, 0, b"\0" * (m.MAX_BITMAP + 1)], use_bin_type=True), "Have.bitmap"),
-    (msgpack.packb([1, 15, [1] * 65]), "Request.seqs: expected a list of at most 64"),
-    (msgpack.packb([1, 15, [1, -1]]), "Request.seqs[1]: expected an integer"),
-    (msgpack.packb([1, 17, "ch", 0, m.MAX_CHUNK + 1, 0, 0.0, b"s" * 64], use_bin_type=True),
+    (msgpack.packb([V, 6, b"\xff"], use_bin_type=True), "Reject.reason"),
+    (msgpack.packb([V, 6, "x" * (m.MAX_REASON + 1)]), "Reject.reason: expected a string of at most"),
+    (msgpack.packb([V, 14, 0, b"\0" * (m.MAX_BITMAP + 1)], use_bin_type=True), "Have.bitmap"),
+    (msgpack.packb([V, 15, [1] * 65]), "Request.seqs: expected a list of at most 64"),
+    (msgpack.packb([V, 15, [1, -1]]), "Request.seqs[1]: expected an integer"),
+    (msgpack.packb([V, 17, "ch", 0, m.MAX_CHUNK + 1, 0, 0.0, b"s" * 64], use_bin_type=True),
      "ChunkHead.size: expected an integer in [0, 4194304]"),
-    (msgpack.packb([1, 17, "ch", 0, 10, 0, float("nan"), b"s" * 64], use_bin_type=True),
+    (msgpack.packb([V, 17, "ch", 0, 10, 0, float("nan"), b"s" * 64], use_bin_type=True),
      "ChunkHead.ts: expected a number"),
-    (msgpack.packb([1, 4, 0, [1, "a"], [1, 2, "c", 0, 1.0, b"short"], None, None, False],
+    (msgpack.packb([V, 4, 0, [1, "a"], [1, 2, "c", 0, 1.0, b"short"], None, None, False],
                    use_bin_type=True), "Assign.token.sig: expected exactly 64 bytes"),
-    (msgpack.packb([1, 10, 1, "c", [1, 2]]), "Hello.token: expected Token as a list of 6 fields"),
-    (msgpack.packb([1, 6, "\udcff".encode("utf-8", "surrogatepass")], use_bin_type=False),
+    (msgpack.packb([V, 10, 1, "c", [1, 2]]), "Hello.token: expected Token as a list of 6 fields"),
+    (msgpack.packb([V, 6, "\udcff".encode("utf-8", "surrogatepass")], use_bin_type=False),
      "undecodable"),  # invalid UTF-8 in a str
 ])
 def test_malformed_messages_name_the_problem(data, problem):
@@ -389,7 +391,7 @@ def test_garbage_on_a_peer_link_closes_that_link_only(swarm):
     intruder.connect(victim.address)
     links_before = set(victim.conns)
     intruder.send_garbage(victim, b"\x93\x07\x01\x02")  # [7, 1, 2]
-    assert intruder.closed == ["protocol error: unsupported protocol version 7 (this node speaks 1)"]
+    assert intruder.closed == [f"protocol error: unsupported protocol version 7 (this node speaks {V})"]
     assert set(victim.conns) == links_before - {intruder.remote_link}
     keeps_playing(w, seed, peers)
 
@@ -514,7 +516,7 @@ def test_garbage_to_the_tracker_closes_that_link_only(swarm):
     intruder.connect("tracker")
     intruder.send(Send(intruder.link, m.Join("ch", "", 0)))
     assert any(type(x) is m.Welcome for x in intruder.received)
-    intruder.send_garbage(tracker, msgpack.packb([1, 8, 0, "one", 2]))
+    intruder.send_garbage(tracker, msgpack.packb([V, 8, 0, "one", 2]))
     assert intruder.closed == [f"protocol error: ParentLost.parent: expected an integer in "
                                f"[-1, {2**48}], got 'one'"]
     assert len(tracker.channels["ch"].forest.members) == len(peers) + 1  # the seed, the peers

@@ -193,8 +193,9 @@ class PeerNode(RelayNode):
             self._close(link, "leaving" if self.leaving else "rejected by the tracker", now)
             return
         if ref == TRACKER:
-            # (Also back after losing the tracker: we keep our links and subscriptions, and the
-            # tracker's Assigns move us from the old trees into its own, as any move does.)
+            # (Also back after losing the tracker: we keep our links and subscriptions and say
+            # where we sit (`_resume`); a restarted tracker puts us back there where it can, and
+            # its Assigns move us, as any move does, where it cannot.)
             self.tracker_link = link
             self._out.append(Send(link, m.Join(self.channel, self.address, self.upload_kbps,
                                                self.coords, self._resume())))

@@ -289,13 +289,7 @@ class TrackerNode(NodeBase):
                 and self._claimable(ch, resume.node_id, now) and self._proven(ch, resume, now)):
             self._on_resume(link, ch, msg, resume, now)
             return
-        slots = ch.slots(msg.upload_kbps) if msg.address else 0
-        member = Member(self._new_id(), link, msg.address, msg.upload_kbps, slots,
-                        tuple(msg.coords), now, ch.substreams)
-        member.relay_cap = relay_cap(msg.upload_kbps, ch.bitrate_kbps, ch.chunk_ms)
-        ch.forest.add(member)
-        self.links[link] = (ch, member)
-        self._out.append(Send(link, self._welcome(ch, member)))
+        member = self._admit(link, ch, msg, self._new_id(), now)
         # All or nothing: the newcomer's Assigns (and their tokens) go out only once every tree
         # has room for it. Moves of other members (push-down) are real either way and go now.
         self._joining, held = member, self._held
@@ -315,19 +309,26 @@ class TrackerNode(NodeBase):
         held.clear()
         self._send_neighbours(ch, member, now)
 
+    def _admit(self, link: Link, ch: Channel, msg: m.Join, node_id: int, now: float,
+               home: int = m.NO_PEER) -> Member:
+        """Make the viewer joining on `link` a member, as `node_id` (`home`: see
+        `Forest.add`), and welcome it; it has no parent yet."""
+        slots = ch.slots(msg.upload_kbps) if msg.address else 0
+        member = Member(node_id, link, msg.address, msg.upload_kbps, slots, tuple(msg.coords), now,
+                        ch.substreams)
+        member.relay_cap = relay_cap(msg.upload_kbps, ch.bitrate_kbps, ch.chunk_ms)
+        ch.forest.add(member, home)
+        self.links[link] = (ch, member)
+        self._out.append(Send(link, self._welcome(ch, member)))
+        return member
+
     def _on_resume(self, link: Link, ch: Channel, msg: m.Join, resume: m.Resume, now: float) -> None:
         """A viewer back from our predecessor's trees, its id proven: that id, its home tree
         and its parents where they are members with room; a parent not back yet is waited for
         (`RESUME_WAIT_S`), as the viewer still plays from it; no parent, or one that cannot
         take it: placed anew."""
-        slots = ch.slots(msg.upload_kbps) if msg.address else 0
-        member = Member(self._resumed(ch, resume.node_id), link, msg.address,
-                        msg.upload_kbps, slots, tuple(msg.coords), now, ch.substreams)
-        member.relay_cap = relay_cap(msg.upload_kbps, ch.bitrate_kbps, ch.chunk_ms)
+        member = self._admit(link, ch, msg, self._resumed(ch, resume.node_id), now, resume.home)
         forest = ch.forest
-        forest.add(member, home=resume.home)
-        self.links[link] = (ch, member)
-        self._out.append(Send(link, self._welcome(ch, member)))
         waits = False
         for k in range(ch.substreams):
             ref = resume.parents[k] if k < len(resume.parents) else m.NO_REF
@@ -347,9 +348,10 @@ class TrackerNode(NodeBase):
     def _adopt(self, ch: Channel, parent: Member, child: Member, k: int, address: str,
                now: float) -> bool:
         """Put `child` back under `parent` in tree k, as it was in our predecessor's trees, if
-        `parent` is the node it named and has room for it there; tell `child` (True)."""
+        `parent` is the node it named and has room for it there; tell `child` (True). As in
+        placement, a slot may be one borrowed outside the parent's home tree."""
         forest = ch.forest
-        if (parent.address != address or not parent.relays(k) or parent.free <= 0
+        if (parent.address != address or parent.free <= 0
                 or (child.relays(k) and not parent.is_seed
                     and sum(parent.children[k].values()) >= parent.relay_cap)
                 or forest.is_descendant(parent, child, k)):

@@ -425,10 +425,15 @@ def test_nodes_back_from_a_former_tracker_keep_their_ids_and_parents():
     assert b.id == 101 and b.home == 1 and b.parent[0] == 100 and b.depth[0] == 2
     check_invariants(t)
     assert t.stats()["channels"]["c"]["resumed"] == 3  # the seed, A and B
-    # A newcomer gets an id of this tracker's own: none of the resumed ones.
+    # A newcomer gets an id of this tracker's own: none of the resumed ones, even once its
+    # count reaches theirs (a million joins later, past its own block).
     t.link_opened(4, now=1.0)
     t.handle(4, m.Join("c", "new", 4500), now=1.0)
     assert member(t, 4).id not in (OLD_SEED, 100, 101)
+    t._next_id = 100
+    t.link_opened(5, now=1.0)
+    t.handle(5, m.Join("c", "newer", 4500), now=1.0)
+    assert member(t, 5).id == 102
 
 
 def test_a_viewer_back_before_its_parent_waits_for_it_and_then_rejoins_it():

@@ -179,7 +179,7 @@ async def _tracker(args: argparse.Namespace) -> int:
     async with anyio.create_task_group() as tg:
         handle: TrackerHandle = await tg.start(partial(run_tracker, args.listen,
                                                        strategy=args.strategy, hold_s=args.hold,
-                                                       per_ip=_per_ip(args)))
+                                                       per_ip=_per_ip(args), key=args.key))
         if args.stats:
             tg.start_soon(_write_stats, handle.node.stats, args.stats)
     return 0
@@ -597,6 +597,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", metavar="PATH",
                    help="append a JSON line to PATH every second: per channel, viewers, relays, "
                         "tree depth, the seed's children and slots, refusals and evictions")
+    p.add_argument("--key", metavar="FILE",
+                   help="the tracker's signing key (PEM, created on first use); keep it across "
+                        "restarts and the tokens it signed stay good, and viewers keep their "
+                        "places even if the seed restarted too (default: a new key each start)")
     _admission_args(p)
     p.set_defaults(func=cmd_tracker)
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3
 """Raised whenever a message changes shape, so mismatched builds refuse each other by version,
 not by a field count (2: `Join.resume`, `Announce.resume_id`/`resume_key`, `Neighbours.seed_id`,
-`Assign` without a token, `Waiting`)."""
+`Assign` without a token, `Waiting`; 3: `Resume.children`, `Announce.resume_children`)."""
 
 MAX_CHANNEL: Final = 64
 """Longest channel name, in characters."""
@@ -98,6 +98,8 @@ class Announce:
     resume_key: bytes = b""
     """... and the key of the tracker that gave it: its viewers prove their own ids with tokens
     that key signed."""
+    resume_children: int = 0
+    """... and how many children it feeds (as `Resume.children`)."""
 
 
 # -- peer ↔ tracker ------------------------------------------------------------------------------
@@ -128,6 +130,9 @@ class Resume:
     parents: tuple[PeerRef, ...]
     proof: Token | None = None
     """A token the former tracker gave this node (its seed's, or a backup's): it proves the id."""
+    children: int = 0
+    """Children it feeds now, over all sub-streams: the tracker keeps that many of its slots for
+    them while they come back, rather than fill them with others it would then refuse."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -107,15 +107,16 @@ KBPS = integer(0, 10_000_000)
 TIME = number(-1e12, 1e12)
 SIG = blob(m.SIG_LEN, exact=True)
 KEY = blob(m.KEY_LEN, exact=True)
+COUNT = integer(0, 1 << 20)
 
 # Each message: its tag and one check per dataclass field, in declaration order.
 SCHEMA: dict[type, tuple[int, tuple[Check, ...]]] = {
     m.PeerRef: (0, (NODE_ID, ADDRESS)),
     m.Token: (0, (NODE_ID, NODE_ID, CHANNEL, integer(-1, m.MAX_SUBSTREAMS - 1), TIME, SIG)),
     m.Resume: (0, (NODE_ID, integer(-1, m.MAX_SUBSTREAMS - 1),
-                   array(nested(m.PeerRef), m.MAX_SUBSTREAMS), optional(nested(m.Token)))),
+                   array(nested(m.PeerRef), m.MAX_SUBSTREAMS), optional(nested(m.Token)), COUNT)),
     m.Announce: (1, (CHANNEL, KEY, ADDRESS, KBPS, KBPS, integer(1, m.MAX_SUBSTREAMS),
-                     integer(10, 10_000), SIG, NODE_ID, blob(m.KEY_LEN))),
+                     integer(10, 10_000), SIG, NODE_ID, blob(m.KEY_LEN), COUNT)),
     m.Join: (2, (CHANNEL, ADDRESS, KBPS, array(number(-1e6, 1e6), 8), optional(nested(m.Resume)))),
     m.Welcome: (3, (NODE_ID, CHANNEL, KEY, KEY, integer(1, m.MAX_SUBSTREAMS),
                     integer(10, 10_000), KBPS, text(8), NODE_ID)),

@@ -226,7 +226,7 @@ class PeerNode(RelayNode):
         proof = contact[1] if contact is not None else next(
             (slot.token for slot in self.backup if slot is not None and slot.token is not None), None)
         return m.Resume(self.id, home, tuple(m.NO_REF if slot is None else slot.ref
-                                             for slot in self.primary), proof)
+                                             for slot in self.primary), proof, self._children())
 
     def open_failed(self, ref: Any, *, now: float, reason: str = "") -> None:
         if ref == TRACKER:

@@ -62,7 +62,8 @@ class SeedNode(RelayNode):
             self._out.append(Send(link, m.Announce(self.channel, self.key.public, self.address,
                                                    self.upload_kbps, self.bitrate_kbps,
                                                    self.substreams, self.chunk_ms, proof,
-                                                   self.id, self.tracker_key)))  # (if back)
+                                                   self.id, self.tracker_key,  # (if back)
+                                                   self._children())))
 
     def open_failed(self, ref: Any, *, now: float, reason: str = "") -> None:
         if ref == TRACKER:

@@ -11,7 +11,9 @@ Modelling choices that mirror the runtime, in one place:
   its index as a string.
 - Opening a link costs one RTT (QUIC handshake): the acceptor learns of it after one one-way
   delay, the opener after two. A connection to a node that is gone fails after
-  `CONNECT_TIMEOUT` (the runtime's connect time-out).
+  `CONNECT_TIMEOUT` (the runtime's connect time-out), unless the node comes back meanwhile (a
+  restarted tracker): the opener's first packet is sent again on aioquic's schedule
+  (`INITIAL_RESENDS`), and the first copy sent after the node is back opens the link.
 - Control messages: propagation only (`Network.send_control`), in order per link.
 - A chunk transfer is one event at its last byte's arrival, where the receiver gets the whole
   chunk at once (`chunk_received`) and passes it on whole (`SendChunk`); cut-through is in the
@@ -56,6 +58,10 @@ from tracker.node import TrackerNode
 BUFFER_S: Final = 3.0
 """Each simulated peer keeps 3 s of chunks for pulls (memory: 100k peers)."""
 CONNECT_TIMEOUT: Final = 5.0
+INITIAL_RESENDS: Final = (0.2, 0.6, 1.4, 3.0)
+"""When a QUIC client sends its first packet again, in seconds after the first, while nothing
+answers: aioquic's probe time-out, 2 × its 0.1 s initial RTT, doubling each time (those within
+`CONNECT_TIMEOUT`)."""
 IDLE_TIMEOUT: Final = LINK_IDLE_TIMEOUT_S
 GOP_MS: Final = 1000
 """Default keyframe interval (`[stream] gop_ms`)."""
@@ -147,6 +153,9 @@ class Simulation:
         self.started = bytearray(n)
         """1 once a peer has played its first chunk."""
         self.refused: set[int] = set()
+        self.back_at: dict[int, float] = {}
+        """Nodes that are down but will answer again at their address (the tracker during a
+        restart): when."""
         # The frequent event callbacks, bound once (a compiled build would allocate a method
         # object for every event scheduled).
         self._chunk_arrives_cb: Callable[..., None] = self._chunk_arrives
@@ -199,6 +208,7 @@ class Simulation:
         return RunResult(self.metrics, events, time.perf_counter() - wall, len(self.specs), tracker)
 
     def _start_tracker(self, key: SimKey) -> None:
+        self.back_at.pop(TRACKER, None)
         self.nodes[TRACKER] = TrackerNode(key=key, crypto=self.crypto,
                                           rng=random.Random(self.rng.random()),
                                           strategy=self.scenario.run.strategy)
@@ -208,7 +218,9 @@ class Simulation:
         """The tracker process stops (a restart): its links close, each end told after one
         one-way delay; a new tracker answers at the same address `down_s` later."""
         self._stop(TRACKER, "tracker restarting", killed=False)
-        self.sched.after(self.scenario.tracker.down_s, self._start_tracker, SimKey(self.n))
+        down_s = self.scenario.tracker.down_s
+        self.back_at[TRACKER] = self.sched.now + down_s
+        self.sched.after(down_s, self._start_tracker, SimKey(self.n))
 
     def _go_live(self, index: int) -> None:
         seed: SeedNode = self.nodes[index]
@@ -380,7 +392,12 @@ class Simulation:
         dst = int(address) if address.isdigit() else -1
         now = self.sched.now
         if not 0 <= dst < self.n or not self.alive[dst]:
-            self.sched.at(now + CONNECT_TIMEOUT, self._open_failed, i, ref)
+            back = self.back_at.get(dst, math.inf)
+            resend = next((now + s for s in INITIAL_RESENDS if now + s >= back), math.inf)
+            if resend < now + CONNECT_TIMEOUT:
+                self.sched.at(resend, self._open, i, address, ref)  # that copy is answered
+            else:
+                self.sched.at(now + CONNECT_TIMEOUT, self._open_failed, i, ref)
             return
         owner = self.owner
         a = len(owner)

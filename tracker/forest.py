@@ -29,7 +29,8 @@ NO_LIMIT = 1 << 30
 
 
 class Member:
-    __slots__ = ("id", "link", "address", "ref", "upload_kbps", "slots", "used", "coords", "joined",
+    __slots__ = ("id", "link", "address", "ref", "upload_kbps", "slots", "used", "held", "coords",
+                 "joined",
                  "home", "parent", "backup", "children", "depth", "is_seed", "relay_cap",
                  "neighbours", "former", "former_until")
 
@@ -39,6 +40,9 @@ class Member:
         self.ref = PeerRef(id, address)
         """How children reach this member: one object shared by every Assign naming it."""
         self.upload_kbps, self.slots, self.used = upload_kbps, slots, 0
+        self.held = 0
+        """Slots kept for children it fed under a former tracker that are not back yet (the
+        forest's `hold`): not free, though not `used` by a child here."""
         self.coords, self.joined, self.is_seed = coords, joined, is_seed
         self.home = NO_PEER
         self.parent = [NO_PEER] * substreams
@@ -60,7 +64,7 @@ class Member:
 
     @property
     def free(self) -> int:
-        return self.slots - self.used
+        return self.slots - self.used - self.held
 
     def relays(self, k: int) -> bool:
         return self.is_seed or (self.home == k and self.slots > 0)
@@ -97,6 +101,8 @@ class Forest:
         self.spare: dict[int, None] = {}
         """Ids of the members with a free slot, in any tree: a placement's last resort scans
         these, not the whole channel (few of them once it is full)."""
+        self.holding: dict[int, None] = {}
+        """Ids of the members keeping slots (`hold`)."""
 
     # -- membership ----------------------------------------------------------------------------
 
@@ -133,6 +139,7 @@ class Forest:
             self.home_capacity[member.home] -= member.slots
         del self.members[member.id]
         self.spare.pop(member.id, None)
+        self.holding.pop(member.id, None)
         i = self._pos.pop(member.id)
         last = self.ids.pop()
         if last != member.id:
@@ -155,6 +162,23 @@ class Forest:
         member.slots = slots
         self._note_spare(member)
         self._index(member)
+
+    def hold(self, member: Member, slots: int) -> None:
+        """Keep up to `slots` of a member's free slots from placement (−: give them back)."""
+        self._unindex(member)
+        member.held = max(0, min(member.held + slots, member.slots - member.used))
+        if member.held:
+            self.holding[member.id] = None
+        else:
+            self.holding.pop(member.id, None)
+        self._note_spare(member)
+        self._index(member)
+
+    def release_holds(self) -> None:
+        """Every kept slot is free again."""
+        for mid in list(self.holding):
+            member = self.members[mid]
+            self.hold(member, -member.held)
 
     # -- tree edits ----------------------------------------------------------------------------
 
@@ -193,7 +217,7 @@ class Forest:
         self._set_depth(child, k, -1)
 
     def _note_spare(self, m: Member) -> None:
-        if m.used < m.slots:
+        if m.free > 0:
             self.spare[m.id] = None
         else:
             self.spare.pop(m.id, None)
@@ -240,7 +264,7 @@ class Forest:
             if d < 0:
                 continue
             kids = m.children[k]
-            free = m.used < m.slots
+            free = m.free > 0
             leafy = False in kids.values()  # a child that does not relay (values are bools)
             if free:
                 self.free[k].setdefault(d, {})[m.id] = None

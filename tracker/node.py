@@ -11,7 +11,8 @@ only when that is used up too does a newcomer get a `Reject` that says so. A `Jo
 that is not live yet is held (`Waiting`) and placed when its seed announces it. A restarted
 tracker takes over the trees its nodes come back with (`Resume`, each id proven by a token of the
 old tracker's, whose key the seed passes on): old ids and parents where they fit, so a restart
-moves nobody.
+moves nobody; each parent's slots are kept for the children it says it feeds until they are
+back, and a newcomer that finds no other room waits for one.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ RESUME_WAIT_S = 45.0
 """How long a resumed viewer's place in a tree waits for its parent there to come back too;
 then it is placed as a newcomer would be (a move). Waiting costs nothing: the viewer plays from
 that parent meanwhile, and reports it (`ParentLost`) if it dies. So it is the longest a live
-parent may take: a viewer retries a lost tracker at most 30 s apart, ±50 %."""
+parent may take: a viewer retries a lost tracker at most 30 s apart, ±50 %. For as long, a
+resumed parent's slots are kept for the children it feeds that are not back yet."""
 _ID_BLOCK = 1 << 20
 """The ids a tracker gives out start at a block of this size chosen by its key."""
 
@@ -95,9 +97,11 @@ class TrackerNode(NodeBase):
     """The topology owner. One instance serves many channels."""
 
     def __init__(self, *, key: Any, crypto: Crypto, rng: random.Random,
-                 strategy: str = "tree", hold_s: float = JOIN_HOLD_S) -> None:
+                 strategy: str = "tree", hold_s: float = JOIN_HOLD_S,
+                 id_block: int | None = None) -> None:
         """`hold_s`: how long a `Join` for a channel that is not live is held (0: refused at
-        once)."""
+        once). `id_block`: which block of ids it gives out (default: one its key picks); a
+        tracker that keeps its key across restarts needs another one each time."""
         super().__init__()
         self.key = key
         self.crypto = crypto
@@ -105,9 +109,11 @@ class TrackerNode(NodeBase):
         self.strategy: TreePlacement = make_strategy(strategy, rng)
         self.channels: dict[str, Channel] = {}
         self.links: dict[Link, tuple[Channel, Member] | None] = {}
-        self._next_id = self._id_base = 1 + (int.from_bytes(key.public[-3:], "big") << 20)
-        """Ids start from where this tracker's key says: a restarted tracker (a new key) gives
-        out ids its predecessor did not, so the ids it hands back to resumed nodes (its
+        if id_block is None:
+            id_block = int.from_bytes(key.public[-3:], "big")
+        self._next_id = self._id_base = 1 + (id_block % (1 << 24) << 20)
+        """Ids start from where this tracker's key (or `id_block`) says: a restarted tracker
+        gives out ids its predecessor did not, so the ids it hands back to resumed nodes (its
         predecessor's) never clash with its own, and a viewer it places anew keeps its links to
         the old trees (named by old ids) while it moves."""
         self._born: float | None = None
@@ -118,13 +124,18 @@ class TrackerNode(NodeBase):
         self._adopting: dict[tuple[str, int, int], list[tuple[int, str]]] = {}
         """(channel, parent id, sub-stream) → resumed members (id, the parent's address they
         gave) whose place in that tree waits for that parent to come back."""
-        self._adopt_until: deque[tuple[float, str, int]] = deque()
-        """(when, channel, member id): when a resumed member stops waiting for its parents."""
+        self._adopt_until: deque[tuple[float, str, int, bool]] = deque()
+        """(when, channel, member id, whether it waits for parents): when a resumed member stops
+        waiting for its parents, and the slots it kept for its children go back."""
         self.evictions = 0
         self.rejections = 0
         self._joining: Member | None = None
         """The viewer being placed by `_on_join`: its Assigns wait in `_held` until it has a
         parent in every tree, so a refused viewer never holds a token."""
+        self._unholding = False
+        """Set while held joins are tried again (not re-entered)."""
+        self._rehold = False
+        """Set while waiting newcomers are tried again: one that waits on is not told again."""
         self._held: list[Send] = []
         self._handed_back: dict[tuple[int, int], float] = {}
         """(member id, sub-stream) → when the tracker last gave a member back the parent it
@@ -150,6 +161,7 @@ class TrackerNode(NodeBase):
         entry = self.links.pop(link, None)
         if entry is not None:
             self._remove(entry[0], entry[1], now)
+            self._unhold_newcomers(entry[0], now)  # (its slots, kept ones included, are free)
         elif link in self._waiting_on:
             self._unhold(link)
 
@@ -201,11 +213,16 @@ class TrackerNode(NodeBase):
                 and not self._id_base <= claimed < self._id_base + _ID_BLOCK)
 
     def _proven(self, ch: Channel, resume: m.Resume, now: float) -> bool:
-        """Does the viewer hold a token our predecessor signed for the id it claims?"""
+        """Does the viewer hold a token our predecessor signed for the id it claims? Its key
+        is the one the seed passed on, or our own if we kept it (`meshcast tracker --key`):
+        then a viewer proves its id even when the seed restarted too."""
         proof = resume.proof
-        return (proof is not None and ch.former_key != b"" and proof.child == resume.node_id
-                and proof.channel == ch.name and proof.expires >= now
-                and self.crypto.token_valid(ch.former_key, proof))
+        if not (proof is not None and proof.child == resume.node_id
+                and proof.channel == ch.name and proof.expires >= now):
+            return False
+        own = self.key.public
+        return ((ch.former_key != b"" and self.crypto.token_valid(ch.former_key, proof))
+                or (ch.former_key != own and self.crypto.token_valid(own, proof)))
 
     def _resumed(self, ch: Channel, claimed: int) -> int:
         self._foreign_ids = True
@@ -259,6 +276,8 @@ class TrackerNode(NodeBase):
         ch.seed_link = link
         self.links[link] = (ch, seed)
         self._out.append(Send(link, self._welcome(ch, seed)))
+        if resumed:
+            self._hold_for_children(ch, seed, msg.resume_children, False, now)
         self._adopt_children(ch, seed, now)
         # Members from before a seed restart: the new seed is their last-resort source (it is a
         # new node), and those it orphaned hang off nothing: place them again.
@@ -269,10 +288,16 @@ class TrackerNode(NodeBase):
             for k in range(ch.substreams):
                 if member.parent[k] == m.NO_PEER:
                     self._place(ch, member, k, now)
-        # Viewers who came before the broadcast: in the order they came.
-        for held, join in list(self.waiting.get(ch.name, {}).items()):
-            self._unhold(held)
-            self._on_join(held, join, now)
+        # Viewers who came before the broadcast: in the order they came (a newcomer waits on
+        # if the slots are kept for viewers coming back, who are among them after a restart).
+        self._unholding = True
+        try:
+            for held, join in list(self.waiting.get(ch.name, {}).items()):
+                self._unhold(held)
+                self._on_join(held, join, now)
+        finally:
+            self._unholding = False
+        self._unhold_newcomers(ch, now)
 
     def _on_join(self, link: Link, msg: m.Join, now: float) -> None:
         if self.links[link] is not None or link in self._waiting_on:
@@ -289,37 +314,87 @@ class TrackerNode(NodeBase):
                 and self._claimable(ch, resume.node_id, now) and self._proven(ch, resume, now)):
             self._on_resume(link, ch, msg, resume, now)
             return
-        member = self._admit(link, ch, msg, self._new_id(), now)
-        # All or nothing: the newcomer's Assigns (and their tokens) go out only once every tree
-        # has room for it. Moves of other members (push-down) are real either way and go now.
+        wait = self.hold_s > 0 and bool(ch.forest.holding)
+        if wait and not self._room_for_newcomer(ch):
+            self._wait_for_slots(link, msg, now)
+            return
+        member = self._admit(link, ch, msg, self._new_id(), now, welcome=False)
+        # All or nothing: the newcomer's Welcome and Assigns (and their tokens) go out only once
+        # every tree has room for it. Moves of other members (push-down) are real either way
+        # and go now.
         self._joining, held = member, self._held
         try:
             for k in range(ch.substreams if self.strategy.mode == "tree" else 0):
                 if not self._place(ch, member, k, now):
                     self._joining = None  # from here on, moves are other members' and real
                     held.clear()
-                    ch.refused += 1
                     self.links[link] = None
                     self._remove(ch, member, now)  # re-homes anyone it adopted in earlier trees
+                    if wait:
+                        self._wait_for_slots(link, msg, now)
+                        return
+                    ch.refused += 1
                     self._reject(link, "channel full: no upload capacity left for a new viewer", now)
                     return
         finally:
             self._joining = None
+        self._out.append(Send(link, self._welcome(ch, member)))
         self._out.extend(held)
         held.clear()
         self._send_neighbours(ch, member, now)
 
+    def _wait_for_slots(self, link: Link, msg: m.Join, now: float) -> None:
+        self._hold(link, msg, now, f"channel {msg.channel!r} is full until its viewers are back "
+                                   f"from a tracker restart: waiting for a slot",
+                   notify=not self._rehold)
+
+    def _room_for_newcomer(self, ch: Channel) -> bool:
+        """While slots are kept for children coming back (`_hold_for_children`): do the others
+        add up to one per tree? If not (or if placement finds no room in some tree), a newcomer
+        waits for its slots (`_unhold_newcomers`) rather than take kept ones, whose owners are
+        then refused ("no capacity"): at 800 viewers that overloaded the seed, its old
+        children and the newcomers together."""
+        forest = ch.forest
+        if not forest.holding or self.strategy.mode != "tree":
+            return True
+        free = 0
+        for mid in forest.spare:
+            free += forest.members[mid].free
+            if free >= ch.substreams:
+                return True
+        return False
+
+    def _unhold_newcomers(self, ch: Channel, now: float) -> None:
+        """Place the newcomers waiting for slots (`_room_for_newcomer`), in the order they came,
+        while there is room (not re-entered: placing one may move others; nor while a
+        newcomer is being placed)."""
+        if self._unholding or self._joining is not None:
+            return
+        self._unholding = self._rehold = True
+        try:
+            for held, join in list(self.waiting.get(ch.name, {}).items()):
+                if not self._room_for_newcomer(ch):
+                    return
+                if held in self._waiting_on:
+                    self._unhold(held)
+                    self._on_join(held, join, now)
+                    if held in self._waiting_on:
+                        return  # it waits on: no room after all
+        finally:
+            self._unholding = self._rehold = False
+
     def _admit(self, link: Link, ch: Channel, msg: m.Join, node_id: int, now: float,
-               home: int = m.NO_PEER) -> Member:
+               home: int = m.NO_PEER, welcome: bool = True) -> Member:
         """Make the viewer joining on `link` a member, as `node_id` (`home`: see
-        `Forest.add`), and welcome it; it has no parent yet."""
+        `Forest.add`), and welcome it (unless not `welcome`); it has no parent yet."""
         slots = ch.slots(msg.upload_kbps) if msg.address else 0
         member = Member(node_id, link, msg.address, msg.upload_kbps, slots, tuple(msg.coords), now,
                         ch.substreams)
         member.relay_cap = relay_cap(msg.upload_kbps, ch.bitrate_kbps, ch.chunk_ms)
         ch.forest.add(member, home)
         self.links[link] = (ch, member)
-        self._out.append(Send(link, self._welcome(ch, member)))
+        if welcome:
+            self._out.append(Send(link, self._welcome(ch, member)))
         return member
 
     def _on_resume(self, link: Link, ch: Channel, msg: m.Join, resume: m.Resume, now: float) -> None:
@@ -340,17 +415,32 @@ class TrackerNode(NodeBase):
                       or self._place(ch, member, k, now)):
                 self._evict_for_capacity(ch, member, now)
                 return
-        if waits:
-            self._later(self._adopt_until, "adopt", (now + RESUME_WAIT_S, ch.name, member.id))
+        self._hold_for_children(ch, member, resume.children, waits, now)
         self._adopt_children(ch, member, now)
         self._send_neighbours(ch, member, now)
+        self._unhold_newcomers(ch, now)
+
+    def _hold_for_children(self, ch: Channel, member: Member, children: int, waits: bool,
+                           now: float) -> None:
+        """A resumed `member` feeds `children` (its word): keep that many of its slots from
+        newcomers until those children are back (`_adopt`) or `RESUME_WAIT_S` has passed. Given
+        away, they are refused by the member ("no capacity"), and each refusal is one more
+        move. `waits`: it also waits for parents of its own."""
+        if children > 0:
+            ch.forest.hold(member, children)
+        if waits or member.held:
+            self._later(self._adopt_until, "adopt",
+                        (now + RESUME_WAIT_S, ch.name, member.id, waits))
 
     def _adopt(self, ch: Channel, parent: Member, child: Member, k: int, address: str,
                now: float) -> bool:
         """Put `child` back under `parent` in tree k, as it was in our predecessor's trees, if
         `parent` is the node it named and has room for it there; tell `child` (True). As in
-        placement, a slot may be one borrowed outside the parent's home tree."""
+        placement, a slot may be one borrowed outside the parent's home tree; a slot the parent
+        kept for its children is this child's."""
         forest = ch.forest
+        if parent.held:
+            forest.hold(parent, -1)
         if (parent.address != address or parent.free <= 0
                 or (child.relays(k) and not parent.is_seed
                     and sum(parent.children[k].values()) >= parent.relay_cap)
@@ -374,21 +464,28 @@ class TrackerNode(NodeBase):
                     self._evict_for_capacity(ch, child, now)
 
     def _stop_waiting(self, now: float) -> None:
-        """Resumed members whose parents did not come back in time: placed as newcomers."""
-        for _, name, member_id in self._due(self._adopt_until, "adopt", now):
+        """Resumed members whose parents did not come back in time: placed as newcomers; the
+        slots they kept for children who did not come back: free."""
+        for _, name, member_id, waits in self._due(self._adopt_until, "adopt", now):
             ch = self.channels.get(name)
-            if ch is None or (member := ch.forest.members.get(member_id)) is None:
+            if ch is None:
                 continue
-            for k in range(ch.substreams):
-                if member.parent[k] == m.NO_PEER and not self._place(ch, member, k, now):
-                    self._evict_for_capacity(ch, member, now)
-                    break
+            member = ch.forest.members.get(member_id)
+            if member is not None and member.held:
+                ch.forest.hold(member, -member.held)
+            if member is not None and waits:
+                for k in range(ch.substreams):
+                    if member.parent[k] == m.NO_PEER and not self._place(ch, member, k, now):
+                        self._evict_for_capacity(ch, member, now)
+                        break
+            self._unhold_newcomers(ch, now)
         if not self._adopt_until:
             self._adopting.clear()  # whoever still waits there was placed: stale entries
 
-    def _hold(self, link: Link, msg: m.Join, now: float) -> None:
-        """Keep the join of a viewer whose channel is not live until it is (`_on_announce`), for
-        up to `hold_s`."""
+    def _hold(self, link: Link, msg: m.Join, now: float, why: str = "",
+              notify: bool = True) -> None:
+        """Keep the join of a viewer whose channel is not live until it is (`_on_announce`), or
+        that must wait for a slot (`why`), for up to `hold_s` (`notify`: tell it so)."""
         if self.hold_s <= 0:
             self._reject(link, f"no live channel {msg.channel!r} on this tracker", now)
             return
@@ -399,8 +496,10 @@ class TrackerNode(NodeBase):
         self.waiting.setdefault(msg.channel, {})[link] = msg
         self._waiting_on[link] = msg.channel
         self._later(self._hold_until, "hold", (now + self.hold_s, link))
-        self._out.append(Send(link, m.Waiting(
-            f"channel {msg.channel!r} is not live yet: waiting for its broadcast to start")))
+        if notify:
+            self._out.append(Send(link, m.Waiting(
+                why or f"channel {msg.channel!r} is not live yet: waiting for its broadcast to "
+                       f"start")))
 
     def _unhold(self, link: Link) -> None:
         name = self._waiting_on.pop(link)
@@ -466,6 +565,11 @@ class TrackerNode(NodeBase):
         """Give `member` a parent (and backup) in tree k; tell it. False: no capacity anywhere."""
         forest = ch.forest
         parent, displaced = self.strategy.parent(forest, member, k, avoid)
+        if parent is None and forest.holding and member is not self._joining:
+            # Slots kept for children coming back are a preference, not a reservation: a member
+            # with nowhere else to go gets one rather than be evicted (a newcomer waits).
+            forest.release_holds()
+            parent, displaced = self.strategy.parent(forest, member, k, avoid)
         if parent is None and ch.headroom < STRETCH_HEADROOM:
             self._stretch(ch)
             parent, displaced = self.strategy.parent(forest, member, k, avoid)

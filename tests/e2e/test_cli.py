@@ -176,6 +176,14 @@ def test_seed_fails_clearly_on_missing_input_and_bad_key(tmp_path: Path) -> None
     assert_one_line_error(result, "bad.pem")
 
 
+def test_tracker_fails_clearly_on_a_bad_key(tmp_path: Path) -> None:
+    bad_key = tmp_path / "bad.pem"
+    bad_key.write_text("not a key\n")
+    result = run(["tracker", "--listen", f"127.0.0.1:{free_udp_port()}", "--key", str(bad_key)],
+                 timeout=30)
+    assert_one_line_error(result, "bad.pem", "not a PEM private key")
+
+
 def test_demo_without_ffmpeg_says_how_to_install(tmp_path: Path) -> None:
     env = {**os.environ, "PATH": str(tmp_path)}  # an empty directory: no ffmpeg anywhere
     result = run(["demo", "--peers", "2", "--duration", "5"], timeout=30, env=env, cmd=MODULE)

@@ -213,15 +213,18 @@ async def test_a_restarted_seed_carries_the_channel_on(tmp_path: Path, media) ->
         assert p.node.seed_id == new.node.id
 
 
-async def test_viewers_play_through_a_tracker_restart(tmp_path: Path, media) -> None:
-    """The tracker process stops and a new one (a new key) starts on the same address: the
-    trees carry the stream meanwhile, then the seed and every viewer come back to the new
-    tracker, which adopts the trees they come back with, without a viewer ever stopping."""
+@pytest.mark.parametrize("kept_key", [False, True], ids=["new key", "kept key"])
+async def test_viewers_play_through_a_tracker_restart(tmp_path: Path, media, kept_key: bool) -> None:
+    """The tracker process stops and a new one starts on the same address, with a new key or
+    the one it keeps in a file (`--key`): the trees carry the stream meanwhile, then the seed
+    and every viewer come back to the new tracker, which adopts the trees they come back with,
+    without a viewer ever stopping."""
     source, _ = media
+    tracker_key = str(tmp_path / "tracker.pem") if kept_key else None
     with anyio.fail_after(60):
         async with anyio.create_task_group() as tg:
             async with anyio.create_task_group() as first:
-                old = await first.start(partial(run_tracker, seed=1))
+                old = await first.start(partial(run_tracker, seed=1, key=tracker_key))
                 sw = Swarm(tg, old, None, tmp_path)  # type: ignore[arg-type]
                 sw.seed = await tg.start(partial(
                     run_seed, tracker=old.address, channel=CHANNEL, input=str(source),
@@ -233,17 +236,19 @@ async def test_viewers_play_through_a_tracker_restart(tmp_path: Path, media) -> 
                     await anyio.sleep(0.05)
                 ids = [sw.seed.node.id] + [p.node.id for p in sw.peers]
                 first.cancel_scope.cancel()  # the tracker's endpoint closes: its links drop
-            new = await tg.start(partial(run_tracker, old.address, seed=2))
+            new = await tg.start(partial(run_tracker, old.address, seed=2, key=tracker_key))
             key = new.node.key.public
-            while not (sw.seed.node.tracker_key == key
+            while not (sw.seed.node.tracker_key == key and CHANNEL in new.node.channels
                        and all(p.node.tracker_key == key and p.node.id in
-                               new.node.channels[CHANNEL].forest.members for p in sw.peers)):
+                               new.node.channels[CHANNEL].forest.members
+                               for p in [sw.seed, *sw.peers])):
                 await anyio.sleep(0.05)
             rejoined = [p.node.delivered for p in sw.peers]
             last = await sw.played_to_the_end(sw.peers)
             tg.cancel_scope.cancel()
     report(sw.peers)
-    assert key != old.node.key.public
+    assert (key == old.node.key.public) == kept_key
+    assert new.node._id_base != old.node._id_base  # (its ids never clash with its old self's)
     # The new tracker adopted the trees: every node kept its id.
     assert [sw.seed.node.id] + [p.node.id for p in sw.peers] == ids
     for p, at_rejoin in zip(sw.peers, rejoined):

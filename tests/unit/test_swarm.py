@@ -335,8 +335,15 @@ def test_viewers_play_through_a_tracker_restart_and_rejoin_it(monkeypatch):
     stream(w, seed, 10)  # 2 s without a tracker
     assert all(played(w, p)[-1] == seed.next_seq - 1 for p in peers)
     new = w.add("tracker", TrackerNode(key=SigningKey(), crypto=Crypto(), rng=random.Random(5)))
-    stream(w, seed, 100)  # 20 s: the seed and every viewer come back (jittered back-off)
+    while seed.tracker_key != new.key.public:
+        stream(w, seed, 1)
+    # The seed is back first: the new tracker keeps a slot for each child it feeds until that
+    # child is back, so no newcomer takes it.
+    back = new.channels["ch"].forest.seed
+    assert back.held > 0 and back.used + back.held == seed._children()
+    stream(w, seed, 100)  # 20 s: every viewer comes back (jittered back-off)
     forest = new.channels["ch"].forest
+    assert back.held == 0 and back.used == seed._children()
     assert seed.id in forest.members and seed.tracker_key == new.key.public
     for p in peers:
         assert not p.rejected and p.id in forest.members and -1 not in forest.members[p.id].depth

@@ -36,7 +36,9 @@ def check_invariants(t: TrackerNode, waiting: set[tuple[int, int]] = frozenset()
     forest = t.channels["c"].forest
     for member in forest.members.values():
         assert member.used == sum(len(c) for c in member.children)
-        assert member.used <= member.slots, "a parent got more children than its upload carries"
+        assert member.used + member.held <= member.slots, (
+            "a parent got more children than its upload carries")
+        assert (member.held > 0) == (member.id in forest.holding)
         for k in range(K):
             for cid in member.children[k]:
                 child = forest.members[cid]
@@ -60,9 +62,9 @@ def check_invariants(t: TrackerNode, waiting: set[tuple[int, int]] = frozenset()
     # The indexes placement searches hold exactly the members they stand for.
     cap = forest.relay_fanout
     for k in range(K):
-        for index, wanted in ((forest.free[k], lambda mm: mm.used < mm.slots),
+        for index, wanted in ((forest.free[k], lambda mm: mm.used + mm.held < mm.slots),
                               (forest.leafy[k], lambda mm: False in mm.children[k].values()),
-                              (forest.free_for_relays[k], lambda mm: mm.used < mm.slots and (
+                              (forest.free_for_relays[k], lambda mm: mm.used + mm.held < mm.slots and (
                                   not cap or mm.is_seed
                                   or sum(mm.children[k].values()) < mm.relay_cap)),
                               (forest.leafy_for_relays[k],
@@ -74,7 +76,8 @@ def check_invariants(t: TrackerNode, waiting: set[tuple[int, int]] = frozenset()
                         if (mm.is_seed or mm.home == k) and mm.depth[k] >= 0 and wanted(mm)}
             assert indexed == expected
     # ... and the last resort's list of members with a free slot (in any tree).
-    assert set(forest.spare) == {mm.id for mm in forest.members.values() if mm.used < mm.slots}
+    assert set(forest.spare) == {mm.id for mm in forest.members.values()
+                                 if mm.used + mm.held < mm.slots}
 
 
 ops = st.lists(st.tuples(st.sampled_from(["join", "join", "join", "leave"]),
@@ -98,8 +101,8 @@ def test_random_joins_and_departures_keep_the_forest_sound(ops, strategy):
             if link in t.links and t.links[link] is not None:
                 links.append(link)
                 assert to_it.count(m.Assign) >= (K if strategy == "tree" else 0)
-            else:  # refused: not one token to show a parent
-                assert to_it == [m.Welcome, m.Reject]
+            else:  # refused: not one token to show a parent, nor an id
+                assert to_it == [m.Reject]
         elif links:
             link = links.pop(pick % len(links))
             t.link_closed(link, now=2.0)
@@ -119,7 +122,7 @@ def test_a_viewer_refused_in_a_later_tree_gets_no_token_for_the_earlier_ones():
         t.handle(link, m.Join("c", "", 0), now=0.0)
     sent = [(e.link, type(e.msg)) for e in t.drain() if type(e) is Send]
     assert [k for link, k in sent if link == 2].count(m.Assign) == K
-    assert [k for link, k in sent if link == 3] == [m.Welcome, m.Reject]
+    assert [k for link, k in sent if link == 3] == [m.Reject]  # (not even a Welcome)
     seed = t.channels["c"].forest.seed
     assert seed.used == K and len(t.channels["c"].forest.members) == 2
     check_invariants(t)
@@ -377,12 +380,13 @@ OLD_SEED = 7  # ids our predecessor gave out (outside this tracker's own block)
 OLD_KEY = SimKey(2)  # our predecessor's
 
 
-def restarted(seed_kbps: int = 20_000) -> TrackerNode:
-    """A tracker with a new key whose seed comes back from the old one, as `OLD_SEED`."""
+def restarted(seed_kbps: int = 20_000, children: int = 0) -> TrackerNode:
+    """A tracker with a new key whose seed comes back from the old one, as `OLD_SEED`, feeding
+    `children`."""
     t = TrackerNode(key=SimKey(3), crypto=SimCrypto(), rng=random.Random(1))
     t.link_opened(1, now=0.0)
     t.handle(1, m.Announce("c", SimKey(9).public, "seed", seed_kbps, BITRATE, K, 200, b"\0" * 64,
-                           OLD_SEED, OLD_KEY.public), now=0.0)
+                           OLD_SEED, OLD_KEY.public, children), now=0.0)
     return t
 
 
@@ -393,13 +397,13 @@ def proof_of(node_id: int, key: SimKey = OLD_KEY) -> m.Token:
 
 def resume(t: TrackerNode, link: int, old_id: int, home: int, parents: list[tuple[int, str]],
            now: float = 1.0, kbps: int = 4500, proof: m.Token | None | bool = True,
-           ) -> list[tuple[int, int]]:
-    """A viewer back at `t` on `link` (`proof`: True, a good one); returns the (sub-stream,
-    parent id) of its Assigns."""
+           children: int = 0) -> list[tuple[int, int]]:
+    """A viewer back at `t` on `link` (`proof`: True, a good one), feeding `children`; returns
+    the (sub-stream, parent id) of its Assigns."""
     t.link_opened(link, now=now)
     t.handle(link, m.Join("c", f"v{old_id}", kbps, (), m.Resume(
         old_id, home, tuple(m.PeerRef(i, a) for i, a in parents),
-        proof_of(old_id) if proof is True else proof or None)), now=now)
+        proof_of(old_id) if proof is True else proof or None, children)), now=now)
     return [(e.msg.substream, e.msg.parent.id) for e in t.drain()
             if type(e) is Send and e.link == link and type(e.msg) is m.Assign]
 
@@ -477,6 +481,109 @@ def test_a_waiting_viewer_whose_parent_dies_is_placed_at_once():
     assert t.drain() == [] and member(t, 3).parent[0] == OLD_SEED
 
 
+def test_a_tracker_that_kept_its_key_takes_its_trees_back_even_after_a_seed_restart():
+    # `meshcast tracker --key`: the restarted tracker has its old key and a new id block. The
+    # seed restarted too (a new id, no old key to pass on): the viewers' tokens, signed by
+    # that same key, still prove their ids.
+    key = SimKey(2)
+    t = TrackerNode(key=key, crypto=SimCrypto(), rng=random.Random(1), id_block=77)
+    assert t._id_base == 1 + (77 << 20)
+    t.link_opened(1, now=0.0)
+    t.handle(1, m.Announce("c", SimKey(9).public, "seed", 20_000, BITRATE, K, 200, b"\0" * 64),
+             now=0.0)
+    seed = t.channels["c"].forest.seed
+    assert seed.id != OLD_SEED and t.channels["c"].former_key == b""
+    resume(t, 2, 100, 0, [(OLD_SEED, "seed")] * K)
+    a = member(t, 2)
+    assert a.id == 100
+    for k in range(K):  # its link to the old seed is gone: it says so, and is placed anew
+        t.handle(2, m.ParentLost(k, OLD_SEED, m.NO_PEER), now=1.5)
+    assert a.parent == [seed.id] * K
+    resume(t, 3, 101, 1, [(100, "v100")] + [(seed.id, "seed")] * (K - 1), now=2.0,
+           proof=proof_of(101, key))
+    b = member(t, 3)
+    assert b.id == 101 and b.parent == [100] + [seed.id] * (K - 1)
+    # A token of another key proves nothing.
+    resume(t, 4, 102, 2, [(100, "v100")] * K, now=2.0, proof=proof_of(102, SimKey(4)))
+    assert member(t, 4).id != 102
+    check_invariants(t)
+
+
+def join(t: TrackerNode, link: int, name: str, now: float = 1.0) -> list[tuple[int, int]]:
+    """A newcomer on `link`; returns the (sub-stream, parent id) of its Assigns."""
+    t.link_opened(link, now=now)
+    t.handle(link, m.Join("c", name, 4500), now=now)
+    return [(e.msg.substream, e.msg.parent.id) for e in t.drain()
+            if type(e) is Send and e.link == link and type(e.msg) is m.Assign]
+
+
+def test_a_resumed_node_keeps_slots_for_the_children_it_feeds_until_they_are_back():
+    # The seed comes back feeding all but one of its slots' worth of children (not back yet),
+    # and A comes back feeding one child. Newcomers get the free slots, not those: given away,
+    # they are refused by the parent ("no capacity"), a move each.
+    slots = restarted(seed_kbps=5000).channels["c"].forest.seed.slots
+    assert slots > K + 1
+    t = restarted(seed_kbps=5000, children=slots - 1)
+    t.drain()
+    seed_member = t.channels["c"].forest.seed
+    assert seed_member.held == slots - 1 and seed_member.free == 1
+    seed = [(OLD_SEED, "seed")] * K
+    # A, the seed's child in every tree, takes a kept slot in each.
+    assert resume(t, 2, 100, 0, seed, children=1) == [(k, OLD_SEED) for k in range(K)]
+    a = member(t, 2)
+    assert seed_member.held == slots - 1 - K and a.held == 1
+    check_invariants(t)
+    # A newcomer: the seed's one free slot, then A's free ones, never A's kept one.
+    got = join(t, 3, "new")
+    assert sorted(p for _, p in got).count(OLD_SEED) <= 1 and a.held == 1
+    check_invariants(t)
+    # B, A's child, is back: the slot kept for it.
+    assert resume(t, 4, 101, 1, [(100, "v100")] + seed[1:], now=2.0)[0] == (0, 100)
+    assert a.held == 0
+    check_invariants(t)
+    # The seed's children that never come back: their slots are free at the end of the wait.
+    t.handle_timer(now=RESUME_WAIT_S + 0.5)
+    assert seed_member.held == 0 and t.channels["c"].forest.holding == {}
+    check_invariants(t)
+
+
+def test_a_newcomer_waits_for_slots_kept_for_children_coming_back():
+    # The seed comes back with every slot kept: a newcomer is told to wait (no id, no token),
+    # and is placed once a member with room is back.
+    t = restarted(seed_kbps=5000, children=1000)  # (more than its slots: all of them)
+    t.drain()
+    forest = t.channels["c"].forest
+    assert forest.seed.free == 0 and forest.seed.held == forest.seed.slots
+    t.link_opened(2, now=1.0)
+    t.handle(2, m.Join("c", "new", 4500), now=1.0)
+    sent = [e.msg for e in t.drain() if type(e) is Send and e.link == 2]
+    assert [type(msg) for msg in sent] == [m.Waiting] and "waiting for a slot" in sent[0].reason
+    assert t.links[2] is None and 2 in t.waiting["c"]
+    # A, one of the seed's children, is back: its own slots make room for the newcomer.
+    seed = [(OLD_SEED, "seed")] * K
+    t.link_opened(3, now=2.0)
+    t.handle(3, m.Join("c", "v100", 4500, (), m.Resume(
+        100, 0, tuple(m.PeerRef(i, a) for i, a in seed), proof_of(100))), now=2.0)
+    sent = [type(e.msg) for e in t.drain() if type(e) is Send and e.link == 2]
+    assert sent[0] is m.Welcome and sent.count(m.Assign) == K
+    assert -1 not in member(t, 2).depth and "c" not in t.waiting  # (it may adopt A: push-down)
+    assert not t.rejections
+    check_invariants(t)
+
+
+def test_a_member_with_nowhere_else_to_go_takes_a_kept_slot():
+    # B is back under the seed in three trees, and waits for A in the fourth; A is lost. With
+    # every free slot kept, B is given one rather than be evicted.
+    t = restarted(seed_kbps=5000, children=1000)
+    forest = t.channels["c"].forest
+    resume(t, 2, 101, 1, [(100, "v100")] + [(OLD_SEED, "seed")] * (K - 1))
+    b = member(t, 2)
+    assert b.parent[0] == m.NO_PEER and forest.seed.free == 0 and forest.seed.held > 0
+    t.handle(2, m.ParentLost(0, 100, m.NO_PEER), now=1.5)
+    assert b.parent[0] == OLD_SEED and forest.holding == {} and not t.evictions
+    check_invariants(t)
+
+
 @pytest.mark.parametrize("case", ["late", "own id", "taken id", "no proof", "another key's proof",
                                   "another id's proof", "expired proof", "other address",
                                   "no room"])
@@ -510,23 +617,24 @@ def test_a_claim_the_tracker_cannot_honour_is_a_plain_join(case):
     check_invariants(t)
 
 
-resume_ops = st.lists(st.tuples(st.sampled_from(["resume", "resume", "resume", "leave", "lost",
-                                                 "wait"]),
+resume_ops = st.lists(st.tuples(st.sampled_from(["resume", "resume", "resume", "join", "leave",
+                                                 "lost", "wait"]),
                                 st.integers(0, 30), st.integers(-1, K - 1),
                                 st.lists(st.integers(0, 30), min_size=K, max_size=K),
-                                st.sampled_from([0, 1500, 4500, 9000])),
+                                st.sampled_from([0, 1500, 4500, 9000]), st.integers(0, 12)),
                       min_size=1, max_size=50)
 
 
 @settings(max_examples=100, deadline=None)
-@given(ops=resume_ops)
-def test_any_resume_claims_keep_the_forest_sound(ops):
-    """Whatever nodes claim (ids, homes, parents, in any order, lying or not): no member over
-    its slots, no cycle, ids unique, and nobody unattached past its wait."""
-    t = restarted(seed_kbps=8000)
-    now, next_link, links = 1.0, 2, []
-    joined_at: dict[int, float] = {}
-    for op, claim, home, parents, kbps in ops:
+@given(ops=resume_ops, seed_children=st.integers(0, 40))
+def test_any_resume_claims_keep_the_forest_sound(ops, seed_children):
+    """Whatever nodes claim (ids, homes, parents, children, in any order, lying or not), with
+    newcomers among them: no member over its slots, no cycle, ids unique, and nobody
+    unattached, nor any slot kept, nor any newcomer waiting, past its wait."""
+    t = restarted(seed_kbps=8000, children=seed_children)
+    now, next_link, links, newcomers = 1.0, 2, [], []
+    joined_at: dict[int, float] = {OLD_SEED: 0.0}
+    for op, claim, home, parents, kbps, children in ops:
         if op == "resume":
             link, next_link = next_link, next_link + 1
             old = [OLD_SEED] + list(range(100, 131))  # a small pool: claims collide
@@ -534,10 +642,16 @@ def test_any_resume_claims_keep_the_forest_sound(ops):
             t.link_opened(link, now=now)
             proof = proof_of(old[claim]) if kbps != 1500 else proof_of(old[(claim + 1) % 31])
             t.handle(link, m.Join("c", f"v{old[claim]}", kbps, (), m.Resume(
-                old[claim], home, tuple(m.PeerRef(i, a) for i, a in refs), proof)), now=now)
+                old[claim], home, tuple(m.PeerRef(i, a) for i, a in refs), proof, children)),
+                now=now)
             if t.links.get(link) is not None:
                 links.append(link)
                 joined_at[member(t, link).id] = now
+        elif op == "join":  # a newcomer: placed, or waiting for slots kept for others
+            link, next_link = next_link, next_link + 1
+            t.link_opened(link, now=now)
+            t.handle(link, m.Join("c", f"new{link}", kbps), now=now)
+            newcomers.append(link)
         elif op == "leave" and links:
             t.link_closed(links.pop(claim % len(links)), now=now)
         elif op == "lost" and links:
@@ -549,12 +663,20 @@ def test_any_resume_claims_keep_the_forest_sound(ops):
             while (due := t.next_timer()) is not None and due <= now:
                 t.handle_timer(now=due)
         t.drain()
+        for link in newcomers:
+            if t.links.get(link) is not None and link not in links:
+                links.append(link)
+                joined_at[member(t, link).id] = now
+        newcomers = [link for link in newcomers if link in t._waiting_on]
         links = [link for link in links if t.links.get(link) is not None]
         forest = t.channels["c"].forest
         waiting = {(mid, k) for mid, mm in forest.members.items() if not mm.is_seed
                    for k in range(K) if mm.parent[k] == m.NO_PEER
                    and joined_at[mid] + RESUME_WAIT_S > now}
         check_invariants(t, waiting)
+        assert all(joined_at[mid] + RESUME_WAIT_S > now for mid in forest.holding)
+        # A newcomer waits only while slots are kept for others: no longer than the last wait.
+        assert not newcomers or t._adopt_until
         assert len({member(t, link).id for link in links}) == len(links)
 
 

@@ -42,21 +42,23 @@ sig = st.binary(min_size=m.SIG_LEN, max_size=m.SIG_LEN)
 key = st.binary(min_size=m.KEY_LEN, max_size=m.KEY_LEN)
 n_substreams = st.integers(1, m.MAX_SUBSTREAMS)
 chunk_ms = st.integers(10, 10_000)
+count = st.integers(0, 1 << 20)
 
 peer_ref = st.builds(m.PeerRef, node_id, address)
 token = st.builds(m.Token, node_id, node_id, channel, st.integers(-1, m.MAX_SUBSTREAMS - 1),
                   clock, sig)
 seqs = st.lists(seq, max_size=64).map(tuple)
 resume = st.builds(m.Resume, node_id, st.integers(-1, m.MAX_SUBSTREAMS - 1),
-                   st.lists(peer_ref, max_size=m.MAX_SUBSTREAMS).map(tuple), st.none() | token)
+                   st.lists(peer_ref, max_size=m.MAX_SUBSTREAMS).map(tuple), st.none() | token,
+                   count)
 
 FIELDS: dict[type, tuple[st.SearchStrategy, ...]] = {
     m.PeerRef: (node_id, address),
     m.Token: (node_id, node_id, channel, st.integers(-1, m.MAX_SUBSTREAMS - 1), clock, sig),
     m.Resume: (node_id, st.integers(-1, m.MAX_SUBSTREAMS - 1),
-               st.lists(peer_ref, max_size=m.MAX_SUBSTREAMS).map(tuple), st.none() | token),
+               st.lists(peer_ref, max_size=m.MAX_SUBSTREAMS).map(tuple), st.none() | token, count),
     m.Announce: (channel, key, address, kbps, kbps, n_substreams, chunk_ms, sig, node_id,
-                 st.binary(max_size=m.KEY_LEN)),
+                 st.binary(max_size=m.KEY_LEN), count),
     m.Join: (channel, address, kbps,
              st.lists(st.floats(-1e6, 1e6, allow_nan=False), max_size=8).map(tuple),
              st.none() | resume),

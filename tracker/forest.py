@@ -174,12 +174,6 @@ class Forest:
         self._note_spare(member)
         self._index(member)
 
-    def release_holds(self) -> None:
-        """Every kept slot is free again."""
-        for mid in list(self.holding):
-            member = self.members[mid]
-            self.hold(member, -member.held)
-
     # -- tree edits ----------------------------------------------------------------------------
 
     def attach(self, child: Member, k: int, parent: Member) -> None:

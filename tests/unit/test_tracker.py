@@ -547,6 +547,18 @@ def test_a_resumed_node_keeps_slots_for_the_children_it_feeds_until_they_are_bac
     check_invariants(t)
 
 
+def test_a_node_back_with_more_children_than_slots_means_the_channel_was_stretched():
+    # 5,000 kbps carries 8 slots at 80 % of upload, 9 at 95 %: a seed feeding 9 had been
+    # stretched by the old tracker, and the new one stretches the channel too, rather than
+    # move the children its slot count leaves out (and every relay's likewise).
+    assert (child_slots(5000, BITRATE, K), child_slots(5000, BITRATE, K, STRETCH_HEADROOM)) == (8, 9)
+    t = restarted(seed_kbps=5000, children=9)
+    assert any("was stretched before the restart" in e.text for e in t.drain() if type(e) is Notice)
+    seed = t.channels["c"].forest.seed
+    assert (seed.slots, seed.held) == (9, 9) and t.stats()["channels"]["c"]["stretched"]
+    assert not restarted(seed_kbps=5000, children=8).stats()["channels"]["c"]["stretched"]
+
+
 def test_a_newcomer_waits_for_slots_kept_for_children_coming_back():
     # The seed comes back with every slot kept: a newcomer is told to wait (no id, no token),
     # and is placed once a member with room is back.
@@ -573,14 +585,15 @@ def test_a_newcomer_waits_for_slots_kept_for_children_coming_back():
 
 def test_a_member_with_nowhere_else_to_go_takes_a_kept_slot():
     # B is back under the seed in three trees, and waits for A in the fourth; A is lost. With
-    # every free slot kept, B is given one rather than be evicted.
+    # every free slot kept, B is given one (one only) rather than be evicted.
     t = restarted(seed_kbps=5000, children=1000)
     forest = t.channels["c"].forest
     resume(t, 2, 101, 1, [(100, "v100")] + [(OLD_SEED, "seed")] * (K - 1))
     b = member(t, 2)
-    assert b.parent[0] == m.NO_PEER and forest.seed.free == 0 and forest.seed.held > 0
+    kept = forest.seed.held
+    assert b.parent[0] == m.NO_PEER and forest.seed.free == 0 and kept > 1
     t.handle(2, m.ParentLost(0, 100, m.NO_PEER), now=1.5)
-    assert b.parent[0] == OLD_SEED and forest.holding == {} and not t.evictions
+    assert b.parent[0] == OLD_SEED and forest.seed.held == kept - 1 and not t.evictions
     check_invariants(t)
 
 

@@ -49,7 +49,12 @@ RESUME_WINDOW_S = 60.0
 """For this long after a tracker starts, nodes coming back from a predecessor's trees (a `Join`
 with a `Resume`, an `Announce` with a `resume_id`) get their old id and their old parents back,
 where those have room: the trees that carried the stream while no tracker ran are adopted, not
-rebuilt, so nobody moves. Later, such a claim counts for nothing (a newcomer's join)."""
+rebuilt, so nobody moves. Later, such a claim counts for nothing (a newcomer's join) — unless
+claims are still being honoured (`RESUME_QUIET_S`)."""
+RESUME_QUIET_S = 30.0
+"""... the window stays open until this long after the last claim honoured: a tracker that
+takes longer than `RESUME_WINDOW_S` to get through its returning audience (a big one: ~0.5 ms of
+CPU each, mostly signing) does not place anew those it reaches last."""
 RESUME_WAIT_S = 45.0
 """How long a resumed viewer's place in a tree waits for its parent there to come back too;
 then it is placed as a newcomer would be (a move). Waiting costs nothing: the viewer plays from
@@ -117,8 +122,10 @@ class TrackerNode(NodeBase):
         predecessor's) never clash with its own, and a viewer it places anew keeps its links to
         the old trees (named by old ids) while it moves."""
         self._born: float | None = None
-        """When the first node reached this tracker: resume claims count until
-        `RESUME_WINDOW_S` later."""
+        """When the first node reached this tracker."""
+        self._resume_until = 0.0
+        """Resume claims count until then: `RESUME_WINDOW_S` after `_born`, or `RESUME_QUIET_S`
+        after the last one honoured, whichever is later."""
         self._foreign_ids = False
         """Some member has an id this tracker did not give out (a resumed one)."""
         self._adopting: dict[tuple[str, int, int], list[tuple[int, str]]] = {}
@@ -156,6 +163,7 @@ class TrackerNode(NodeBase):
         self.links[link] = None
         if self._born is None:
             self._born = now
+            self._resume_until = now + RESUME_WINDOW_S
 
     def link_closed(self, link: Link, *, now: float, reason: str = "") -> None:
         entry = self.links.pop(link, None)
@@ -205,7 +213,7 @@ class TrackerNode(NodeBase):
         return nid
 
     def _resuming(self, now: float) -> bool:
-        return self._born is not None and now - self._born < RESUME_WINDOW_S
+        return self._born is not None and now < self._resume_until
 
     def _claimable(self, ch: Channel, claimed: int, now: float) -> bool:
         """May `claimed` (a node's id at our predecessor) be given back to it?"""
@@ -224,8 +232,9 @@ class TrackerNode(NodeBase):
         return ((ch.former_key != b"" and self.crypto.token_valid(ch.former_key, proof))
                 or (ch.former_key != own and self.crypto.token_valid(own, proof)))
 
-    def _resumed(self, ch: Channel, claimed: int) -> int:
+    def _resumed(self, ch: Channel, claimed: int, now: float) -> int:
         self._foreign_ids = True
+        self._resume_until = max(self._resume_until, now + RESUME_QUIET_S)
         ch.resumed += 1
         if ch.resumed == 1:
             self._out.append(Notice(f"channel {ch.name!r}: taking over the trees its nodes come "
@@ -269,7 +278,7 @@ class TrackerNode(NodeBase):
         resumed = self._claimable(ch, msg.resume_id, now)
         if resumed:
             ch.former_key = msg.resume_key
-        seed = Member(self._resumed(ch, msg.resume_id) if resumed else self._new_id(), link,
+        seed = Member(self._resumed(ch, msg.resume_id, now) if resumed else self._new_id(), link,
                       msg.address, msg.upload_kbps, ch.slots(msg.upload_kbps), (), now,
                       ch.substreams, is_seed=True)
         ch.forest.add(seed)
@@ -402,7 +411,7 @@ class TrackerNode(NodeBase):
         and its parents where they are members with room; a parent not back yet is waited for
         (`RESUME_WAIT_S`), as the viewer still plays from it; no parent, or one that cannot
         take it: placed anew."""
-        member = self._admit(link, ch, msg, self._resumed(ch, resume.node_id), now, resume.home)
+        member = self._admit(link, ch, msg, self._resumed(ch, resume.node_id, now), now, resume.home)
         forest = ch.forest
         waits = False
         for k in range(ch.substreams):

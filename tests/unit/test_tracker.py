@@ -14,7 +14,8 @@ from meshcast.crypto import FORGED, SimCrypto, SimKey
 from meshcast.effects import Close, Notice, Send
 from meshcast.policy import STRETCH_HEADROOM, child_slots
 from tracker.forest import Member
-from tracker.node import (JOIN_HOLD_S, RESUME_WAIT_S, RESUME_WINDOW_S, RETRY_S, TOKEN_LIFETIME,
+from tracker.node import (JOIN_HOLD_S, RESUME_QUIET_S, RESUME_WAIT_S, RESUME_WINDOW_S, RETRY_S,
+                          TOKEN_LIFETIME,
                           TrackerNode)
 from tracker.placement import RELAY_FANOUT, relay_cap
 
@@ -479,6 +480,20 @@ def test_a_waiting_viewer_whose_parent_dies_is_placed_at_once():
     check_invariants(t)
     t.handle_timer(now=1.0 + RESUME_WAIT_S)  # its deadline changes nothing now
     assert t.drain() == [] and member(t, 3).parent[0] == OLD_SEED
+
+
+def test_claims_still_coming_keep_the_window_open():
+    # A tracker slow to get through a big returning audience: claims handled past
+    # `RESUME_WINDOW_S` still count while others were honoured less than `RESUME_QUIET_S` ago.
+    t = restarted()
+    seed = [(OLD_SEED, "seed")] * K
+    now, link = 1.0, 2
+    while now < RESUME_WINDOW_S + 2 * RESUME_QUIET_S:
+        resume(t, link, 100 + link, 0, seed, now=now)
+        assert member(t, link).id == 100 + link  # honoured
+        now, link = now + RESUME_QUIET_S - 1, link + 1
+    resume(t, link, 100 + link, 0, seed, now=now + 2)  # quiet for longer: the window is shut
+    assert member(t, link).id != 100 + link
 
 
 def test_a_tracker_that_kept_its_key_takes_its_trees_back_even_after_a_seed_restart():

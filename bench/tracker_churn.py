@@ -10,7 +10,12 @@ join is signing its tokens: a parent and a backup per sub-stream, and the seed's
 Also timed: renewing one member's tokens (what the tracker's sweeps do for every member every
 `TOKEN_LIFETIME` / 2), and the share of a core that takes for the whole channel.
 
-    python bench/tracker_churn.py [--sizes 1000,10000,100000] [--ops 2000] [--runs 3]
+`--restart`: instead, a new tracker (a new key) takes the whole channel over, as after a
+restart: the seed announces itself with its old id and the old tracker's key, then every viewer
+comes back, in random order, with its `Resume` (old id, parents, children, a token of the old
+tracker's as proof). Prints µs per node taken over, and the whole takeover's CPU time.
+
+    python bench/tracker_churn.py [--sizes 1000,10000,100000] [--ops 2000] [--runs 3] [--restart]
 """
 
 from __future__ import annotations
@@ -102,13 +107,57 @@ def one_run(size: int, ops: int, rng_seed: int) -> tuple[float, float, float, fl
     return join_us, leave_us, refused_us, renew_us
 
 
+def restart_run(size: int, rng_seed: int) -> tuple[float, float]:
+    """(µs per node taken over, seconds for the whole channel) for a new tracker."""
+    d = Driver(rng_seed)
+    for i in range(size):
+        d.join(now=i * 1e-3)
+    old, crypto = d.tracker, d.tracker.crypto
+    ch = old.channels[CHANNEL]
+    seed = ch.forest.seed
+    assert seed is not None
+    viewers = [mm for mm in ch.forest.members.values() if not mm.is_seed]
+    d.rng.shuffle(viewers)
+    joins = []
+    for mm in viewers:  # what each would send: built (and its proof signed) before the clock runs
+        proof = crypto.issue_token(old.key, mm.id, seed.id, CHANNEL, m.NO_PEER, TOKEN_LIFETIME)
+        parents = tuple(ch.forest.members[p].ref if p in ch.forest.members else m.NO_REF
+                        for p in mm.parent)
+        joins.append(m.Join(CHANNEL, mm.address, mm.upload_kbps, mm.coords,
+                            m.Resume(mm.id, mm.home, parents, proof, mm.used)))
+    new = TrackerNode(key=SigningKey(), crypto=Crypto(), rng=random.Random(rng_seed))
+    seed_key = SigningKey()  # (the channel key: any will do for a new channel entry)
+    t = time.perf_counter()
+    new.link_opened(0, now=0.0)
+    new.handle(0, m.Announce(CHANNEL, seed_key.public, "seed", 40_000, BITRATE, K, 100,
+                             crypto.sign_announce(seed_key, CHANNEL, "seed"), seed.id,
+                             old.key.public, seed.used), now=0.0)
+    new.drain()
+    for i, join in enumerate(joins, start=1):
+        new.link_opened(i, now=1.0)
+        new.handle(i, join, now=1.0)
+        new.drain()
+    total = time.perf_counter() - t
+    assert new.channels[CHANNEL].resumed == size + 1, "a node was not taken over"
+    return total / (size + 1) * 1e6, total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1000,10000,100000",
                     help="channel sizes (viewers), comma-separated")
     ap.add_argument("--ops", type=int, default=2000, help="joins, then departures, measured")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--restart", action="store_true",
+                    help="time a new tracker taking the channel over instead")
     args = ap.parse_args()
+    if args.restart:
+        print(f"{'viewers':>9} {'per node (µs)':>14} {'whole takeover (s)':>19}")
+        for size in (int(s) for s in args.sizes.split(",")):
+            runs = [restart_run(size, seed) for seed in range(1, args.runs + 1)]
+            print(f"{size:>9,} {statistics.median(r[0] for r in runs):>14.0f} "
+                  f"{statistics.median(r[1] for r in runs):>19.1f}", flush=True)
+        return
     print(f"{'viewers':>9} {'join (µs)':>10} {'departure (µs)':>15} {'departures/s':>13} "
           f"{'refused join (µs)':>18} {'renewal (µs)':>13} {'renewal CPU':>12}")
     for size in (int(s) for s in args.sizes.split(",")):

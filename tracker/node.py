@@ -840,7 +840,9 @@ class TrackerNode(NodeBase):
 
     def stats(self) -> dict[str, Any]:
         """What an operator watches (`meshcast tracker --stats`): per channel, its audience, the
-        shape of its trees and the seed's load; viewers waiting for channels to go live.
+        shape of its trees and the seed's load, and after a restart the nodes taken over and the
+        slots still kept for children not back yet; viewers waiting for channels to go live (or
+        for a slot).
         O(members): for a once-a-second report."""
         channels: dict[str, Any] = {}
         for name, ch in self.channels.items():
@@ -859,6 +861,7 @@ class TrackerNode(NodeBase):
                 "refused": ch.refused,
                 "evicted": ch.evicted,
                 "resumed": ch.resumed,
+                "kept_slots": sum(forest.members[mid].held for mid in forest.holding),
             }
         waiting = {name: len(held) for name, held in self.waiting.items()}
         return {"channels": channels, "waiting": waiting, "rejections": self.rejections,

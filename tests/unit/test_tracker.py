@@ -542,6 +542,7 @@ def test_a_resumed_node_keeps_slots_for_the_children_it_feeds_until_they_are_bac
     t.drain()
     seed_member = t.channels["c"].forest.seed
     assert seed_member.held == slots - 1 and seed_member.free == 1
+    assert t.stats()["channels"]["c"]["kept_slots"] == slots - 1
     seed = [(OLD_SEED, "seed")] * K
     # A, the seed's child in every tree, takes a kept slot in each.
     assert resume(t, 2, 100, 0, seed, children=1) == [(k, OLD_SEED) for k in range(K)]
@@ -559,6 +560,7 @@ def test_a_resumed_node_keeps_slots_for_the_children_it_feeds_until_they_are_bac
     # The seed's children that never come back: their slots are free at the end of the wait.
     t.handle_timer(now=RESUME_WAIT_S + 0.5)
     assert seed_member.held == 0 and t.channels["c"].forest.holding == {}
+    assert t.stats()["channels"]["c"]["kept_slots"] == 0
     check_invariants(t)
 
 

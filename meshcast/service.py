@@ -70,14 +70,10 @@ async def run_tracker(listen: str = "127.0.0.1:0", *, strategy: str = "tree", se
     `key`: a PEM file with the tracker's signing key, created on first use: the tokens it
     signed stay good across restarts. Without one, each start has a new key."""
     host, port = parse_address(listen)
-    rng = random.Random(seed)
-    if key is None:
-        node = TrackerNode(key=SigningKey(), crypto=Crypto(), rng=rng, strategy=strategy,
-                           hold_s=hold_s)
-    else:  # the same key as before a restart: ids from another block than last time's
-        node = TrackerNode(key=SigningKey.load_or_create(key), crypto=Crypto(), rng=rng,
-                           strategy=strategy, hold_s=hold_s,
-                           id_block=random.SystemRandom().getrandbits(24))
+    # The same key as before a restart gives out ids from another block than last time's.
+    node = TrackerNode(key=SigningKey.load_or_create(key) if key else SigningKey(), crypto=Crypto(),
+                       rng=random.Random(seed), strategy=strategy, hold_s=hold_s,
+                       id_block=random.SystemRandom().getrandbits(24) if key else None)
     async with open_endpoint(host, port, admission=_admission(per_ip)) as ep:
         runner = NodeRunner(node, ep, on_effect=_log_effect("tracker"))
         address = f"{host}:{ep.local_address[1]}"

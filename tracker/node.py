@@ -140,9 +140,9 @@ class TrackerNode(NodeBase):
         """The viewer being placed by `_on_join`: its Assigns wait in `_held` until it has a
         parent in every tree, so a refused viewer never holds a token."""
         self._unholding = False
-        """Set while held joins are tried again (not re-entered)."""
+        """Set while held joins are taken again (`_place_held`: not re-entered)."""
         self._rehold = False
-        """Set while waiting newcomers are tried again: one that waits on is not told again."""
+        """... and it is the newcomers waiting for slots: one that waits on is not told again."""
         self._held: list[Send] = []
         self._handed_back: dict[tuple[int, int], float] = {}
         """(member id, sub-stream) → when the tracker last gave a member back the parent it
@@ -169,7 +169,7 @@ class TrackerNode(NodeBase):
         entry = self.links.pop(link, None)
         if entry is not None:
             self._remove(entry[0], entry[1], now)
-            self._unhold_newcomers(entry[0], now)  # (its slots, kept ones included, are free)
+            self._place_held(entry[0], now)  # (its slots, kept ones included, are free)
         elif link in self._waiting_on:
             self._unhold(link)
 
@@ -297,16 +297,10 @@ class TrackerNode(NodeBase):
             for k in range(ch.substreams):
                 if member.parent[k] == m.NO_PEER:
                     self._place(ch, member, k, now)
-        # Viewers who came before the broadcast: in the order they came (a newcomer waits on
-        # if the slots are kept for viewers coming back, who are among them after a restart).
-        self._unholding = True
-        try:
-            for held, join in list(self.waiting.get(ch.name, {}).items()):
-                self._unhold(held)
-                self._on_join(held, join, now)
-        finally:
-            self._unholding = False
-        self._unhold_newcomers(ch, now)
+        # Viewers who came before the broadcast: in the order they came. After a restart those
+        # coming back are among them, and a newcomer may have to wait on for their kept slots.
+        self._place_held(ch, now, everyone=True)
+        self._place_held(ch, now)
 
     def _on_join(self, link: Link, msg: m.Join, now: float) -> None:
         if self.links[link] is not None or link in self._waiting_on:
@@ -360,11 +354,11 @@ class TrackerNode(NodeBase):
     def _room_for_newcomer(self, ch: Channel) -> bool:
         """While slots are kept for children coming back (`_hold_for_children`): do the others
         add up to one per tree? If not (or if placement finds no room in some tree), a newcomer
-        waits for its slots (`_unhold_newcomers`) rather than take kept ones, whose owners are
+        waits for its slots (`_place_held`) rather than take kept ones, whose owners are
         then refused ("no capacity"): at 800 viewers that overloaded the seed, its old
         children and the newcomers together."""
         forest = ch.forest
-        if not forest.holding or self.strategy.mode != "tree":
+        if not forest.holding:
             return True
         free = 0
         for mid in forest.spare:
@@ -373,21 +367,22 @@ class TrackerNode(NodeBase):
                 return True
         return False
 
-    def _unhold_newcomers(self, ch: Channel, now: float) -> None:
-        """Place the newcomers waiting for slots (`_room_for_newcomer`), in the order they came,
-        while there is room (not re-entered: placing one may move others; nor while a
-        newcomer is being placed)."""
+    def _place_held(self, ch: Channel, now: float, everyone: bool = False) -> None:
+        """Take the joins held for `ch` again, in the order they came: `everyone`'s (the
+        channel went live), or the newcomers waiting for slots (`_room_for_newcomer`) while
+        there is room. Not re-entered (placing one may move others), nor while a newcomer is
+        being placed."""
         if self._unholding or self._joining is not None:
             return
-        self._unholding = self._rehold = True
+        self._unholding, self._rehold = True, not everyone
         try:
             for held, join in list(self.waiting.get(ch.name, {}).items()):
-                if not self._room_for_newcomer(ch):
+                if not (everyone or self._room_for_newcomer(ch)):
                     return
                 if held in self._waiting_on:
                     self._unhold(held)
                     self._on_join(held, join, now)
-                    if held in self._waiting_on:
+                    if not everyone and held in self._waiting_on:
                         return  # it waits on: no room after all
         finally:
             self._unholding = self._rehold = False
@@ -427,7 +422,7 @@ class TrackerNode(NodeBase):
         self._hold_for_children(ch, member, resume.children, waits, now)
         self._adopt_children(ch, member, now)
         self._send_neighbours(ch, member, now)
-        self._unhold_newcomers(ch, now)
+        self._place_held(ch, now)
 
     def _hold_for_children(self, ch: Channel, member: Member, children: int, waits: bool,
                            now: float) -> None:
@@ -496,7 +491,7 @@ class TrackerNode(NodeBase):
                     if member.parent[k] == m.NO_PEER and not self._place(ch, member, k, now):
                         self._evict_for_capacity(ch, member, now)
                         break
-            self._unhold_newcomers(ch, now)
+            self._place_held(ch, now)
         if not self._adopt_until:
             self._adopting.clear()  # whoever still waits there was placed: stale entries
 

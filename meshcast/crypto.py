@@ -144,12 +144,17 @@ class SimCrypto(Crypto):
     public half, padded), so a token of one tracker fails where another's key is expected, as
     with real keys (a restarted tracker has a new one). `FORGED` marks data a simulated
     attacker altered, which fails verification exactly where real data would.
+
+    `signed` and `checked` count the token and announcement signatures made and verified (not
+    chunks'): the simulator charges a tracker's CPU by them.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._sigs: dict[bytes, bytes] = {}
         """Public key → the signature of every token it issues (one object per key)."""
+        self.signed = 0
+        self.checked = 0
 
     def _sig(self, public: bytes) -> bytes:
         sig = self._sigs.get(public)
@@ -166,15 +171,19 @@ class SimCrypto(Crypto):
 
     def issue_token(self, key: Any, child: int, parent: int, channel: str, substream: int,
                     expires: float) -> Token:
+        self.signed += 1
         return Token(child, parent, channel, substream, expires, self._sig(key.public))
 
     def token_valid(self, public: bytes, token: Token) -> bool:
+        self.checked += 1
         return token.sig == self._sig(public)
 
     def sign_announce(self, key: Any, channel: str, address: str) -> bytes:
+        self.signed += 1
         return _SIM_SIG
 
     def announce_valid(self, public: bytes, channel: str, address: str, proof: bytes) -> bool:
+        self.checked += 1
         return proof != FORGED
 
 

@@ -64,6 +64,11 @@ REJOIN_S: Final = 2.0
 this long, doubling up to `REJOIN_MAX_S`, jittered: a restarted tracker is not hit by every
 viewer at once."""
 REJOIN_MAX_S: Final = 30.0
+FIRST_CONTACT_TRIES: Final = 3
+"""Tries of the tracker before a viewer that never reached it gives up ("tracker unreachable"),
+`REJOIN_S` apart and doubling, jittered: ~20 s in all with QUIC's 5 s connect time-out. A
+tracker swamped by a flash crowd drops new clients' first packets (`sim.driver`); they get in
+on a later try instead of failing."""
 PULL_WINDOW: Final = 4
 """Pulls in flight per source in tree mode."""
 REQUEST_TIMEOUT: Final = 1.0
@@ -99,7 +104,7 @@ class Rx:
 class PeerNode(RelayNode):
     """A viewer peer (and relay)."""
 
-    __slots__ = ("rng", "tracker", "address", "coords", "pinned_key", "playout_delay", "_rejoin_delay",
+    __slots__ = ("rng", "tracker", "address", "coords", "pinned_key", "playout_delay", "_rejoin_delay", "_contact",
                  "rejected", "leaving", "joined_at", "primary", "backup", "relays",
                  "last_rx", "newest_in", "opening", "neighbours", "seed_id",
                  "blocked", "rx", "receiving", "gaps", "requested", "_from_seed", "_start_rap",
@@ -123,6 +128,8 @@ class PeerNode(RelayNode):
         self.leaving = False
         self._rejoin_delay = 0.0
         """The wait before the last try of the tracker since we lost it (0: never lost it)."""
+        self._contact = 0
+        """Failed first contacts with the tracker; -1 once it answered."""
         self.joined_at: float | None = None
         self.primary: list[Slot | None] = []
         self.backup: list[Slot | None] = []
@@ -193,6 +200,7 @@ class PeerNode(RelayNode):
             self._close(link, "leaving" if self.leaving else "rejected by the tracker", now)
             return
         if ref == TRACKER:
+            self._contact = -1
             # (Also back after losing the tracker: we keep our links and subscriptions and say
             # where we sit (`_resume`); a restarted tracker puts us back there where it can, and
             # its Assigns move us, as any move does, where it cannot.)
@@ -230,10 +238,17 @@ class PeerNode(RelayNode):
 
     def open_failed(self, ref: Any, *, now: float, reason: str = "") -> None:
         if ref == TRACKER:
-            if self._rejoin_delay > 0 and not self.leaving:  # a rejoin: keep trying
+            if self._contact < 0 and not self.leaving:  # a rejoin: keep trying
                 self._rejoin_later(now)
                 return
-            self.rejected = f"tracker unreachable: {reason}"
+            self._contact += 1
+            if self._contact < FIRST_CONTACT_TRIES and not self.leaving:
+                self._rejoin_later(now, first=self._contact == 1)
+                self._out.append(Notice(f"tracker not answering ({reason}); trying again in about "
+                                        f"{self._rejoin_delay:g} s ({self._contact} of "
+                                        f"{FIRST_CONTACT_TRIES} tries failed)"))
+                return
+            self.rejected = f"tracker unreachable: {reason} ({self._contact} tries)"
             self._out.append(Notice(self.rejected))
             return
         self._opened(ref)

@@ -16,7 +16,7 @@ from tracker.placement import STRATEGIES
 BIG_RUN = 20_000
 """Audiences from which a run says that a compiled build exists (100k: ~40 min pure)."""
 JSON_KEYS = ("peers", "rejected", "duration_s", "latency_ms", "continuity", "offload", "startup_ms",
-             "seed_egress_kbps", "control_overhead", "max_depth", "events", "wall_s")
+             "seed_egress_kbps", "control_overhead", "max_depth", "tracker", "events", "wall_s")
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
@@ -163,6 +163,8 @@ ROWS = (
     ("seed egress (kbps)", lambda s: _fmt(s["seed_egress_kbps"])),
     ("control overhead", lambda s: _fmt(s["control_overhead"], pct=True)),
     ("max depth", lambda s: _fmt(s["max_depth"])),
+    ("tracker CPU", lambda s: _fmt(s["tracker"]["cpu"], pct=True)),
+    ("tracker wait p99 (ms)", lambda s: _fmt(s["tracker"]["wait_ms"]["p99"])),
     ("peers", lambda s: _fmt(s["peers"])),
     ("rejected", lambda s: _fmt(s["rejected"])),
     ("events", lambda s: _fmt(s["events"])),

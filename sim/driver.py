@@ -27,6 +27,16 @@ Modelling choices that mirror the runtime, in one place:
   idle time-out, `meshcast.policy.LINK_IDLE_TIMEOUT_S`), unless the node's own stall detection
   acts first; a graceful one closes links.
 - Crypto is `SimCrypto`: same checks on fields, no curve arithmetic.
+- The tracker's CPU (`[tracker]` `handshake_us` … `verify_us`, from `bench/tracker_cpu.py`): a
+  real tracker is one Python process, so it is one server here. Each QUIC handshake it accepts
+  (`handshake_us`), event it handles (`event_us`), message it sends (`send_us`) and signature it
+  makes or checks (`sign_us`, `verify_us`, counted by its own `SimCrypto`) takes that much of
+  it, in arrival order. The node decides at once; what it sends leaves once the CPU has got
+  through everything before it, and a handshake completes then too. A client's first packet
+  that finds more than `backlog_s` of work queued is lost (the socket's receive buffer is
+  full) and its resends (`INITIAL_RESENDS`) try again; a client whose handshake finishes after
+  its `CONNECT_TIMEOUT` fails to connect. Messages on open links are never lost (QUIC would
+  send them again).
 """
 
 from __future__ import annotations
@@ -123,6 +133,17 @@ class Simulation:
         self.coords = latency.pos if isinstance(latency, CoordinateLatency) else None
         self.metrics = MetricsCollector(n, sc.stream.duration_s)
         self.crypto = SimCrypto()
+        self.cpu = sc.tracker
+        self.cpu_on = (self.cpu.handshake_us, self.cpu.event_us, self.cpu.send_us,
+                       self.cpu.sign_us, self.cpu.verify_us) != (0, 0, 0, 0, 0)
+        self.tracker_crypto = SimCrypto()
+        self.tracker_free = 0.0
+        """When the tracker's CPU has got through the work given it so far."""
+        self.tracker_gen = 0
+        """Which tracker process (a restart starts another): its queued answers die with it."""
+        self._tracker_us = 0.0
+        """CPU (µs) of the event the tracker is handling, before its signatures and sends."""
+        self._signs_seen = self._checks_seen = 0
         self.nodes: list[Any] = [None] * n
         self.alive = bytearray(n)
         self.timer_at = array("d", [math.inf]) * n
@@ -209,7 +230,11 @@ class Simulation:
 
     def _start_tracker(self, key: SimKey) -> None:
         self.back_at.pop(TRACKER, None)
-        self.nodes[TRACKER] = TrackerNode(key=key, crypto=self.crypto,
+        self.tracker_crypto = SimCrypto()
+        self._signs_seen = self._checks_seen = 0
+        self.tracker_gen += 1
+        self.tracker_free = self.sched.now
+        self.nodes[TRACKER] = TrackerNode(key=key, crypto=self.tracker_crypto,
                                           rng=random.Random(self.rng.random()),
                                           strategy=self.scenario.run.strategy)
         self.alive[TRACKER] = 1
@@ -300,6 +325,8 @@ class Simulation:
     def _pump(self, i: int) -> None:
         node: NodeBase = self.nodes[i]
         effects = node.drain()
+        if i == TRACKER and self.cpu_on:
+            effects = self._tracker_busy(effects)
         if effects:
             self._apply(i, effects)
         t = node.next_timer()
@@ -317,8 +344,39 @@ class Simulation:
         # Half the wakes that find their time still set come after the node's first timer
         # moved later: nothing is due, and `_pump` re-arms the wake.
         if t is None or t <= now:
+            if i == TRACKER:
+                self._tracker_us += self.cpu.event_us
             node.handle_timer(now=now)
         self._pump(i)
+
+    def _tracker_busy(self, effects: list[fx.Effect]) -> list[fx.Effect]:
+        """Charge the tracker's CPU for what it just did; its effects, if they can go now (the
+        CPU was idle and it cost nothing), else [] and they go when the CPU gets there."""
+        cpu, crypto, now = self.cpu, self.tracker_crypto, self.sched.now
+        sends = 0
+        for eff in effects:
+            if isinstance(eff, fx.Send):
+                sends += 1
+        event_s = self._tracker_us * 1e-6
+        send_s = cpu.send_us * sends * 1e-6
+        sign_s = cpu.sign_us * (crypto.signed - self._signs_seen) * 1e-6
+        verify_s = cpu.verify_us * (crypto.checked - self._checks_seen) * 1e-6
+        self._tracker_us = 0.0
+        self._signs_seen, self._checks_seen = crypto.signed, crypto.checked
+        cost = event_s + send_s + sign_s + verify_s
+        start = max(now, self.tracker_free)
+        if cost <= 0 and start <= now:
+            return effects
+        self.tracker_free = start + cost
+        self.metrics.tracker_work(start - now, events=event_s, sends=send_s, signatures=sign_s,
+                                  verifications=verify_s)
+        if effects:
+            self.sched.at(self.tracker_free, self._tracker_answers, self.tracker_gen, effects)
+        return []
+
+    def _tracker_answers(self, gen: int, effects: list[fx.Effect]) -> None:
+        if gen == self.tracker_gen and self.alive[TRACKER]:
+            self._apply(TRACKER, effects)
 
     def _apply(self, i: int, effects: list[fx.Effect]) -> None:
         now = self.sched.now
@@ -406,8 +464,43 @@ class Simulation:
         self.next_link.extend((-1, -1))
         one_way = self.net.latency.one_way(i, dst)
         self.delay.extend((one_way, one_way))
+        if dst == TRACKER and self.cpu_on:
+            self.sched.at(now + one_way, self._handshake, i, a, ref, now, 0)
+            return
         self.sched.at(now + one_way, self._accepted, dst, b, a, i)
         self.sched.at(now + 2 * one_way, self._opened, i, a, ref)
+
+    def _handshake(self, i: int, link: int, ref: Any, sent: float, copy: int) -> None:
+        """Node i's first packet (sent at `sent`; copy 0, or the client's resend number `copy`)
+        reaches the tracker. The link opens (its end `link ^ 1`) once the tracker's CPU has done
+        the server's side of the handshake; with more than `backlog_s` of work ahead of it, the
+        socket's receive buffer is full and the packet is lost, so the client's next resend
+        tries again."""
+        now, one_way = self.sched.now, self.delay[link]
+        deadline = sent + CONNECT_TIMEOUT
+        if not self.alive[TRACKER]:
+            self.sched.at(now + one_way, self._opened, i, link, ref)  # refused
+            return
+        start = max(now, self.tracker_free)
+        if start - now > self.cpu.backlog_s:
+            if copy < len(INITIAL_RESENDS) and sent + INITIAL_RESENDS[copy] + one_way < deadline:
+                self.sched.at(sent + INITIAL_RESENDS[copy] + one_way, self._handshake, i, link, ref,
+                              sent, copy + 1)
+            else:
+                self.sched.at(deadline, self._open_failed, i, ref)
+            return
+        cost = self.cpu.handshake_us * 1e-6
+        self.tracker_free = done = start + cost
+        self.metrics.tracker_work(start - now, handshakes=cost)
+        if done + one_way > deadline:  # the client gave up first: the work was for nothing
+            self.sched.at(deadline, self._open_failed, i, ref)
+            return
+        self.sched.at(done, self._tracker_accepts, self.tracker_gen, i, link)
+        self.sched.at(done + one_way, self._opened, i, link, ref)
+
+    def _tracker_accepts(self, gen: int, i: int, link: int) -> None:
+        if gen == self.tracker_gen:  # else that tracker is gone, and the opener is refused
+            self._accepted(TRACKER, link ^ 1, link, i)
 
     def _accepted(self, dst: int, link: int, remote: int, src: int) -> None:
         if not self.alive[dst] or not self.alive[src]:
@@ -441,6 +534,8 @@ class Simulation:
         if dst < 0 or not self.alive[dst]:
             return
         node: RelayNode | TrackerNode = self.nodes[dst]
+        if dst == TRACKER:
+            self._tracker_us += self.cpu.event_us
         node.handle(link, msg, now=self.sched.now)
         self._pump(dst)
 
@@ -450,6 +545,8 @@ class Simulation:
         if dst < 0 or not self.alive[dst]:
             return
         node = self.nodes[dst]
+        if dst == TRACKER:
+            self._tracker_us += self.cpu.event_us
         self._call(dst, lambda now: node.link_closed(link, now=now, reason=reason))
 
     def _chunk_arrives(self, link: int, chunk: fx.Chunk, ok: bool, t_head: float) -> None:

@@ -163,6 +163,11 @@ class MetricsCollector:
         self.buckets: list[_Bucket] = []
         self.media_bytes = self.control_bytes = self.seed_bytes = 0
         self.rejected = 0
+        self.tracker_cpu_s = {"handshakes": 0.0, "events": 0.0, "sends": 0.0, "signatures": 0.0,
+                              "verifications": 0.0}
+        """The tracker's CPU, by what it was spent on (`sim.driver`'s model)."""
+        self.tracker_wait = Histogram(0.001, startup_max_s)
+        """How long each piece of the tracker's work waited for its CPU."""
 
     # --- driver hooks --------------------------------------------------------------------------
 
@@ -179,6 +184,18 @@ class MetricsCollector:
 
     def peer_left(self, peer: int, *, now: float) -> None:
         self.left_at[peer] = now
+
+    def tracker_work(self, waited_s: float, *, handshakes: float = 0.0, events: float = 0.0,
+                     sends: float = 0.0, signatures: float = 0.0, verifications: float = 0.0) -> None:
+        """One piece of the tracker's work, which waited `waited_s` for its CPU, then took
+        the seconds given by what for."""
+        spent = self.tracker_cpu_s
+        spent["handshakes"] += handshakes
+        spent["events"] += events
+        spent["sends"] += sends
+        spent["signatures"] += signatures
+        spent["verifications"] += verifications
+        self.tracker_wait.add(waited_s)
 
     def peer_rejected(self, peer: int) -> None:
         """The tracker refused (or evicted) ``peer``: it plays nothing from then on."""
@@ -280,7 +297,7 @@ class MetricsCollector:
         verified, on_time, missed = sum(self.verified), sum(self.on_time), sum(self.missed)
         from_peers, from_seed = sum(self.bytes_from_peers), sum(self.bytes_from_seed)
         depths = self.depth_histogram()
-        lat, st = self.latency.quantile, self.startup_hist.quantile
+        lat, st, tw = self.latency.quantile, self.startup_hist.quantile, self.tracker_wait.quantile
         return {
             "peers": sum(self.seen),
             "rejected": self.rejected,
@@ -292,6 +309,11 @@ class MetricsCollector:
             "seed_egress_kbps": self.seed_bytes * 8 / 1000 / self.duration_s,
             "control_overhead": _ratio(self.control_bytes, self.media_bytes),
             "max_depth": max(depths, default=None),
+            "tracker": {
+                "cpu": sum(self.tracker_cpu_s.values()) / self.duration_s,
+                "cpu_s": dict(self.tracker_cpu_s),
+                "wait_ms": {"p50": _ms(tw(0.5)), "p95": _ms(tw(0.95)), "p99": _ms(tw(0.99))},
+            },
             "depth_histogram": {str(d): c for d, c in depths.items()},
             "chunks": {"verified": verified, "on_time": on_time, "missed": missed},
             "bytes": {

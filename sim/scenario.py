@@ -19,6 +19,8 @@ The tables (see the dataclasses below for keys and defaults)::
     [network]  model = "coordinates" | "matrix" | "ripe", loss, chunk_drop  (+ model params)
     [channels] count, zipf_s
     [tracker]  restart_at_s, down_s       (a tracker restart: 0 = none)
+               handshake_us, event_us, send_us, sign_us, verify_us, backlog_s
+                                          (its CPU; all the costs 0 = free)
     [run]      seed, strategy
 """
 
@@ -210,6 +212,22 @@ class TrackerConfig:
     new key and nothing of the old one's state, starts `down_s` later at the same address. The
     seeds and viewers find it again by themselves."""
     down_s: float = _opt(5.0, POSITIVE)
+    # The tracker's CPU (`sim.driver`: one server, work done in arrival order). Defaults:
+    # `bench/tracker_cpu.py` on the machine the project runs on (2026-11-26: 1,092 / 338 /
+    # 30 / 31.5 / 102 µs); all 0 gives a tracker that answers at once, whatever the load.
+    handshake_us: float = _opt(1100.0, NON_NEGATIVE)
+    """Server side of one QUIC handshake (a viewer's or seed's first contact)."""
+    event_us: float = _opt(340.0, NON_NEGATIVE)
+    """Handling one message, closed link or timer: receiving, decoding, deciding."""
+    send_us: float = _opt(30.0, NON_NEGATIVE)
+    """Framing and sending one message."""
+    sign_us: float = _opt(32.0, NON_NEGATIVE)
+    """One Ed25519 signature (a token)."""
+    verify_us: float = _opt(102.0, NON_NEGATIVE)
+    """One Ed25519 verification (a seed's announcement, a returning node's proof)."""
+    backlog_s: float = _opt(2.0, NON_NEGATIVE)
+    """Work queued ahead beyond which a new client's first packet is lost: about what the
+    runtime's 4 MB socket receive buffer holds of QUIC Initials (~1,800 at `handshake_us`)."""
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,13 @@ then it is placed as a newcomer would be (a move). Waiting costs nothing: the vi
 that parent meanwhile, and reports it (`ParentLost`) if it dies. So it is the longest a live
 parent may take: a viewer retries a lost tracker at most 30 s apart, ±50 %. For as long, a
 resumed parent's slots are kept for the children it feeds that are not back yet."""
+PLACE_SLICE = 200
+"""Held joins placed per turn when a channel goes live (a premiere's audience, a restarted
+tracker's): each takes ~0.6 ms of CPU (9 tokens signed, ~9 messages: bench/tracker_cpu.py), so
+a slice is ~0.1 s, and between slices the tracker answers everything else — keep-alives among
+it: a 10k audience placed in one go kept the process busy ~6 s, past links' 3 s idle time-out.
+The next slice is due `PLACE_TURN_S` later (a timer due at once would fire in the same call)."""
+PLACE_TURN_S = 0.001
 _ID_BLOCK = 1 << 20
 """The ids a tracker gives out start at a block of this size chosen by its key."""
 
@@ -143,6 +150,9 @@ class TrackerNode(NodeBase):
         """Set while held joins are taken again (`_place_held`: not re-entered)."""
         self._rehold = False
         """... and it is the newcomers waiting for slots: one that waits on is not told again."""
+        self._placing: dict[str, None] = {}
+        """Channels that went live with more held joins than a slice (`PLACE_SLICE`): the rest
+        are placed at the next turn ("place" timer); a join meanwhile waits behind them."""
         self._held: list[Send] = []
         self._handed_back: dict[tuple[int, int], float] = {}
         """(member id, sub-stream) → when the tracker last gave a member back the parent it
@@ -309,6 +319,9 @@ class TrackerNode(NodeBase):
         if ch is None or ch.forest.seed is None:
             self._hold(link, msg, now)
             return
+        if ch.name in self._placing:  # behind those who came first, in the order they came
+            self._hold(link, msg, now, notify=False)
+            return
         if msg.address and msg.address in ch.banned:
             self._reject(link, "evicted from this channel", now)
             return
@@ -372,12 +385,17 @@ class TrackerNode(NodeBase):
         channel went live), or the newcomers waiting for slots (`_room_for_newcomer`) while
         there is room. Not re-entered (placing one may move others), nor while a newcomer is
         being placed."""
-        if self._unholding or self._joining is not None:
+        if self._unholding or self._joining is not None or (not everyone and ch.name in self._placing):
             return
+        self._placing.pop(ch.name, None)
         self._unholding, self._rehold = True, not everyone
         try:
-            for held, join in list(self.waiting.get(ch.name, {}).items()):
+            for n, (held, join) in enumerate(list(self.waiting.get(ch.name, {}).items())):
                 if not (everyone or self._room_for_newcomer(ch)):
+                    return
+                if everyone and n == PLACE_SLICE:  # the rest at the next turn
+                    self._placing[ch.name] = None
+                    self._set_timer("place", now + PLACE_TURN_S)
                     return
                 if held in self._waiting_on:
                     self._unhold(held)
@@ -801,6 +819,15 @@ class TrackerNode(NodeBase):
             return
         if key == "adopt":
             self._stop_waiting(now)
+            return
+        if key == "place":
+            for name in list(self._placing):
+                ch = self.channels.get(name)
+                if ch is None or ch.forest.seed is None:  # not live any more: they wait on
+                    del self._placing[name]
+                    continue
+                self._place_held(ch, now, everyone=True)
+                self._place_held(ch, now)
             return
         if key != "retry":
             super()._on_timer(key, now)

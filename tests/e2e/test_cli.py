@@ -77,12 +77,15 @@ def test_bad_usage_exits_2(args: list[str]) -> None:
 
 
 def test_peer_with_no_tracker_fails_clearly() -> None:
-    port = free_udp_port()  # nothing listens there: the QUIC handshake times out (~5 s)
+    port = free_udp_port()  # nothing listens there: each QUIC handshake times out (~5 s)
     started = time.monotonic()
     result = run(["peer", "--tracker", f"127.0.0.1:{port}", "--channel", "x",
-                  "--playout-delay", "2"], timeout=30)  # a valid delay is no usage error
+                  "--playout-delay", "2"], timeout=60)  # a valid delay is no usage error
     assert_one_line_error(result, "tracker unreachable", str(port))
-    assert time.monotonic() - started < 20
+    # It tried 3 times (a swamped tracker drops first packets), saying so, then gave up.
+    assert "trying again in about 2 s (1 of 3 tries failed)" in result.stderr
+    assert "(3 tries)" in result.stderr
+    assert time.monotonic() - started < 40
 
 
 def test_tracker_rejection_ends_the_peer_and_sigterm_ends_the_tracker() -> None:
@@ -146,7 +149,7 @@ def test_a_tracker_refuses_a_flood_from_one_address_and_keeps_serving_the_rest()
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                 text=True))
             _await_line(viewers[-1], "is not live yet: waiting", 30)
-        third = run(["peer", "--tracker", f"127.0.0.1:{port}", "--channel", "later"], timeout=30)
+        third = run(["peer", "--tracker", f"127.0.0.1:{port}", "--channel", "later"], timeout=60)
         assert_one_line_error(third, "tracker unreachable")
         line = _await_line(tracker, "refusing new connections from 127.0.0.1", 10)
         assert "more than 2 at once" in line

@@ -404,6 +404,45 @@ def test_a_viewer_waiting_for_the_broadcast_outlasts_a_tracker_restart():
     assert all(played(w, p) == list(range(10)) for p in peers)
 
 
+def test_a_viewer_tries_a_tracker_it_never_reached_three_times_then_gives_up():
+    # A swamped tracker drops new clients' first packets: a first contact that fails is tried
+    # again, REJOIN_S later and doubling (jittered), and only the last failure refuses the viewer.
+    crypto = Crypto()
+    w = Wiring()
+    p = w.add("p0", PeerNode(channel="ch", crypto=crypto, rng=random.Random(1), tracker="tracker",
+                             address="p0", upload_kbps=3000))
+    w.start(p)
+    tries = [w.now]
+    for _ in range(2):
+        assert not p.rejected
+        at = p._timers["rejoin"]
+        w.advance(at)
+        tries.append(at)
+    assert p.rejected == "tracker unreachable: no such node (3 tries)"
+    assert p.next_timer() is None  # nothing more: it gave up
+    gaps = [b - a for a, b in zip(tries, tries[1:])]
+    assert 1.0 <= gaps[0] <= 3.0 and 2.0 <= gaps[1] <= 6.0, gaps
+    assert w.notices[:2] == ["tracker not answering (no such node); trying again in about 2 s "
+                           "(1 of 3 tries failed)",
+                           "tracker not answering (no such node); trying again in about 4 s "
+                           "(2 of 3 tries failed)"]
+
+
+def test_a_viewer_placed_on_its_second_try_at_the_tracker():
+    w, tracker, seed, peers = build(0)
+    late = w.add("late", PeerNode(channel="ch", crypto=Crypto(), rng=random.Random(9),
+                                  tracker="nowhere", address="late", upload_kbps=3000))
+    w.start(late)  # its first try fails ...
+    assert not late.rejected and late.id == NO_PEER
+    late.tracker = "tracker"  # (... the tracker answers the next one)
+    w.advance(late._timers["rejoin"])
+    stream(w, seed, 10)
+    assert late.id != NO_PEER and played(w, late)
+    w.kill(tracker)  # once it has reached the tracker, it never gives up on it
+    w.advance(w.now + 200)
+    assert not late.rejected
+
+
 def test_a_viewer_tries_a_vanished_tracker_less_and_less_often():
     w, tracker, seed, peers = build(2)
     w.kill(tracker)

@@ -1,0 +1,68 @@
+"""The tracker's CPU in the simulator: one server, so it admits viewers no faster than it can
+do their handshakes and joins; swamped, it loses first packets, and viewers get in on a later
+try (`sim.driver`, `[tracker]` costs)."""
+
+from __future__ import annotations
+
+import math
+
+from sim.driver import CONNECT_TIMEOUT, RunResult, Simulation
+from sim.scenario import parse_scenario
+
+FREE = {"handshake_us": 0, "event_us": 0, "send_us": 0, "sign_us": 0, "verify_us": 0}
+
+
+def crowd(count: int, tracker: dict, *, duration_s: float = 20, seed: int = 1) -> RunResult:
+    """`count` viewers arriving together at a live 1 Mbit/s stream."""
+    return Simulation(parse_scenario({
+        "stream": {"bitrate_kbps": 1000, "chunk_ms": 100, "substreams": 4, "duration_s": duration_s},
+        "seed": {"upload_kbps": 10000},
+        "peers": {"count": count, "arrival": {"kind": "flash", "t0": 1.0, "window_s": 0.01},
+                  "session": {"kind": "infinite"}, "upload": [{"share": 1.0, "kbps": 3000}]},
+        "network": {"model": "coordinates", "rtt_min_ms": 10, "rtt_max_ms": 60},
+        "tracker": tracker,
+        "run": {"seed": seed},
+    })).run()
+
+
+def startups(result: RunResult) -> list[float]:
+    return sorted(s for s in result.metrics.startup_s if not math.isnan(s))
+
+
+def test_the_kth_viewer_in_cannot_start_before_k_handshakes_of_tracker_cpu():
+    handshake_s = 0.05
+    result = crowd(60, {"handshake_us": handshake_s * 1e6})
+    times = startups(result)
+    assert len(times) == 60 and result.metrics.rejected == 0
+    # Every viewer's join waits for the handshakes the tracker did before it (and its own).
+    assert all(t >= (k + 1) * handshake_s for k, t in enumerate(times)), times
+    summary = result.summary()
+    assert summary["tracker"]["cpu"] * summary["duration_s"] >= 60 * handshake_s
+    assert times[-1] < 60 * handshake_s + 2.0  # and not much more: 3 s of handshakes
+    # A tracker that costs nothing lets them all in sooner than its handshakes would take.
+    free = startups(crowd(60, FREE))
+    assert max(free) < 60 * handshake_s < max(times)
+    assert crowd(60, FREE).summary()["tracker"]["cpu"] == 0
+
+
+def test_a_swamped_tracker_drops_first_packets_and_the_viewers_get_in_on_a_later_try():
+    # 200 handshakes at 40 ms each: 8 s of work, with room for 1 s of it queued. The first
+    # packets that find the queue full are lost; QUIC's resends and the viewers' next tries
+    # (REJOIN_S later, doubling) bring everyone in, the last well after a connect time-out.
+    result = crowd(200, {"handshake_us": 40_000, "backlog_s": 1.0}, duration_s=30)
+    times = startups(result)
+    assert result.metrics.rejected == 0 and len(times) == 200
+    assert times[-1] > CONNECT_TIMEOUT
+    # Never more than the backlog's worth of handshakes queued (plus the joins behind them).
+    assert result.summary()["tracker"]["wait_ms"]["p99"] < 1000 + 200
+
+
+def test_viewers_give_up_on_a_tracker_that_cannot_take_them_in_three_tries():
+    # 400 handshakes at 100 ms: 40 s of work, more than three tries (~20 s) can wait for.
+    # Those left out are refused ("tracker unreachable"); those in play on.
+    result = crowd(400, {"handshake_us": 100_000, "backlog_s": 1.0}, duration_s=40)
+    admitted = len(startups(result))
+    assert result.metrics.rejected > 0
+    assert admitted + result.metrics.rejected == 400
+    assert admitted >= 100  # the tracker kept working through the crowd
+    assert result.summary()["continuity"] > 0.99

@@ -368,8 +368,9 @@ class Simulation:
         if cost <= 0 and start <= now:
             return effects
         self.tracker_free = start + cost
-        self.metrics.tracker_work(start - now, events=event_s, sends=send_s, signatures=sign_s,
-                                  verifications=verify_s)
+        if cost > 0:
+            self.metrics.tracker_work(start - now, events=event_s, sends=send_s,
+                                      signatures=sign_s, verifications=verify_s)
         if effects:
             self.sched.at(self.tracker_free, self._tracker_answers, self.tracker_gen, effects)
         return []

@@ -213,8 +213,9 @@ class TrackerConfig:
     seeds and viewers find it again by themselves."""
     down_s: float = _opt(5.0, POSITIVE)
     # The tracker's CPU (`sim.driver`: one server, work done in arrival order). Defaults:
-    # `bench/tracker_cpu.py` on the machine the project runs on (2026-11-26: 1,092 / 338 /
-    # 30 / 31.5 / 102 µs); all 0 gives a tracker that answers at once, whatever the load.
+    # `bench/tracker_cpu.py` here (2026-11-26, µs, handshake / event / send / sign / verify:
+    # 1,092 / 338 / 30 / 31.5 / 102 in a 2k channel, 1,112 / 298 / 35 / 31.6 / 104 in a 10k
+    # one); all 0 gives a tracker that answers at once, whatever the load.
     handshake_us: float = _opt(1100.0, NON_NEGATIVE)
     """Server side of one QUIC handshake (a viewer's or seed's first contact)."""
     event_us: float = _opt(340.0, NON_NEGATIVE)

@@ -7,8 +7,9 @@ the workload (`sim.workload`).
 
 Modelling choices that mirror the runtime, in one place:
 
-- Node index 0 is the tracker, 1..C the channel seeds, then the peers; a node's address is
-  its index as a string.
+- Node indexes 0..P-1 are the tracker processes (`[tracker] processes`, channel c tracked by
+  process c mod P, as a site spreads its channels over processes), then the C channel seeds,
+  then the peers; a node's address is its index as a string.
 - Opening a link costs one RTT (QUIC handshake): the acceptor learns of it after one one-way
   delay, the opener after two. A connection to a node that is gone fails after
   `CONNECT_TIMEOUT` (the runtime's connect time-out), unless the node comes back meanwhile (a
@@ -27,7 +28,7 @@ Modelling choices that mirror the runtime, in one place:
   idle time-out, `meshcast.policy.LINK_IDLE_TIMEOUT_S`), unless the node's own stall detection
   acts first; a graceful one closes links.
 - Crypto is `SimCrypto`: same checks on fields, no curve arithmetic.
-- The tracker's CPU (`[tracker]` `handshake_us` … `verify_us`, from `bench/tracker_cpu.py`): a
+- A tracker's CPU (`[tracker]` `handshake_us` … `verify_us`, from `bench/tracker_cpu.py`): a
   real tracker is one Python process, so it is one server here. Each QUIC handshake it accepts
   (`handshake_us`), event it handles (`event_us`), message it sends (`send_us`) and signature it
   makes or checks (`sign_us`, `verify_us`, counted by its own `SimCrypto`) takes that much of
@@ -76,6 +77,7 @@ IDLE_TIMEOUT: Final = LINK_IDLE_TIMEOUT_S
 GOP_MS: Final = 1000
 """Default keyframe interval (`[stream] gop_ms`)."""
 TRACKER: Final = 0
+"""The first (with one, the) tracker process's node index."""
 
 
 @dataclass
@@ -113,37 +115,42 @@ class Simulation:
         self.rng = random.Random(sc.run.seed)
         self.sched = Scheduler()
         self.channels = sc.channels.count
+        self.trackers = P = sc.tracker.processes
+        self.first_peer = P + self.channels
+        """Node indexes: trackers below `trackers`, seeds below `first_peer`, then peers."""
         self.specs: list[PeerSpec] = peers_for(sc, random.Random(self.rng.random()),
-                                               first_id=1 + self.channels)
-        n = 1 + self.channels + len(self.specs)
+                                               first_id=self.first_peer)
+        n = self.first_peer + len(self.specs)
         self.n = n
         latency = build_latency(sc.network, n, random.Random(self.rng.random()))
         uploads = [0.0] * n
-        uploads[TRACKER] = 1e9
+        for t in range(P):
+            uploads[t] = 1e9
         for c in range(self.channels):
-            uploads[1 + c] = sc.seed.upload_kbps
+            uploads[P + c] = sc.seed.upload_kbps
         for spec in self.specs:
             uploads[spec.id] = spec.upload_kbps if spec.upload_kbps > 0 else 1.0
         downloads = None
         if sc.peers.download_kbps:
-            downloads = [0.0] * (1 + self.channels) + [sc.peers.download_kbps] * len(self.specs)
+            downloads = [0.0] * self.first_peer + [sc.peers.download_kbps] * len(self.specs)
         self.net = Network(latency, uploads, random.Random(self.rng.random()),
                            download_kbps=downloads,
                            loss=Loss(sc.network.loss, sc.network.chunk_drop))
         self.coords = latency.pos if isinstance(latency, CoordinateLatency) else None
-        self.metrics = MetricsCollector(n, sc.stream.duration_s)
+        self.metrics = MetricsCollector(n, sc.stream.duration_s, trackers=P)
         self.crypto = SimCrypto()
         self.cpu = sc.tracker
         self.cpu_on = (self.cpu.handshake_us, self.cpu.event_us, self.cpu.send_us,
                        self.cpu.sign_us, self.cpu.verify_us) != (0, 0, 0, 0, 0)
-        self.tracker_crypto = SimCrypto()
-        self.tracker_free = 0.0
-        """When the tracker's CPU has got through the work given it so far."""
-        self.tracker_gen = 0
-        """Which tracker process (a restart starts another): its queued answers die with it."""
+        self.tracker_crypto = [SimCrypto() for _ in range(P)]
+        """Each tracker's own, counting its signatures."""
+        self.tracker_free = array("d", [0.0]) * P
+        """When each tracker's CPU has got through the work given it so far."""
+        self.tracker_gen = array("q", [0]) * P
+        """Which process at each tracker's address (a restart starts another): its queued
+        answers die with it."""
         self._tracker_us = 0.0
-        """CPU (µs) of the event the tracker is handling, before its signatures and sends."""
-        self._signs_seen = self._checks_seen = 0
+        """CPU (µs) of the event a tracker is handling, before its signatures and sends."""
         self.nodes: list[Any] = [None] * n
         self.alive = bytearray(n)
         self.timer_at = array("d", [math.inf]) * n
@@ -205,13 +212,15 @@ class Simulation:
     def _run(self) -> RunResult:
         sc = self.scenario
         wall = time.perf_counter()
-        self._start_tracker(SimKey(0))
-        if sc.tracker.restart_at_s > 0:
-            self.sched.at(sc.tracker.restart_at_s, self._tracker_down)
+        for t in range(self.trackers):
+            self._start_tracker(t, SimKey(0 if t == 0 else self.n + self.trackers + t))
+            if sc.tracker.restart_at_s > 0:
+                self.sched.at(sc.tracker.restart_at_s, self._tracker_down, t)
         for c in range(self.channels):
-            index = 1 + c
+            index = self.trackers + c
             seed = SeedNode(channel=self._channel(c), key=SimKey(index), crypto=self.crypto,
-                            tracker=str(TRACKER), address=str(index), upload_kbps=int(sc.seed.upload_kbps),
+                            tracker=str(c % self.trackers), address=str(index),
+                            upload_kbps=int(sc.seed.upload_kbps),
                             bitrate_kbps=int(sc.stream.bitrate_kbps), substreams=sc.stream.substreams,
                             chunk_ms=sc.stream.chunk_ms)
             self.nodes[index] = seed
@@ -221,31 +230,31 @@ class Simulation:
             if spec.join_at < sc.stream.duration_s:
                 self.sched.at(spec.join_at + 0.05, self._join, spec)
         events = self.sched.run(sc.stream.duration_s, progress=self.progress)
-        tracker: TrackerNode = self.nodes[TRACKER]
         for spec in self.specs:
             node = self.nodes[spec.id]
             if node is not None and self.alive[spec.id] and node.id >= 0:
+                tracker: TrackerNode = self.nodes[spec.channel % self.trackers]
                 self.metrics.depth(spec.id, tracker.depth_of(node.channel, node.id))
-        return RunResult(self.metrics, events, time.perf_counter() - wall, len(self.specs), tracker)
+        return RunResult(self.metrics, events, time.perf_counter() - wall, len(self.specs),
+                         self.nodes[TRACKER])
 
-    def _start_tracker(self, key: SimKey) -> None:
-        self.back_at.pop(TRACKER, None)
-        self.tracker_crypto = SimCrypto()
-        self._signs_seen = self._checks_seen = 0
-        self.tracker_gen += 1
-        self.tracker_free = self.sched.now
-        self.nodes[TRACKER] = TrackerNode(key=key, crypto=self.tracker_crypto,
-                                          rng=random.Random(self.rng.random()),
-                                          strategy=self.scenario.run.strategy)
-        self.alive[TRACKER] = 1
+    def _start_tracker(self, t: int, key: SimKey) -> None:
+        self.back_at.pop(t, None)
+        self.tracker_crypto[t] = SimCrypto()
+        self.tracker_gen[t] += 1
+        self.tracker_free[t] = self.sched.now
+        self.nodes[t] = TrackerNode(key=key, crypto=self.tracker_crypto[t],
+                                    rng=random.Random(self.rng.random()),
+                                    strategy=self.scenario.run.strategy)
+        self.alive[t] = 1
 
-    def _tracker_down(self) -> None:
-        """The tracker process stops (a restart): its links close, each end told after one
+    def _tracker_down(self, t: int) -> None:
+        """Tracker process t stops (a restart): its links close, each end told after one
         one-way delay; a new tracker answers at the same address `down_s` later."""
-        self._stop(TRACKER, "tracker restarting", killed=False)
+        self._stop(t, "tracker restarting", killed=False)
         down_s = self.scenario.tracker.down_s
-        self.back_at[TRACKER] = self.sched.now + down_s
-        self.sched.after(down_s, self._start_tracker, SimKey(self.n))
+        self.back_at[t] = self.sched.now + down_s
+        self.sched.after(down_s, self._start_tracker, t, SimKey(self.n + t))
 
     def _go_live(self, index: int) -> None:
         seed: SeedNode = self.nodes[index]
@@ -263,7 +272,8 @@ class Simulation:
         i = spec.id
         can_relay = spec.upload_kbps > 0 and not spec.nat
         node = PeerNode(channel=self._channel(spec.channel), crypto=self.crypto,
-                        rng=self.peer_rng, tracker=str(TRACKER), buffer_s=BUFFER_S,
+                        rng=self.peer_rng, tracker=str(spec.channel % self.trackers),
+                        buffer_s=BUFFER_S,
                         address=str(i) if can_relay else "", upload_kbps=int(spec.upload_kbps),
                         coords=self.coords[i] if self.coords else (),
                         playout_delay=self.playout_delay)
@@ -325,8 +335,8 @@ class Simulation:
     def _pump(self, i: int) -> None:
         node: NodeBase = self.nodes[i]
         effects = node.drain()
-        if i == TRACKER and self.cpu_on:
-            effects = self._tracker_busy(effects)
+        if i < self.trackers and self.cpu_on:
+            effects = self._tracker_busy(i, effects)
         if effects:
             self._apply(i, effects)
         t = node.next_timer()
@@ -344,45 +354,45 @@ class Simulation:
         # Half the wakes that find their time still set come after the node's first timer
         # moved later: nothing is due, and `_pump` re-arms the wake.
         if t is None or t <= now:
-            if i == TRACKER:
+            if i < self.trackers:
                 self._tracker_us += self.cpu.event_us
             node.handle_timer(now=now)
         self._pump(i)
 
-    def _tracker_busy(self, effects: list[fx.Effect]) -> list[fx.Effect]:
-        """Charge the tracker's CPU for what it just did; its effects, if they can go now (the
+    def _tracker_busy(self, t: int, effects: list[fx.Effect]) -> list[fx.Effect]:
+        """Charge tracker t's CPU for what it just did; its effects, if they can go now (the
         CPU was idle and it cost nothing), else [] and they go when the CPU gets there."""
-        cpu, crypto, now = self.cpu, self.tracker_crypto, self.sched.now
+        cpu, crypto, now = self.cpu, self.tracker_crypto[t], self.sched.now
         sends = 0
         for eff in effects:
             if isinstance(eff, fx.Send):
                 sends += 1
         event_s = self._tracker_us * 1e-6
         send_s = cpu.send_us * sends * 1e-6
-        sign_s = cpu.sign_us * (crypto.signed - self._signs_seen) * 1e-6
-        verify_s = cpu.verify_us * (crypto.checked - self._checks_seen) * 1e-6
+        sign_s = cpu.sign_us * crypto.signed * 1e-6
+        verify_s = cpu.verify_us * crypto.checked * 1e-6
         self._tracker_us = 0.0
-        self._signs_seen, self._checks_seen = crypto.signed, crypto.checked
+        crypto.signed = crypto.checked = 0
         cost = event_s + send_s + sign_s + verify_s
-        start = max(now, self.tracker_free)
+        start = max(now, self.tracker_free[t])
         if cost <= 0 and start <= now:
             return effects
-        self.tracker_free = start + cost
+        self.tracker_free[t] = done = start + cost
         if cost > 0:
-            self.metrics.tracker_work(start - now, events=event_s, sends=send_s,
+            self.metrics.tracker_work(t, start - now, events=event_s, sends=send_s,
                                       signatures=sign_s, verifications=verify_s)
         if effects:
-            self.sched.at(self.tracker_free, self._tracker_answers, self.tracker_gen, effects)
+            self.sched.at(done, self._tracker_answers, t, self.tracker_gen[t], effects)
         return []
 
-    def _tracker_answers(self, gen: int, effects: list[fx.Effect]) -> None:
-        if gen == self.tracker_gen and self.alive[TRACKER]:
-            self._apply(TRACKER, effects)
+    def _tracker_answers(self, t: int, gen: int, effects: list[fx.Effect]) -> None:
+        if gen == self.tracker_gen[t] and self.alive[t]:
+            self._apply(t, effects)
 
     def _apply(self, i: int, effects: list[fx.Effect]) -> None:
         now = self.sched.now
         net, sched, metrics, owner = self.net, self.sched, self.metrics, self.owner
-        by_seed = 1 <= i <= self.channels
+        by_seed = self.trackers <= i < self.first_peer
         # A chunk this node is relaying right now leaves from when its head arrived (cut-through).
         ctx_seq, ctx_head = (self._ctx_seq, self._ctx_head) if self._ctx_node == i else (-1, now)
         dropped = []
@@ -428,7 +438,7 @@ class Simulation:
                 self._open(i, eff.address, eff.ref)
             elif isinstance(eff, fx.Notice):
                 node = self.nodes[i]
-                if i > self.channels and node.rejected and i not in self.refused:
+                if i >= self.first_peer and node.rejected and i not in self.refused:
                     self.refused.add(i)
                     metrics.peer_rejected(i)
             elif isinstance(eff, fx.Close):
@@ -465,43 +475,43 @@ class Simulation:
         self.next_link.extend((-1, -1))
         one_way = self.net.latency.one_way(i, dst)
         self.delay.extend((one_way, one_way))
-        if dst == TRACKER and self.cpu_on:
-            self.sched.at(now + one_way, self._handshake, i, a, ref, now, 0)
+        if dst < self.trackers and self.cpu_on:
+            self.sched.at(now + one_way, self._handshake, dst, i, a, ref, now, 0)
             return
         self.sched.at(now + one_way, self._accepted, dst, b, a, i)
         self.sched.at(now + 2 * one_way, self._opened, i, a, ref)
 
-    def _handshake(self, i: int, link: int, ref: Any, sent: float, copy: int) -> None:
+    def _handshake(self, t: int, i: int, link: int, ref: Any, sent: float, copy: int) -> None:
         """Node i's first packet (sent at `sent`; copy 0, or the client's resend number `copy`)
-        reaches the tracker. The link opens (its end `link ^ 1`) once the tracker's CPU has done
+        reaches tracker t. The link opens (its end `link ^ 1`) once the tracker's CPU has done
         the server's side of the handshake; with more than `backlog_s` of work ahead of it, the
         socket's receive buffer is full and the packet is lost, so the client's next resend
         tries again."""
         now, one_way = self.sched.now, self.delay[link]
         deadline = sent + CONNECT_TIMEOUT
-        if not self.alive[TRACKER]:
+        if not self.alive[t]:
             self.sched.at(now + one_way, self._opened, i, link, ref)  # refused
             return
-        start = max(now, self.tracker_free)
+        start = max(now, self.tracker_free[t])
         if start - now > self.cpu.backlog_s:
             if copy < len(INITIAL_RESENDS) and sent + INITIAL_RESENDS[copy] + one_way < deadline:
-                self.sched.at(sent + INITIAL_RESENDS[copy] + one_way, self._handshake, i, link, ref,
-                              sent, copy + 1)
+                self.sched.at(sent + INITIAL_RESENDS[copy] + one_way, self._handshake, t, i, link,
+                              ref, sent, copy + 1)
             else:
                 self.sched.at(deadline, self._open_failed, i, ref)
             return
         cost = self.cpu.handshake_us * 1e-6
-        self.tracker_free = done = start + cost
-        self.metrics.tracker_work(start - now, handshakes=cost)
+        self.tracker_free[t] = done = start + cost
+        self.metrics.tracker_work(t, start - now, handshakes=cost)
         if done + one_way > deadline:  # the client gave up first: the work was for nothing
             self.sched.at(deadline, self._open_failed, i, ref)
             return
-        self.sched.at(done, self._tracker_accepts, self.tracker_gen, i, link)
+        self.sched.at(done, self._tracker_accepts, t, self.tracker_gen[t], i, link)
         self.sched.at(done + one_way, self._opened, i, link, ref)
 
-    def _tracker_accepts(self, gen: int, i: int, link: int) -> None:
-        if gen == self.tracker_gen:  # else that tracker is gone, and the opener is refused
-            self._accepted(TRACKER, link ^ 1, link, i)
+    def _tracker_accepts(self, t: int, gen: int, i: int, link: int) -> None:
+        if gen == self.tracker_gen[t]:  # else that tracker is gone, and the opener is refused
+            self._accepted(t, link ^ 1, link, i)
 
     def _accepted(self, dst: int, link: int, remote: int, src: int) -> None:
         if not self.alive[dst] or not self.alive[src]:
@@ -535,7 +545,7 @@ class Simulation:
         if dst < 0 or not self.alive[dst]:
             return
         node: RelayNode | TrackerNode = self.nodes[dst]
-        if dst == TRACKER:
+        if dst < self.trackers:
             self._tracker_us += self.cpu.event_us
         node.handle(link, msg, now=self.sched.now)
         self._pump(dst)
@@ -546,7 +556,7 @@ class Simulation:
         if dst < 0 or not self.alive[dst]:
             return
         node = self.nodes[dst]
-        if dst == TRACKER:
+        if dst < self.trackers:
             self._tracker_us += self.cpu.event_us
         self._call(dst, lambda now: node.link_closed(link, now=now, reason=reason))
 

@@ -18,7 +18,7 @@ The tables (see the dataclasses below for keys and defaults)::
     [[peers.upload]] share, kbps          (capacity classes; shares sum to 1)
     [network]  model = "coordinates" | "matrix" | "ripe", loss, chunk_drop  (+ model params)
     [channels] count, zipf_s
-    [tracker]  restart_at_s, down_s       (a tracker restart: 0 = none)
+    [tracker]  restart_at_s, down_s       (a tracker restart: 0 = none), processes
                handshake_us, event_us, send_us, sign_us, verify_us, backlog_s
                                           (its CPU; all the costs 0 = free)
     [run]      seed, strategy
@@ -212,6 +212,9 @@ class TrackerConfig:
     new key and nothing of the old one's state, starts `down_s` later at the same address. The
     seeds and viewers find it again by themselves."""
     down_s: float = _opt(5.0, POSITIVE)
+    processes: int = _opt(1, POSITIVE_INT)
+    """Tracker processes, each one CPU: channel c is tracked by process c mod `processes` (a
+    site spreads its channels over several; one channel's viewers all go to one)."""
     # The tracker's CPU (`sim.driver`: one server, work done in arrival order). Defaults:
     # `bench/tracker_cpu.py` here (2026-11-26, µs, handshake / event / send / sign / verify:
     # 1,092 / 338 / 30 / 31.5 / 102 in a 2k channel, 1,112 / 298 / 35 / 31.6 / 104 in a 10k

@@ -12,17 +12,24 @@ from sim.scenario import parse_scenario
 FREE = {"handshake_us": 0, "event_us": 0, "send_us": 0, "sign_us": 0, "verify_us": 0}
 
 
-def crowd(count: int, tracker: dict, *, duration_s: float = 20, seed: int = 1) -> RunResult:
-    """`count` viewers arriving together at a live 1 Mbit/s stream."""
+def crowd_sim(count: int, tracker: dict, *, duration_s: float = 20, seed: int = 1,
+              channels: int = 1) -> Simulation:
+    """`count` viewers arriving together at live 1 Mbit/s streams."""
     return Simulation(parse_scenario({
-        "stream": {"bitrate_kbps": 1000, "chunk_ms": 100, "substreams": 4, "duration_s": duration_s},
+        "stream": {"bitrate_kbps": 1000, "chunk_ms": 100, "gop_ms": 100, "substreams": 4,
+                   "duration_s": duration_s},
         "seed": {"upload_kbps": 10000},
         "peers": {"count": count, "arrival": {"kind": "flash", "t0": 1.0, "window_s": 0.01},
                   "session": {"kind": "infinite"}, "upload": [{"share": 1.0, "kbps": 3000}]},
         "network": {"model": "coordinates", "rtt_min_ms": 10, "rtt_max_ms": 60},
+        "channels": {"count": channels, "zipf_s": 0},
         "tracker": tracker,
         "run": {"seed": seed},
-    })).run()
+    }))
+
+
+def crowd(count: int, tracker: dict, **kwargs) -> RunResult:
+    return crowd_sim(count, tracker, **kwargs).run()
 
 
 def startups(result: RunResult) -> list[float]:
@@ -66,3 +73,27 @@ def test_viewers_give_up_on_a_tracker_that_cannot_take_them_in_three_tries():
     assert admitted + result.metrics.rejected == 400
     assert admitted >= 100  # the tracker kept working through the crowd
     assert result.summary()["continuity"] > 0.99
+
+
+def test_a_site_spreads_its_channels_over_tracker_processes():
+    # Two channels' crowds: one process does every handshake in turn; two do them side by
+    # side, each for its own channel (channel c at process c mod 2), and both crowds are in
+    # sooner than one process could have let them in.
+    h = 0.04
+    cpu = {"handshake_us": h * 1e6, "backlog_s": 4.5}
+
+    def by_channel(sim: Simulation) -> dict[int, list[float]]:
+        result, out = sim.run(), {0: [], 1: []}
+        assert result.metrics.rejected == 0
+        for spec in sim.specs:
+            out[spec.channel].append(result.metrics.startup_s[spec.id])
+        return {c: sorted(times) for c, times in out.items()}
+
+    one = by_channel(crowd_sim(80, cpu, channels=2))
+    assert max(max(one[0]), max(one[1])) >= 80 * h  # one CPU: all 80 handshakes in a row
+    two_sim = crowd_sim(80, cpu | {"processes": 2}, channels=2)
+    two = by_channel(two_sim)
+    assert set(two_sim.nodes[0].channels) == {"ch0"} and set(two_sim.nodes[1].channels) == {"ch1"}
+    for times in two.values():  # each process: its own channel's handshakes in a row
+        assert all(t >= (k + 1) * h for k, t in enumerate(times)), times
+    assert max(max(two[0]), max(two[1])) < 80 * h

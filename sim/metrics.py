@@ -169,6 +169,8 @@ class MetricsCollector:
         """The trackers' CPU, by what it was spent on (`sim.driver`'s model)."""
         self.tracker_busy_s = [0.0] * trackers
         """... and by tracker process."""
+        self.tracker_longest_s = 0.0
+        """The longest single piece of a tracker's work: how long it answered nothing else."""
         self.tracker_wait = Histogram(0.001, startup_max_s)
         """How long each piece of the tracker's work waited for its CPU."""
 
@@ -193,7 +195,10 @@ class MetricsCollector:
                      verifications: float = 0.0) -> None:
         """One piece of a tracker process's work, which waited `waited_s` for its CPU, then
         took the seconds given by what for."""
-        self.tracker_busy_s[tracker] += handshakes + events + sends + signatures + verifications
+        cpu = handshakes + events + sends + signatures + verifications
+        self.tracker_busy_s[tracker] += cpu
+        if cpu > self.tracker_longest_s:
+            self.tracker_longest_s = cpu
         spent = self.tracker_cpu_s
         spent["handshakes"] += handshakes
         spent["events"] += events
@@ -318,6 +323,7 @@ class MetricsCollector:
                 "processes": len(self.tracker_busy_s),
                 "cpu": max(self.tracker_busy_s) / self.duration_s,
                 "cpu_s": dict(self.tracker_cpu_s),
+                "longest_ms": self.tracker_longest_s * 1000,
                 "wait_ms": {"p50": _ms(tw(0.5)), "p95": _ms(tw(0.95)), "p99": _ms(tw(0.99))},
             },
             "depth_histogram": {str(d): c for d, c in depths.items()},

@@ -63,7 +63,8 @@ parent may take: a viewer retries a lost tracker at most 30 s apart, ±50 %. For
 resumed parent's slots are kept for the children it feeds that are not back yet."""
 PLACE_SLICE = 200
 """Held joins placed per turn when a channel goes live (a premiere's audience, a restarted
-tracker's): each takes ~0.6 ms of CPU (9 tokens signed, ~9 messages: bench/tracker_cpu.py), so
+tracker's), and members told of a restarted seed per turn (`Neighbours`, 1 token: ~0.07 ms
+each, so slices of 10 × this): each join takes ~0.6 ms of CPU (9 tokens signed, ~9 messages: bench/tracker_cpu.py), so
 a slice is ~0.1 s, and between slices the tracker answers everything else — keep-alives among
 it: a 10k audience placed in one go kept the process busy ~6 s, past links' 3 s idle time-out.
 The next slice is due `PLACE_TURN_S` later (a timer due at once would fire in the same call)."""
@@ -75,7 +76,7 @@ _ID_BLOCK = 1 << 20
 class Channel:
     __slots__ = ("name", "public_key", "bitrate_kbps", "substreams", "chunk_ms", "forest",
                  "seed_link", "banned", "headroom", "refused", "evicted", "resumed",
-                 "former_key", "renew_at", "renewing", "renew_per_tick")
+                 "former_key", "renew_at", "renewing", "renew_per_tick", "refresh")
 
     def __init__(self, name: str, public_key: bytes, bitrate_kbps: int, substreams: int,
                  chunk_ms: int, relay_fanout: int = 0) -> None:
@@ -97,6 +98,8 @@ class Channel:
         a token it signed for that id (b"": none can be proven)."""
         self.renew_at = math.inf
         """When the next sweep renewing its members' tokens starts (`TrackerNode._renew`)."""
+        self.refresh: list[int] = []
+        """Members still to be told of a restarted seed, the last first (`_refresh_slice`)."""
         self.renewing: list[int] = []
         """Members the current sweep has still to renew, the next one last."""
         self.renew_per_tick = 0
@@ -298,15 +301,22 @@ class TrackerNode(NodeBase):
         if resumed:
             self._hold_for_children(ch, seed, msg.resume_children, False, now)
         self._adopt_children(ch, seed, now)
-        # Members from before a seed restart: the new seed is their last-resort source (it is a
-        # new node), and those it orphaned hang off nothing: place them again.
+        # Members from before a seed restart: those it orphaned hang off nothing: place them
+        # again, now. The new seed is everyone's last-resort source (it is a new node): the
+        # others hear of it a slice at a time, the tracker answering others in between.
+        ch.refresh = []
         for member in list(ch.forest.members.values()):
             if member is seed:
                 continue
-            self._send_neighbours(ch, member, now, peers=[])
-            for k in range(ch.substreams):
-                if member.parent[k] == m.NO_PEER:
-                    self._place(ch, member, k, now)
+            if m.NO_PEER in member.parent:
+                self._send_neighbours(ch, member, now, peers=[])
+                for k in range(ch.substreams):
+                    if member.parent[k] == m.NO_PEER:
+                        self._place(ch, member, k, now)
+            else:
+                ch.refresh.append(member.id)
+        ch.refresh.reverse()  # in the order they joined
+        self._refresh_slice(ch, now)
         # Viewers who came before the broadcast: in the order they came. After a restart those
         # coming back are among them, and a newcomer may have to wait on for their kept slots.
         self._place_held(ch, now, everyone=True)
@@ -379,6 +389,17 @@ class TrackerNode(NodeBase):
             if free >= ch.substreams:
                 return True
         return False
+
+    def _refresh_slice(self, ch: Channel, now: float) -> None:
+        """Tell the next `10 × PLACE_SLICE` members of `ch.refresh` their new seed; the rest
+        at the next turn."""
+        members, refresh = ch.forest.members, ch.refresh
+        for _ in range(min(10 * PLACE_SLICE, len(refresh))):
+            member = members.get(refresh.pop())
+            if member is not None:
+                self._send_neighbours(ch, member, now, peers=[])
+        if refresh:
+            self._set_timer("place", now + PLACE_TURN_S)
 
     def _place_held(self, ch: Channel, now: float, everyone: bool = False) -> None:
         """Take the joins held for `ch` again, in the order they came: `everyone`'s (the
@@ -821,6 +842,9 @@ class TrackerNode(NodeBase):
             self._stop_waiting(now)
             return
         if key == "place":
+            for live in self.channels.values():
+                if live.refresh and live.forest.seed is not None:
+                    self._refresh_slice(live, now)
             for name in list(self._placing):
                 ch = self.channels.get(name)
                 if ch is None or ch.forest.seed is None:  # not live any more: they wait on

@@ -399,6 +399,34 @@ def test_a_premiere_audience_is_placed_a_slice_at_a_time_in_the_order_it_came():
     check_invariants(t)
 
 
+def test_a_big_audience_hears_of_a_restarted_seed_a_slice_at_a_time():
+    # 2,500 members when the seed comes back as a new node: those it fed are placed again at
+    # once, the others learn its contact (and a token for it) 2,000 per turn.
+    t = new_tracker("tree", 20_000)
+    for link in range(10, 2510):
+        t.link_opened(link, now=0.0)
+        t.handle(link, m.Join("c", f"v{link}", 3000, ()), now=0.0)
+    t.link_closed(1, now=1.0)  # the seed goes
+    t.drain()
+    t.link_opened(2, now=2.0)
+    t.handle(2, m.Announce("c", SimKey(9).public, "seed2", 20_000, BITRATE, K, 200, b"\0" * 64),
+             now=2.0)
+    seed = t.channels["c"].forest.seed
+
+    def told() -> set[int]:
+        return {e.link for e in t.drain() if isinstance(e, Send)
+                and isinstance(e.msg, m.Neighbours) and e.msg.seed_id == seed.id}
+
+    first = told()
+    assert 10 * PLACE_SLICE == 2000 < len(first) < 2500
+    turn = t.next_timer()
+    assert turn == 2.0 + PLACE_TURN_S
+    t.handle_timer(now=turn)
+    assert first | told() == set(range(10, 2510))
+    assert "place" not in t._timers
+    check_invariants(t)
+
+
 def test_a_second_join_or_an_announce_from_a_held_viewer_is_a_protocol_error():
     for second in (m.Join("c", "v", 3000, ()),
                    m.Announce("c", SimKey(9).public, "seed", 20_000, BITRATE, K, 200, b"\0" * 64)):

@@ -69,7 +69,9 @@ from tracker.node import TrackerNode
 BUFFER_S: Final = 3.0
 """Each simulated peer keeps 3 s of chunks for pulls (memory: 100k peers)."""
 CONNECT_TIMEOUT: Final = 5.0
-INITIAL_RESENDS: Final = (0.2, 0.6, 1.4, 3.0)
+INITIAL_RESENDS: Final[tuple[float, ...]] = (0.2, 0.6, 1.4, 3.0)
+# (Typed as a tuple of any length: compiled (mypyc), a fixed-size tuple of floats read in
+# `_handshake` raised "value for final name ... was not set".)
 """When a QUIC client sends its first packet again, in seconds after the first, while nothing
 answers: aioquic's probe time-out, 2 × its 0.1 s initial RTT, doubling each time (those within
 `CONNECT_TIMEOUT`)."""

@@ -171,8 +171,9 @@ class MetricsCollector:
         """... and by tracker process."""
         self.tracker_longest_s = 0.0
         """The longest single piece of a tracker's work: how long it answered nothing else."""
-        self.tracker_wait = Histogram(0.001, startup_max_s)
-        """How long each piece of the tracker's work waited for its CPU."""
+        self.tracker_wait = Histogram(0.001, latency_max_s)
+        """How long each piece of a tracker's work waited for its CPU (longer than
+        `latency_max_s` counts as that)."""
 
     # --- driver hooks --------------------------------------------------------------------------
 

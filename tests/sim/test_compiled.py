@@ -37,7 +37,10 @@ from sim.driver import run_scenario
 from sim.scenario import SCENARIO_DIR, load_scenario
 out = {"driver": sim.driver.__file__}
 for name, over in [("small-20", {}), ("steady-10k", {"peers.count": 300, "stream.duration_s": 8.0}),
-                   ("churn", {"peers.count": 200, "stream.duration_s": 20.0})]:
+                   ("churn", {"peers.count": 200, "stream.duration_s": 20.0}),
+                   # a swamped tracker: lost first packets, resends, second tries
+                   ("flash-crowd", {"peers.count": 200, "stream.duration_s": 25.0,
+                                    "tracker.handshake_us": 100000, "tracker.backlog_s": 1.0})]:
     r = run_scenario(load_scenario(SCENARIO_DIR / f"{name}.toml", overrides=over))
     s = r.summary()
     s.pop("wall_s")

@@ -104,8 +104,8 @@ class Rx:
 class PeerNode(RelayNode):
     """A viewer peer (and relay)."""
 
-    __slots__ = ("rng", "tracker", "address", "coords", "pinned_key", "playout_delay", "_rejoin_delay", "_contact",
-                 "rejected", "leaving", "joined_at", "primary", "backup", "relays",
+    __slots__ = ("rng", "tracker", "address", "coords", "pinned_key", "playout_delay", "_rejoin_delay",
+                 "_contact", "rejected", "leaving", "joined_at", "primary", "backup", "relays",
                  "last_rx", "newest_in", "opening", "neighbours", "seed_id",
                  "blocked", "rx", "receiving", "gaps", "requested", "_from_seed", "_start_rap",
                  "_lat", "play_next", "play_s0", "play_t0", "delivered", "skipped",

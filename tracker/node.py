@@ -63,12 +63,12 @@ parent may take: a viewer retries a lost tracker at most 30 s apart, ±50 %. For
 resumed parent's slots are kept for the children it feeds that are not back yet."""
 PLACE_SLICE = 200
 """Held joins placed per turn when a channel goes live (a premiere's audience, a restarted
-tracker's), and members told of a restarted seed per turn (`Neighbours`, 1 token: ~0.07 ms
-each, so slices of 10 × this): each join takes ~0.6 ms of CPU (9 tokens signed, ~9 messages: bench/tracker_cpu.py), so
-a slice is ~0.1 s, and between slices the tracker answers everything else — keep-alives among
+tracker's). Each takes ~0.6 ms of CPU (~10 tokens signed, ~8 messages: bench/tracker_cpu.py), so
+a slice is ~0.1 s, and between slices the tracker answers everything else, keep-alives among
 it: a 10k audience placed in one go kept the process busy ~6 s, past links' 3 s idle time-out.
-The next slice is due `PLACE_TURN_S` later (a timer due at once would fire in the same call)."""
+A restarted seed's contact (`Neighbours`, one token: ~0.07 ms) goes to 10 × this per turn."""
 PLACE_TURN_S = 0.001
+"""The next slice is due this much later (a timer due at once would fire in the same call)."""
 _ID_BLOCK = 1 << 20
 """The ids a tracker gives out start at a block of this size chosen by its key."""
 
@@ -403,10 +403,11 @@ class TrackerNode(NodeBase):
 
     def _place_held(self, ch: Channel, now: float, everyone: bool = False) -> None:
         """Take the joins held for `ch` again, in the order they came: `everyone`'s (the
-        channel went live), or the newcomers waiting for slots (`_room_for_newcomer`) while
-        there is room. Not re-entered (placing one may move others), nor while a newcomer is
-        being placed."""
-        if self._unholding or self._joining is not None or (not everyone and ch.name in self._placing):
+        channel went live; `PLACE_SLICE` a turn), or the newcomers waiting for slots
+        (`_room_for_newcomer`) while there is room, once everyone's are placed. Not re-entered
+        (placing one may move others), nor while a newcomer is being placed."""
+        if (self._unholding or self._joining is not None
+                or (not everyone and ch.name in self._placing)):
             return
         self._placing.pop(ch.name, None)
         self._unholding, self._rehold = True, not everyone

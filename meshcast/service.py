@@ -46,6 +46,14 @@ def _log_effect(role: str) -> Any:
     return on_effect
 
 
+TRACKER_RECEIVE_BUFFER = 1024 * 1024
+"""The tracker's socket receive buffer (bytes asked; the kernel doubles it): 910 datagrams of
+1,200 bytes on loopback here, ~1 s of its work at ~1.1 ms a QUIC handshake (bench/tracker_cpu.py).
+A flash crowd's first packets beyond that are dropped by the kernel, at no cost, and the clients
+send them again; with the 4 MB the other nodes use, ~4 s of handshakes could queue, and the
+links of viewers already in, whose keep-alives wait in the same queue, would reach their 3 s
+idle time-out. The simulator's `[tracker] backlog_s` models this bound."""
+
 PerIp = tuple[float, int] | None
 """New inbound connections per source address: (a second, at once); None: no limit."""
 PER_IP: PerIp = (PER_IP_RATE, PER_IP_BURST)
@@ -74,7 +82,8 @@ async def run_tracker(listen: str = "127.0.0.1:0", *, strategy: str = "tree", se
     node = TrackerNode(key=SigningKey.load_or_create(key) if key else SigningKey(), crypto=Crypto(),
                        rng=random.Random(seed), strategy=strategy, hold_s=hold_s,
                        id_block=random.SystemRandom().getrandbits(24) if key else None)
-    async with open_endpoint(host, port, admission=_admission(per_ip)) as ep:
+    async with open_endpoint(host, port, admission=_admission(per_ip),
+                             socket_receive_buffer=TRACKER_RECEIVE_BUFFER) as ep:
         runner = NodeRunner(node, ep, on_effect=_log_effect("tracker"))
         address = f"{host}:{ep.local_address[1]}"
         async with anyio.create_task_group() as tg:

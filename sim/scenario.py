@@ -229,9 +229,10 @@ class TrackerConfig:
     """One Ed25519 signature (a token)."""
     verify_us: float = _opt(102.0, NON_NEGATIVE)
     """One Ed25519 verification (a seed's announcement, a returning node's proof)."""
-    backlog_s: float = _opt(2.0, NON_NEGATIVE)
-    """Work queued ahead beyond which a new client's first packet is lost: about what the
-    runtime's 4 MB socket receive buffer holds of QUIC Initials (~1,800 at `handshake_us`)."""
+    backlog_s: float = _opt(1.0, NON_NEGATIVE)
+    """Work queued ahead beyond which a new client's first packet is lost: what the runtime
+    tracker's socket receive buffer holds of QUIC Initials (910 at `handshake_us`:
+    `meshcast.service.TRACKER_RECEIVE_BUFFER`)."""
 
 
 @dataclass(frozen=True)

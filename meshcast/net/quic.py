@@ -131,6 +131,8 @@ _BATCH = 64 * 1024  # stream bytes handed to aioquic per pump round: ~50 datagra
 _MIN_BUDGET = 1200  # one datagram: a link always makes progress on its turn
 _RECV_BATCH = 128  # datagrams read per wakeup of the receive task
 _SOCKET_BUFFER = 4 * 1024 * 1024
+"""Socket send and receive buffers asked for (the kernel doubles it for its own accounting).
+4 MB holds 3,640 datagrams of 1,200 bytes on loopback here."""
 
 log = logging.getLogger("meshcast.net")
 
@@ -189,6 +191,7 @@ async def open_endpoint(
     idle_timeout: float = LINK_IDLE_TIMEOUT_S,
     max_receive_buffer: int = 32 * 1024 * 1024,
     admission: Admission | None = None,
+    socket_receive_buffer: int = _SOCKET_BUFFER,
 ) -> AsyncIterator[QuicEndpoint]:
     """Bind a UDP socket and run a QUIC endpoint on it until the block exits.
 
@@ -196,14 +199,16 @@ async def open_endpoint(
     together); `delay(address)` is the one-way delay, in seconds, added to each datagram sent to
     `address`; `idle_timeout` bounds how long a silent (vanished) peer keeps its link;
     `max_receive_buffer` bounds the bytes a link buffers for a reader that stops reading;
-    `admission` limits new inbound connections per source address (None: no limit).
+    `admission` limits new inbound connections per source address (None: no limit);
+    `socket_receive_buffer` sizes the UDP socket's receive buffer (bytes asked of the kernel).
     """
     (family, _, _, _, sockaddr), *_ = await anyio.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
-        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)  # best effort, capped by the OS
+        # Best effort, capped by the OS.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, socket_receive_buffer)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
         sock.bind(sockaddr)
         async with anyio.create_task_group() as tg:
             endpoint = QuicEndpoint(

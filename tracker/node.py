@@ -65,10 +65,12 @@ PLACE_SLICE = 200
 """Held joins placed per turn when a channel goes live (a premiere's audience, a restarted
 tracker's). Each takes ~0.6 ms of CPU (~10 tokens signed, ~8 messages: bench/tracker_cpu.py), so
 a slice is ~0.1 s, and between slices the tracker answers everything else, keep-alives among
-it: a 10k audience placed in one go kept the process busy ~6 s, past links' 3 s idle time-out.
-A restarted seed's contact (`Neighbours`, one token: ~0.07 ms) goes to 10 × this per turn."""
+it: a 10k audience placed in one go kept the process busy ~6 s, past links' 3 s idle time-out."""
 PLACE_TURN_S = 0.001
 """The next slice is due this much later (a timer due at once would fire in the same call)."""
+REFRESH_SLICE = 2000
+"""Members told of a restarted seed per turn (`Neighbours`, one token each: ~0.07 ms, so a
+turn is ~0.1 s too)."""
 _ID_BLOCK = 1 << 20
 """The ids a tracker gives out start at a block of this size chosen by its key."""
 
@@ -391,10 +393,10 @@ class TrackerNode(NodeBase):
         return False
 
     def _refresh_slice(self, ch: Channel, now: float) -> None:
-        """Tell the next `10 × PLACE_SLICE` members of `ch.refresh` their new seed; the rest
+        """Tell the next `REFRESH_SLICE` members of `ch.refresh` their new seed; the rest
         at the next turn."""
         members, refresh = ch.forest.members, ch.refresh
-        for _ in range(min(10 * PLACE_SLICE, len(refresh))):
+        for _ in range(min(REFRESH_SLICE, len(refresh))):
             member = members.get(refresh.pop())
             if member is not None:
                 self._send_neighbours(ch, member, now, peers=[])

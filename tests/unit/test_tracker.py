@@ -14,8 +14,8 @@ from meshcast.crypto import FORGED, SimCrypto, SimKey
 from meshcast.effects import Close, Notice, Send
 from meshcast.policy import STRETCH_HEADROOM, child_slots
 from tracker.forest import Member
-from tracker.node import (JOIN_HOLD_S, PLACE_SLICE, PLACE_TURN_S, RESUME_QUIET_S, RESUME_WAIT_S,
-                          RESUME_WINDOW_S, RETRY_S, TOKEN_LIFETIME, TrackerNode)
+from tracker.node import (JOIN_HOLD_S, PLACE_SLICE, PLACE_TURN_S, REFRESH_SLICE, RESUME_QUIET_S,
+                          RESUME_WAIT_S, RESUME_WINDOW_S, RETRY_S, TOKEN_LIFETIME, TrackerNode)
 from tracker.placement import RELAY_FANOUT, relay_cap
 
 K = 4
@@ -418,7 +418,7 @@ def test_a_big_audience_hears_of_a_restarted_seed_a_slice_at_a_time():
                 and isinstance(e.msg, m.Neighbours) and e.msg.seed_id == seed.id}
 
     first = told()
-    assert 10 * PLACE_SLICE == 2000 < len(first) < 2500
+    assert REFRESH_SLICE == 2000 < len(first) < 2500
     turn = t.next_timer()
     assert turn == 2.0 + PLACE_TURN_S
     t.handle_timer(now=turn)

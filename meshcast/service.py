@@ -51,7 +51,7 @@ TRACKER_RECEIVE_BUFFER = 1024 * 1024
 1,200 bytes on loopback here, ~1 s of its work at ~1.1 ms a QUIC handshake (bench/tracker_cpu.py).
 A flash crowd's first packets beyond that are dropped by the kernel, at no cost, and the clients
 send them again; with the 4 MB the other nodes use, ~4 s of handshakes could queue, and the
-links of viewers already in, whose keep-alives wait in the same queue, would reach their 3 s
+links of viewers already in, whose heartbeats wait in the same queue, would reach their 3 s
 idle time-out. The simulator's `[tracker] backlog_s` models this bound."""
 
 PerIp = tuple[float, int] | None
@@ -82,7 +82,9 @@ async def run_tracker(listen: str = "127.0.0.1:0", *, strategy: str = "tree", se
     node = TrackerNode(key=SigningKey.load_or_create(key) if key else SigningKey(), crypto=Crypto(),
                        rng=random.Random(seed), strategy=strategy, hold_s=hold_s,
                        id_block=random.SystemRandom().getrandbits(24) if key else None)
-    async with open_endpoint(host, port, admission=_admission(per_ip),
+    # Its viewers' links stay alive by heartbeats: QUIC keep-alives cost it 5–12× more
+    # (`policy.QUIET_LINK_IDLE_S`).
+    async with open_endpoint(host, port, admission=_admission(per_ip), heartbeats=True,
                              socket_receive_buffer=TRACKER_RECEIVE_BUFFER) as ep:
         runner = NodeRunner(node, ep, on_effect=_log_effect("tracker"))
         address = f"{host}:{ep.local_address[1]}"

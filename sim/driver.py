@@ -36,8 +36,9 @@ Modelling choices that mirror the runtime, in one place:
   through everything before it, and a handshake completes then too. A client's first packet
   that finds more than `backlog_s` of work queued is lost (the socket's receive buffer is
   full) and its resends (`INITIAL_RESENDS`) try again; a client whose handshake finishes after
-  its `CONNECT_TIMEOUT` fails to connect. Messages on open links are never lost (QUIC would
-  send them again).
+  its `CONNECT_TIMEOUT` fails to connect. Its open links' heartbeats load it steadily
+  (`keepalive_us` per link and second, charged every `KEEPALIVE_TICK`). Messages on open links
+  are never lost (QUIC would send them again).
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ INITIAL_RESENDS: Final[tuple[float, ...]] = (0.2, 0.6, 1.4, 3.0)
 answers: aioquic's probe time-out, 2 × its 0.1 s initial RTT, doubling each time (those within
 `CONNECT_TIMEOUT`)."""
 IDLE_TIMEOUT: Final = LINK_IDLE_TIMEOUT_S
+KEEPALIVE_TICK: Final = 0.01
+"""How often a tracker's CPU for its links' heartbeats is charged (its share of the tick)."""
 GOP_MS: Final = 1000
 """Default keyframe interval (`[stream] gop_ms`)."""
 TRACKER: Final = 0
@@ -143,7 +146,7 @@ class Simulation:
         self.crypto = SimCrypto()
         self.cpu = sc.tracker
         self.cpu_on = (self.cpu.handshake_us, self.cpu.event_us, self.cpu.send_us,
-                       self.cpu.sign_us, self.cpu.verify_us) != (0, 0, 0, 0, 0)
+                       self.cpu.sign_us, self.cpu.verify_us, self.cpu.keepalive_us) != (0,) * 6
         self.tracker_crypto = [SimCrypto() for _ in range(P)]
         """Each tracker's own, counting its signatures."""
         self.tracker_free = array("d", [0.0]) * P
@@ -216,6 +219,8 @@ class Simulation:
         wall = time.perf_counter()
         for t in range(self.trackers):
             self._start_tracker(t, SimKey(0 if t == 0 else self.n + self.trackers + t))
+            if self.cpu.keepalive_us > 0:
+                self.sched.at(KEEPALIVE_TICK, self._keepalives, t)
             if sc.tracker.restart_at_s > 0:
                 self.sched.at(sc.tracker.restart_at_s, self._tracker_down, t)
         for c in range(self.channels):
@@ -249,6 +254,15 @@ class Simulation:
                                     rng=random.Random(self.rng.random()),
                                     strategy=self.scenario.run.strategy)
         self.alive[t] = 1
+
+    def _keepalives(self, t: int) -> None:
+        """Tracker t's CPU for its open links' heartbeats over the last tick."""
+        if self.alive[t]:
+            tracker: TrackerNode = self.nodes[t]
+            cost = len(tracker.links) * self.cpu.keepalive_us * 1e-6 * KEEPALIVE_TICK
+            self.tracker_free[t] = max(self.sched.now, self.tracker_free[t]) + cost
+            self.metrics.tracker_keepalives(t, cost)
+        self.sched.after(KEEPALIVE_TICK, self._keepalives, t)
 
     def _tracker_down(self, t: int) -> None:
         """Tracker process t stops (a restart): its links close, each end told after one

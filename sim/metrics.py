@@ -165,7 +165,7 @@ class MetricsCollector:
         self.media_bytes = self.control_bytes = self.seed_bytes = 0
         self.rejected = 0
         self.tracker_cpu_s = {"handshakes": 0.0, "events": 0.0, "sends": 0.0, "signatures": 0.0,
-                              "verifications": 0.0}
+                              "verifications": 0.0, "keepalives": 0.0}
         """The trackers' CPU, by what it was spent on (`sim.driver`'s model)."""
         self.tracker_busy_s = [0.0] * trackers
         """... and by tracker process."""
@@ -207,6 +207,12 @@ class MetricsCollector:
         spent["signatures"] += signatures
         spent["verifications"] += verifications
         self.tracker_wait.add(waited_s)
+
+    def tracker_keepalives(self, tracker: int, cpu_s: float) -> None:
+        """A tracker process's CPU for its links' keep-alives: a steady load, spread thin, so
+        neither a piece of work nor a wait of its own."""
+        self.tracker_busy_s[tracker] += cpu_s
+        self.tracker_cpu_s["keepalives"] += cpu_s
 
     def peer_rejected(self, peer: int) -> None:
         """The tracker refused (or evicted) ``peer``: it plays nothing from then on."""

@@ -17,6 +17,7 @@ import anyio
 import pytest
 
 from meshcast.net.admission import Admission
+from meshcast.policy import QUIET_LINK_IDLE_S
 from meshcast.net.quic import (
     ConnectError,
     ControlData,
@@ -355,3 +356,109 @@ async def test_a_vanished_peer_surfaces_within_the_idle_timeout() -> None:
             if process.returncode is None:
                 process.kill()
             await process.aclose()
+
+
+# --- heartbeats (a tracker's links) -------------------------------------------------------------
+
+
+async def test_a_tracker_link_stays_alive_by_heartbeats_not_quic_keepalives() -> None:
+    # Quiet for over twice the endpoints' 1 s idle time-out: open still, kept by heartbeats
+    # (one every third of it, and each echoed), with no QUIC datagram in either direction.
+    async with link_pair({"idle_timeout": 1.0}, {"idle_timeout": 1.0, "heartbeats": True}) as (
+            client, server, client_ep, server_ep):
+        assert client.idle_timeout == server.idle_timeout == QUIET_LINK_IDLE_S
+        with anyio.fail_after(5):
+            client.send_control(b"hi")
+            assert await read_control(server, 2) == b"hi"
+            server.send_control(b"ho")
+            assert await read_control(client, 2) == b"ho"
+        await anyio.sleep(0.3)  # the last ACKs
+        quic = {"client": 0, "server": 0}
+        beats = {"client": 0, "server": 0}
+        for name, link, ep in (("client", client, client_ep), ("server", server, server_ep)):
+            def count_quic(*args: object, _name: str = name, _link: QuicLink = link) -> None:
+                quic[_name] += 1
+                QuicLink._datagram_received(_link, *args)  # type: ignore[arg-type]
+
+            def count_beat(*args: object, _name: str = name, _ep: QuicEndpoint = ep) -> None:
+                beats[_name] += 1
+                QuicEndpoint._heartbeat(_ep, *args)  # type: ignore[arg-type]
+
+            link._datagram_received = count_quic  # type: ignore[method-assign]
+            ep._heartbeat = count_beat  # type: ignore[method-assign]
+        await anyio.sleep(2.5)  # the time passing is what is under test
+        assert quic == {"client": 0, "server": 0}
+        assert beats["server"] >= 5 and beats["client"] >= 5, beats
+        with anyio.fail_after(5):
+            client.send_control(b"still here")
+            assert await read_control(server, 10) == b"still here"
+
+
+async def test_forged_heartbeats_are_ignored() -> None:
+    async with link_pair({"idle_timeout": 1.0}, {"idle_timeout": 1.0, "heartbeats": True}) as (
+            client, server, _, server_ep):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as forger:
+            for data in (b"\x00", b"\x00" + random.randbytes(8), b"\x00" * 1500,
+                         b"\x00" + server._conn.host_cid + b"x"):
+                forger.sendto(data, server_ep.local_address)
+        with anyio.fail_after(5):
+            client.send_control(b"fine")
+            assert await read_control(server, 4) == b"fine"
+
+
+HEARTBEAT_SERVER = textwrap.dedent(
+    """
+    import anyio
+    from meshcast.net.quic import open_endpoint
+    async def main():
+        async with open_endpoint(idle_timeout=1.0, heartbeats=True) as endpoint:
+            print(endpoint.local_address[1], flush=True)
+            link = await endpoint.accept()
+            link.send_control(b"ready")
+            await anyio.sleep_forever()
+    anyio.run(main)
+    """
+)
+
+
+async def test_a_vanished_client_surfaces_at_a_heartbeat_server_within_its_idle_timeout() -> None:
+    async with open_endpoint(idle_timeout=1.0, heartbeats=True) as server:
+        process = await anyio.open_process([sys.executable, "-c", PEER, str(server.local_address[1])])
+        try:
+            with anyio.fail_after(10):
+                link = await server.accept()
+                assert await read_control(link, 5) == b"ready"
+            process.kill()  # SIGKILL: no CONNECTION_CLOSE, no more heartbeats
+            await process.wait()
+            killed = anyio.current_time()
+            with anyio.fail_after(3):
+                assert await link.receive() == LinkClosed("Idle timeout")
+            # The time-out, then the next check (every half a heartbeat interval) and slack.
+            assert anyio.current_time() - killed <= 1.0 + 1.0 / 6 + 0.3
+        finally:
+            if process.returncode is None:
+                process.kill()
+            await process.aclose()
+
+
+async def test_a_vanished_heartbeat_server_surfaces_at_its_client_within_the_idle_timeout() -> None:
+    process = await anyio.open_process([sys.executable, "-c", HEARTBEAT_SERVER])
+    try:
+        async with open_endpoint(idle_timeout=1.0) as client:
+            assert process.stdout is not None
+            with anyio.fail_after(10):
+                port = int((await process.stdout.receive()).split()[0])
+                link = await client.connect("127.0.0.1", port)
+                assert await read_control(link, 5) == b"ready"
+            assert link.idle_timeout == QUIET_LINK_IDLE_S
+            process.kill()
+            await process.wait()
+            killed = anyio.current_time()
+            with anyio.fail_after(3):
+                assert await link.receive() == LinkClosed("Idle timeout")
+            # The time-out, then the next heartbeat (every third of it) and slack.
+            assert anyio.current_time() - killed <= 1.0 + 1.0 / 3 + 0.3
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.aclose()

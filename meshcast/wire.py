@@ -25,21 +25,33 @@ MAX_FRAME = 64 * 1024
 """Largest control frame accepted (bytes, after the length prefix)."""
 
 _LEN = struct.Struct(">I")
-Check = Callable[[Any, str], Any]
+Check = Callable[[Any, Any], Any]
+"""A field check: (value, where) → the value; `where` names the field for an error message, as
+a string or a (parent, field name or list index) pair: `_path` spells it out only on failure,
+since `encode` runs every check on every message sent."""
 
 
 # -- field checks: each returns the (possibly converted) value or raises -------------------------
 
 
-def _fail(where: str, expected: str, value: Any) -> RemoteProtocolError:
+def _path(where: Any) -> str:
+    """`where` as a dotted path: ("Assign", "parent"), "address") → "Assign.parent.address"."""
+    steps = []
+    while type(where) is tuple:
+        where, step = where
+        steps.append(f"[{step}]" if type(step) is int else f".{step}")
+    return where + "".join(reversed(steps))
+
+
+def _fail(where: Any, expected: str, value: Any) -> RemoteProtocolError:
     shown = repr(value)
     if len(shown) > 40:
         shown = shown[:37] + "..."
-    return RemoteProtocolError(f"{where}: expected {expected}, got {shown}")
+    return RemoteProtocolError(f"{_path(where)}: expected {expected}, got {shown}")
 
 
 def integer(lo: int, hi: int) -> Check:
-    def check(v: Any, where: str) -> int:
+    def check(v: Any, where: Any) -> int:
         if type(v) is not int or not lo <= v <= hi:
             raise _fail(where, f"an integer in [{lo}, {hi}]", v)
         return v
@@ -47,7 +59,7 @@ def integer(lo: int, hi: int) -> Check:
 
 
 def number(lo: float, hi: float) -> Check:
-    def check(v: Any, where: str) -> float:
+    def check(v: Any, where: Any) -> float:
         if type(v) not in (int, float) or not (lo <= v <= hi) or math.isnan(v):
             raise _fail(where, f"a number in [{lo}, {hi}]", v)
         return float(v)
@@ -55,7 +67,7 @@ def number(lo: float, hi: float) -> Check:
 
 
 def text(max_len: int) -> Check:
-    def check(v: Any, where: str) -> str:
+    def check(v: Any, where: Any) -> str:
         if type(v) is not str or len(v) > max_len:
             raise _fail(where, f"a string of at most {max_len} characters", v)
         return v
@@ -63,7 +75,7 @@ def text(max_len: int) -> Check:
 
 
 def blob(max_len: int, exact: bool = False) -> Check:
-    def check(v: Any, where: str) -> bytes:
+    def check(v: Any, where: Any) -> bytes:
         if type(v) is not bytes or len(v) > max_len or (exact and len(v) != max_len):
             size = f"exactly {max_len}" if exact else f"at most {max_len}"
             raise _fail(where, f"{size} bytes", v)
@@ -71,28 +83,28 @@ def blob(max_len: int, exact: bool = False) -> Check:
     return check
 
 
-def boolean(v: Any, where: str) -> bool:
+def boolean(v: Any, where: Any) -> bool:
     if type(v) is not bool:
         raise _fail(where, "true or false", v)
     return v
 
 
 def array(item: Check, max_len: int = m.MAX_LIST) -> Check:
-    def check(v: Any, where: str) -> tuple:
+    def check(v: Any, where: Any) -> tuple:
         if type(v) is not list or len(v) > max_len:
             raise _fail(where, f"a list of at most {max_len} items", v)
-        return tuple(item(x, f"{where}[{i}]") for i, x in enumerate(v))
+        return tuple(item(x, (where, i)) for i, x in enumerate(v))
     return check
 
 
 def optional(inner: Check) -> Check:
-    def check(v: Any, where: str) -> Any:
+    def check(v: Any, where: Any) -> Any:
         return None if v is None else inner(v, where)
     return check
 
 
 def nested(cls: type) -> Check:
-    def check(v: Any, where: str) -> Any:
+    def check(v: Any, where: Any) -> Any:
         return _build(cls, v, where)
     return check
 
@@ -143,12 +155,11 @@ _BY_TAG = {tag: cls for cls, (tag, _) in SCHEMA.items() if tag}
 _NAMES = {cls: tuple(f.name for f in fields(cls)) for cls in SCHEMA}
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
+def _build(cls: type, raw: Any, where: Any) -> Any:
     checks = SCHEMA[cls][1]
     if type(raw) is not list or len(raw) != len(checks):
         raise _fail(where, f"{cls.__name__} as a list of {len(checks)} fields", raw)
-    names = _NAMES[cls]
-    return cls(*(check(v, f"{where}.{names[i]}") for i, (check, v) in enumerate(zip(checks, raw))))
+    return cls(*[check(v, (where, name)) for check, v, name in zip(checks, raw, _NAMES[cls])])
 
 
 def _getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:

@@ -34,7 +34,7 @@ from typing import Any
 
 import anyio
 
-from meshcast.net.quic import QuicEndpoint, QuicLink, open_endpoint
+from meshcast.net.quic import ConnectError, QuicEndpoint, QuicLink, open_endpoint
 SETUPS = {
     "QUIC keep-alives (3 s, both ends)": False,
     "heartbeats (a tracker's links)": True,
@@ -114,7 +114,11 @@ async def measure(links: int, heartbeats: bool, window: float, runs: int, busy: 
             opened = []
             with anyio.fail_after(180):
                 for _ in range(links):
-                    opened.append(await ep.connect("127.0.0.1", port))
+                    try:
+                        opened.append(await ep.connect("127.0.0.1", port))
+                    except ConnectError as exc:
+                        raise SystemExit(f"link {len(opened) + 1} of {links}: {exc} (is the "
+                                         f"machine busy? the server answers handshakes too)") from None
             windows = []
             with anyio.fail_after(3 + runs * window + 60):
                 for _ in range(runs):

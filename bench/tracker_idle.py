@@ -13,6 +13,7 @@ subprocess (a QUIC endpoint that accepts and reads, as the tracker's does); this
   QUIC, and the server echoes it (`meshcast.net.quic`, "Heartbeats").
 
     python bench/tracker_idle.py [--links 1000] [--window 10] [--runs 3] [--only heartbeats]
+                                 [--clients 1]
 
 (`--only heartbeats` for thousands of links: with QUIC keep-alives, 4,000 quiet links would
 want ~1.6 cores of the server's one.)
@@ -33,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.abc
 
 from meshcast.net.quic import ConnectError, QuicEndpoint, QuicLink, open_endpoint
 SETUPS = {
@@ -74,7 +76,7 @@ async def serve(links: int, heartbeats: bool, window: float, runs: int, busy: fl
                 pass
 
         async with anyio.create_task_group() as tg:
-            with anyio.fail_after(120):
+            with anyio.fail_after(600):
                 for _ in range(links):
                     tg.start_soon(drain, await ep.accept())
             await anyio.sleep(3)  # the handshakes' last packets and timers
@@ -92,40 +94,63 @@ async def serve(links: int, heartbeats: bool, window: float, runs: int, busy: fl
             tg.cancel_scope.cancel()
 
 
-async def measure(links: int, heartbeats: bool, window: float, runs: int, busy: float) -> dict:
+class _Lines:
+    """JSON lines from a subprocess's stdout."""
+
+    def __init__(self, proc: anyio.abc.Process) -> None:
+        assert proc.stdout is not None
+        self._stream, self._buffered = proc.stdout, b""
+
+    async def next(self) -> dict:
+        while b"\n" not in self._buffered:
+            self._buffered += await self._stream.receive()
+        first, self._buffered = self._buffered.split(b"\n", 1)
+        return json.loads(first)
+
+
+async def hold(port: int, count: int) -> None:
+    """A client process: open `count` links to the server, say so, keep them open."""
+    async with open_endpoint("127.0.0.1", 0) as ep:
+        for i in range(count):
+            try:
+                await ep.connect("127.0.0.1", port)
+            except ConnectError as exc:
+                print(json.dumps({"error": f"link {i + 1} of {count}: {exc}"}), flush=True)
+                return
+        print(json.dumps({"ready": count}), flush=True)
+        await anyio.sleep_forever()
+
+
+async def measure(links: int, heartbeats: bool, window: float, runs: int, busy: float,
+                  clients: int) -> dict:
     cmd = [sys.executable, __file__, "--serve", "--links", str(links), "--window", str(window),
            "--runs", str(runs), "--busy", str(busy)] + (["--heartbeats"] if heartbeats else [])
-    async with await anyio.open_process(cmd, stderr=None) as proc, \
-            open_endpoint("127.0.0.1", 0) as ep:
-        assert proc.stdout is not None
-        lines = proc.stdout
-        buffered = b""
-
-        async def line() -> dict:
-            nonlocal buffered
-            while b"\n" not in buffered:
-                buffered += await lines.receive()
-            first, buffered = buffered.split(b"\n", 1)
-            return json.loads(first)
-
-        try:
-            with anyio.fail_after(60):
-                port = (await line())["port"]
-            opened = []
-            with anyio.fail_after(180):
-                for _ in range(links):
-                    try:
-                        opened.append(await ep.connect("127.0.0.1", port))
-                    except ConnectError as exc:
-                        raise SystemExit(f"link {len(opened) + 1} of {links}: {exc} (is the "
-                                         f"machine busy? the server answers handshakes too)") from None
-            windows = []
-            with anyio.fail_after(3 + runs * window + 60):
-                for _ in range(runs):
-                    windows.append(await line())
-        finally:
+    procs: list[anyio.abc.Process] = []
+    try:
+        server = await anyio.open_process(cmd, stderr=None)
+        procs.append(server)
+        out = _Lines(server)
+        with anyio.fail_after(60):
+            port = (await out.next())["port"]
+        for c in range(clients):  # each holds its share; the last, what is left
+            share = links // clients if c < clients - 1 else links - links // clients * (clients - 1)
+            procs.append(await anyio.open_process(
+                [sys.executable, __file__, "--hold", str(port), "--links", str(share)], stderr=None))
+        with anyio.fail_after(600):
+            for client in procs[1:]:
+                said = await _Lines(client).next()
+                if "error" in said:
+                    raise SystemExit(f"{said['error']} (is the machine busy? the server answers "
+                                     f"handshakes too)")
+        windows = []
+        with anyio.fail_after(3 + runs * window + 60):
+            for _ in range(runs):
+                windows.append(await out.next())
+    finally:
+        for proc in procs:
             if proc.returncode is None:
                 proc.kill()
+            await proc.aclose()
     cpu = statistics.median(w["cpu_s"] for w in windows)
     return {"cpu_share": cpu, "us_per_link_s": cpu / links * 1e6,
             "datagrams_in_per_link_s": statistics.median(w["in"] for w in windows) / links,
@@ -138,12 +163,19 @@ def main() -> None:
     ap.add_argument("--window", type=float, default=10.0, help="seconds per measurement (default 10)")
     ap.add_argument("--runs", type=int, default=3, help="measurements, median taken (default 3)")
     ap.add_argument("--only", choices=["quic", "heartbeats"], help="measure one set-up")
+    ap.add_argument("--clients", type=int, default=1,
+                    help="client processes sharing the links (default 1; one cannot keep the "
+                         "heartbeats of ~8,000 links on time while it still makes handshakes)")
+    ap.add_argument("--hold", type=int, metavar="PORT", help=argparse.SUPPRESS)
     ap.add_argument("--busy", type=float, default=0.0, metavar="SHARE",
                     help="keep the server busy this share of the time with other work, in 5 ms "
                          "slices, as a tracker admitting a crowd is; that work is not counted")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--heartbeats", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.hold:
+        anyio.run(hold, args.hold, args.links)
+        return
     if args.serve:
         anyio.run(serve, args.links, args.heartbeats, args.window, args.runs, args.busy)
         return
@@ -151,7 +183,8 @@ def main() -> None:
     for name, heartbeats in SETUPS.items():
         if args.only and heartbeats != (args.only == "heartbeats"):
             continue
-        r = rows[name] = anyio.run(measure, args.links, heartbeats, args.window, args.runs, args.busy)
+        r = rows[name] = anyio.run(measure, args.links, heartbeats, args.window, args.runs, args.busy,
+                                   args.clients)
         print(f"{name:<36} {args.links:>6} links: server CPU {100 * r['cpu_share']:5.1f} % of a core, "
               f"{r['us_per_link_s']:6.1f} µs per link per second; datagrams per link per second "
               f"in {r['datagrams_in_per_link_s']:.2f}, out {r['datagrams_out_per_link_s']:.2f}", flush=True)

@@ -232,8 +232,8 @@ class TrackerConfig:
     keepalive_us: float = _opt(11.0, NON_NEGATIVE)
     """Heartbeats, per open link and second (one in, its echo out): what each more link adds
     (`bench/tracker_idle.py`: 1,000 → 4,000 quiet links took a server from 5.5 % to 8.8 % of a
-    core). The rest, ~4 % of a core for the receive task's wake-ups, a busy tracker shares with
-    its other work."""
+    core; 10,000 took 14.7 %). The rest, ~4 % of a core for the receive task's wake-ups, a busy
+    tracker shares with its other work."""
     backlog_s: float = _opt(1.0, NON_NEGATIVE)
     """Work queued ahead beyond which a new client's first packet is lost: what the runtime
     tracker's socket receive buffer holds of QUIC Initials (910 at `handshake_us`:

@@ -26,7 +26,8 @@ import pytest
 from meshcast import effects as fx
 from meshcast.crypto import Crypto
 from meshcast.net.quic import LinkClosed, open_endpoint
-from meshcast.runtime import NodeRunner
+from meshcast.policy import QUIET_LINK_IDLE_S
+from meshcast.runtime import NodeRunner, parse_address
 from meshcast.service import PeerHandle, SeedHandle, TrackerHandle, run_peer, run_seed, run_tracker
 from peer.node import PeerNode
 from tests.media import Chunks, assert_faithful, decode_errors, runs, synthetic_ts
@@ -255,3 +256,15 @@ async def test_viewers_play_through_a_tracker_restart(tmp_path: Path, media, kep
         assert p.node.rejected == "" and p.last_seq == last
         assert p.node.delivered > at_rejoin  # played on under the new tracker
         assert p.max_stall < 3.0  # never stopped for long: the trees carried the stream
+
+
+async def test_a_tracker_keeps_its_links_alive_by_heartbeats_not_quic_keepalives() -> None:
+    # What `meshcast tracker` serves on: links with QUIC's long idle time-out, kept by heartbeats
+    # (`meshcast.net.quic`, "Heartbeats"); a quiet viewer costs it ~15 µs a second, not ~400.
+    async with anyio.create_task_group() as tg:
+        tracker = await tg.start(partial(run_tracker, seed=1))
+        async with open_endpoint() as ep:
+            with anyio.fail_after(10):
+                link = await ep.connect(*parse_address(tracker.address))
+            assert link.idle_timeout == QUIET_LINK_IDLE_S
+        tg.cancel_scope.cancel()

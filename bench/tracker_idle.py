@@ -36,6 +36,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from _common import JsonLineProcess
 from meshcast.net.quic import ConnectError, QuicEndpoint, QuicLink, open_endpoint
 SETUPS = {
     "QUIC keep-alives (3 s, both ends)": False,
@@ -94,20 +95,6 @@ async def serve(links: int, heartbeats: bool, window: float, runs: int, busy: fl
             tg.cancel_scope.cancel()
 
 
-class _Lines:
-    """JSON lines from a subprocess's stdout."""
-
-    def __init__(self, proc: anyio.abc.Process) -> None:
-        assert proc.stdout is not None
-        self._stream, self._buffered = proc.stdout, b""
-
-    async def next(self) -> dict:
-        while b"\n" not in self._buffered:
-            self._buffered += await self._stream.receive()
-        first, self._buffered = self._buffered.split(b"\n", 1)
-        return json.loads(first)
-
-
 async def hold(port: int, count: int) -> None:
     """A client process: open `count` links to the server, say so, keep them open."""
     async with open_endpoint("127.0.0.1", 0) as ep:
@@ -129,23 +116,19 @@ async def measure(links: int, heartbeats: bool, window: float, runs: int, busy: 
     try:
         server = await anyio.open_process(cmd, stderr=None)
         procs.append(server)
-        out = _Lines(server)
-        with anyio.fail_after(60):
-            port = (await out.next())["port"]
+        out = JsonLineProcess(server)
+        port = (await out.read_json(60, "the server's port"))["port"]
         for c in range(clients):  # each holds its share; the last, what is left
             share = links // clients if c < clients - 1 else links - links // clients * (clients - 1)
             procs.append(await anyio.open_process(
                 [sys.executable, __file__, "--hold", str(port), "--links", str(share)], stderr=None))
-        with anyio.fail_after(600):
-            for client in procs[1:]:
-                said = await _Lines(client).next()
-                if "error" in said:
-                    raise SystemExit(f"{said['error']} (is the machine busy? the server answers "
-                                     f"handshakes too)")
-        windows = []
-        with anyio.fail_after(3 + runs * window + 60):
-            for _ in range(runs):
-                windows.append(await out.next())
+        for client in procs[1:]:
+            try:
+                await JsonLineProcess(client).read_json(600, "a client's links")
+            except RuntimeError as exc:
+                raise SystemExit(f"{exc} (is the machine busy? the server answers handshakes "
+                                 f"too)") from None
+        windows = [await out.read_json(3 + window + 60, "a measurement") for _ in range(runs)]
     finally:
         for proc in procs:
             if proc.returncode is None:

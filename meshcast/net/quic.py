@@ -373,10 +373,12 @@ class QuicEndpoint:
             await anyio.wait_readable(sock)
             now = anyio.current_time()
             touched: dict[QuicLink, None] = {}
+            drained = False
             for _ in range(_RECV_BATCH):
                 try:
                     data, address = sock.recvfrom(65536)
                 except BlockingIOError:
+                    drained = True
                     break
                 except (ConnectionRefusedError, ConnectionResetError):
                     continue  # ICMP errors: QUIC's own timers will notice the silence
@@ -392,7 +394,7 @@ class QuicEndpoint:
             # Wake pumps once per batch so ACKs for many datagrams go out together.
             for link in touched:
                 link._wake()
-            if self.heartbeats and self._behind_at != now:
+            if self.heartbeats and drained:
                 # Thousands of heartbeats a second, each alone: a wake-up of this task costs
                 # more than the few it would read, so let them gather (see "Heartbeats"); not
                 # with a backlog, or the gathering would cap what the socket can take.
@@ -413,8 +415,8 @@ class QuicEndpoint:
             now = anyio.current_time()
             if now - self._behind_at < _BEHIND_S:
                 continue  # behind with the socket: the silence may be in its queue
-            for link in [link for link in self._links if link._heartbeats and not link._is_client
-                         and now - link._heard > self.idle_timeout]:
+            for link in [link for link in self._links
+                         if link._heartbeats and not link._is_client and link._silent(now)]:
                 link._abort("Idle timeout")
 
     def _link_for(self, data: bytes, address: tuple, now: float) -> QuicLink | None:
@@ -623,6 +625,10 @@ class QuicLink:
             self._close_by = anyio.current_time() + _CLOSE_LINGER
             self._wake()
 
+    def _silent(self, now: float) -> bool:
+        """A heartbeat link's other end has said nothing for the endpoint's idle time-out."""
+        return now - self._heard > self._endpoint.idle_timeout
+
     def _beat(self, address: tuple) -> None:
         """Send a heartbeat to the other end (see "Heartbeats")."""
         self._endpoint._send_now(_HEARTBEAT + self._conn._peer_cid.cid, address)
@@ -731,11 +737,12 @@ class QuicLink:
         """Serve this link's timers and sends until its connection is finished."""
         conn = self._conn
         beat = math.inf  # a client's next heartbeat
+        every = keepalive_s(self._endpoint.idle_timeout)  # ... and how often
         with self._scope:
             while not self._terminated:
                 timer = conn.get_timer()
                 if self._heartbeats and self._is_client and beat == math.inf:
-                    beat = anyio.current_time() + keepalive_s(self._endpoint.idle_timeout)
+                    beat = anyio.current_time() + every
                 deadline = min(math.inf if timer is None else timer, self._last_sent + self._keepalive,
                                beat, self._close_by)
                 if not self._wakeup.is_set():
@@ -749,11 +756,11 @@ class QuicLink:
                     if self._terminated:
                         break
                 if now >= beat:
-                    if now - self._heard > self._endpoint.idle_timeout:
+                    if self._silent(now):
                         self._abort("Idle timeout")  # no echo, nothing at all: the server is gone
                         break
                     self._beat(self._address)
-                    beat = now + keepalive_s(self._endpoint.idle_timeout)
+                    beat = now + every
                 quiet = now >= self._last_sent + self._keepalive
                 if self._established and self._closed is None and quiet:
                     conn.send_ping(0)  # keeps a quiet link alive; a dead peer won't ACK it

@@ -29,12 +29,6 @@ from tracker.forest import Forest, Member
 CANDIDATES = 16
 
 
-def distance(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    if not a or not b:
-        return 0.0
-    return math.dist(a, b)
-
-
 RELAY_FANOUT = 3
 """Most relaying children a peer takes in a tree (`tree` strategy; the seed is not capped): its
 other slots go to leaves.
@@ -95,17 +89,20 @@ class TreePlacement:
 
     def _shallowest(self, forest: Forest, index: dict[int, dict[int, None]], member: Member,
                     k: int, exclude: int = NO_PEER, skip_seed: bool = False) -> Member | None:
-        """Nearest of the oldest few candidates at the smallest depth that can take `member`."""
+        """Nearest of the oldest few candidates at the smallest depth that can take `member`.
+        (~12 calls a join, up to `CANDIDATES` each: the loop is written for speed.)"""
+        members, coords = forest.members, member.coords
+        has_children = bool(member.children[k])
         for depth in sorted(index):
             best, best_d = None, math.inf
             seen = 0
             for pid in index[depth]:
-                cand = forest.members[pid]
+                cand = members[pid]
                 if cand is member or pid == exclude or (skip_seed and cand.is_seed):
                     continue
-                if member.children[k] and forest.is_descendant(cand, member, k):
+                if has_children and forest.is_descendant(cand, member, k):
                     continue
-                d = distance(cand.coords, member.coords)
+                d = math.dist(cand.coords, coords) if cand.coords and coords else 0.0
                 if d < best_d:
                     best, best_d = cand, d
                 seen += 1

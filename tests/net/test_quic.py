@@ -71,6 +71,16 @@ async def read_streams(link: QuicLink, count: int) -> dict[int, bytes]:
     return {stream_id: bytes(data) for stream_id, data in buffers.items()}
 
 
+async def test_links_agree_on_x25519_alone():
+    # aioquic's own choice would be P-256, after generating a client key for four groups; the
+    # server then holds an EC key of its own for the exchange.
+    async with link_pair() as (client_link, server_link, _, _):
+        for link in (client_link, server_link):
+            tls = link._conn.tls
+            assert tls._x25519_private_key is not None
+            assert tls._ec_private_keys == [] and getattr(tls, "_x448_private_key", None) is None
+
+
 async def test_control_round_trip_in_pieces() -> None:
     rng = random.Random(1)
     messages = [rng.randbytes(rng.randrange(1, 5000)) for _ in range(200)]

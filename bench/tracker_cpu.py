@@ -8,8 +8,10 @@ makes, `verify_us` per signature it checks and `send_us` per message it sends. T
 the runtime spends them (`meshcast.net.quic`, `meshcast.runtime`):
 
 - handshake: the server's side of a QUIC handshake with aioquic (P-256 certificate, as
-  `meshcast.net.tls` makes), over a sans-IO connection pair: its datagram handling only;
-- sign / verify: Ed25519 on a token-sized message, with `cryptography`;
+  `meshcast.net.tls` makes; X25519 key exchange, as `meshcast.net.quic.Connection` sets), over
+  a sans-IO connection pair: its datagram handling only;
+- sign / verify: Ed25519 on a token-sized message, with `cryptography` (the tracker signs a
+  viewer's tokens together: one signature per join or renewal, `Crypto.issue_tokens`);
 - event: a viewer's `Join` taken from the client's datagram to the answers' datagrams — QUIC
   receive, frame decoding, `TrackerNode.handle` (placement, real tokens), framing each answer,
   QUIC send — in a channel of `--viewers`; `send_us` is framing and sending one answer (a
@@ -41,7 +43,7 @@ from meshcast import effects as fx
 from meshcast import messages as m
 from meshcast import wire
 from meshcast.crypto import Crypto
-from meshcast.net.quic import ALPN
+from meshcast.net.quic import ALPN, Connection
 from meshcast.net.tls import self_signed_certificate
 from tracker_churn import CHANNEL, Driver
 
@@ -60,6 +62,10 @@ class CountingCrypto(Crypto):
         self.signs += 1
         return super().issue_token(*args, **kwargs)
 
+    def issue_tokens(self, key: Any, tokens: Any) -> list[m.Token]:
+        self.signs += len(tokens) > 1  # (one alone is `issue_token`'s, counted there)
+        return super().issue_tokens(key, tokens)
+
     def token_valid(self, *args: Any, **kwargs: Any) -> bool:
         self.verifies += 1
         return super().token_valid(*args, **kwargs)
@@ -76,7 +82,7 @@ def _config(client: bool) -> QuicConfiguration:
 def _pair() -> tuple[QuicConnection, QuicConnection, float]:
     """A handshaken (client, server) pair, and the server's CPU seconds for the handshake."""
     now = 0.0
-    client = QuicConnection(configuration=_config(True))
+    client = Connection(configuration=_config(True))
     client.connect(SERVER, now=now)
     server: QuicConnection | None = None
     spent = 0.0
@@ -86,7 +92,7 @@ def _pair() -> tuple[QuicConnection, QuicConnection, float]:
             break
         t = time.perf_counter()
         if server is None:
-            server = QuicConnection(configuration=_config(False),
+            server = Connection(configuration=_config(False),
                                     original_destination_connection_id=client.original_destination_connection_id)
         for d in out:
             server.receive_datagram(d, CLIENT, now=now)
@@ -146,11 +152,12 @@ def join_us(viewers: int, joins: int, seed: int) -> tuple[float, float, float, f
             if isinstance(event, StreamDataReceived):
                 for msg in reader.feed(event.data):
                     d.tracker.handle(link, msg, now=now)
+        effects = d.tracker.drain()  # (the tracker's work: it signs the tokens here)
         t_send = time.perf_counter()
         # As the runtime does: each answer framed and queued on its link (`QuicLink.send_control`),
         # then one hand-over to aioquic and one packetisation per link (here all on one).
         queued = bytearray()
-        for eff in d.tracker.drain():
+        for eff in effects:
             if isinstance(eff, fx.Send):
                 queued += wire.frame(eff.msg)
                 answers += 1

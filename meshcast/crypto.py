@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Final, Protocol
 
 import msgpack
@@ -21,10 +22,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from meshcast.errors import MeshcastError
-from meshcast.messages import SIG_LEN, ChunkHead, Token
+from meshcast.messages import SIG_LEN, TOKEN_BATCH, TOKEN_DIGEST, ChunkHead, Token
 
 _CHUNK_DOMAIN = b"meshcast/chunk/1\0"
 _TOKEN_DOMAIN = b"meshcast/token/1\0"
+_BATCH_DOMAIN = b"meshcast/tokens/1\0"
 _ANNOUNCE_DOMAIN = b"meshcast/announce/1\0"
 
 
@@ -35,6 +37,19 @@ def chunk_signing_input(channel: str, seq: int, flags: int, ts: float, payload: 
 
 def token_signing_input(child: int, parent: int, channel: str, substream: int, expires: float) -> bytes:
     return _TOKEN_DOMAIN + msgpack.packb([child, parent, channel, substream, expires])
+
+
+def token_digest(token: Token) -> bytes:
+    """What a batch signature lists for `token` (its signed fields, hashed)."""
+    data = token_signing_input(token.child, token.parent, token.channel, token.substream,
+                               token.expires)
+    return hashlib.blake2b(data, digest_size=TOKEN_DIGEST).digest()
+
+
+def in_batch(token: Token) -> bool:
+    """Is `token` one of those its batch lists (at a digest boundary)?"""
+    sig, digest = token.sig, token_digest(token)
+    return any(sig[i:i + TOKEN_DIGEST] == digest for i in range(SIG_LEN, len(sig), TOKEN_DIGEST))
 
 
 def announce_signing_input(channel: str, address: str) -> bytes:
@@ -120,7 +135,26 @@ class Crypto:
         sig = key.sign(token_signing_input(child, parent, channel, substream, expires))
         return Token(child, parent, channel, substream, expires, sig)
 
+    def issue_tokens(self, key: Signer, tokens: Sequence[Token]) -> list[Token]:
+        """Sign `tokens` (their `sig` unset) with one signature over the list of all their
+        digests, which each then carries after it (`Token.sig`). The tracker
+        hands out a viewer's ~10 tokens at once; one signature instead of ten took a join
+        from ~2.0 to ~1.7 ms of its CPU. At most `TOKEN_BATCH` tokens; one alone is signed
+        as `issue_token` would."""
+        if len(tokens) == 1:
+            t = tokens[0]
+            return [self.issue_token(key, t.child, t.parent, t.channel, t.substream, t.expires)]
+        if not 1 < len(tokens) <= TOKEN_BATCH:
+            raise ValueError(f"a batch holds 1 to {TOKEN_BATCH} tokens, not {len(tokens)}")
+        batch = b"".join(token_digest(t) for t in tokens)
+        sig = key.sign(_BATCH_DOMAIN + batch) + batch
+        return [Token(t.child, t.parent, t.channel, t.substream, t.expires, sig) for t in tokens]
+
     def token_valid(self, public: bytes, token: Token) -> bool:
+        sig = token.sig
+        if len(sig) > SIG_LEN:
+            return in_batch(token) and self._verify(public, sig[:SIG_LEN],
+                                                    _BATCH_DOMAIN + sig[SIG_LEN:])
         data = token_signing_input(token.child, token.parent, token.channel, token.substream,
                                    token.expires)
         return self._verify(public, token.sig, data)
@@ -153,6 +187,9 @@ class SimCrypto(Crypto):
         super().__init__()
         self._sigs: dict[bytes, bytes] = {}
         """Public key → the signature of every token it issues (one object per key)."""
+        self._batches: dict[tuple[bytes, int], bytes] = {}
+        """(public key, n) → `sig` of every token in its batches of n: the key's, then zeros
+        for the digests (one object each: 100k simulated viewers hold ~5 tokens each)."""
         self.signed = 0
         self.checked = 0
 
@@ -174,9 +211,19 @@ class SimCrypto(Crypto):
         self.signed += 1
         return Token(child, parent, channel, substream, expires, self._sig(key.public))
 
+    def issue_tokens(self, key: Any, tokens: Sequence[Token]) -> list[Token]:
+        """One signature for them all, as `Crypto` does; the digests are zeros, of their real
+        size (the simulator counts control bytes by it)."""
+        self.signed += 1
+        n = len(tokens)
+        sig = self._sig(key.public)
+        if n > 1:
+            sig = self._batches.setdefault((key.public, n), sig + bytes(TOKEN_DIGEST * n))
+        return [Token(t.child, t.parent, t.channel, t.substream, t.expires, sig) for t in tokens]
+
     def token_valid(self, public: bytes, token: Token) -> bool:
         self.checked += 1
-        return token.sig == self._sig(public)
+        return token.sig.startswith(self._sig(public))
 
     def sign_announce(self, key: Any, channel: str, address: str) -> bytes:
         self.signed += 1

@@ -83,6 +83,15 @@ def blob(max_len: int, exact: bool = False) -> Check:
     return check
 
 
+def token_sig(v: Any, where: Any) -> bytes:
+    """A token's signature, then the digests of its batch, if any (at most `TOKEN_BATCH`)."""
+    extra = len(v) - m.SIG_LEN if type(v) is bytes else -1
+    if not 0 <= extra <= m.TOKEN_BATCH * m.TOKEN_DIGEST or extra % m.TOKEN_DIGEST:
+        raise _fail(where, f"{m.SIG_LEN} bytes, then at most {m.TOKEN_BATCH} "
+                           f"{m.TOKEN_DIGEST}-byte digests", v)
+    return v
+
+
 def boolean(v: Any, where: Any) -> bool:
     if type(v) is not bool:
         raise _fail(where, "true or false", v)
@@ -124,7 +133,7 @@ COUNT = integer(0, 1 << 20)
 # Each message: its tag and one check per dataclass field, in declaration order.
 SCHEMA: dict[type, tuple[int, tuple[Check, ...]]] = {
     m.PeerRef: (0, (NODE_ID, ADDRESS)),
-    m.Token: (0, (NODE_ID, NODE_ID, CHANNEL, integer(-1, m.MAX_SUBSTREAMS - 1), TIME, SIG)),
+    m.Token: (0, (NODE_ID, NODE_ID, CHANNEL, integer(-1, m.MAX_SUBSTREAMS - 1), TIME, token_sig)),
     m.Resume: (0, (NODE_ID, integer(-1, m.MAX_SUBSTREAMS - 1),
                    array(nested(m.PeerRef), m.MAX_SUBSTREAMS), optional(nested(m.Token)), COUNT)),
     m.Announce: (1, (CHANNEL, KEY, ADDRESS, KBPS, KBPS, integer(1, m.MAX_SUBSTREAMS),

@@ -30,7 +30,7 @@ Modelling choices that mirror the runtime, in one place:
 - Crypto is `SimCrypto`: same checks on fields, no curve arithmetic.
 - A tracker's CPU (`[tracker]` `handshake_us` … `verify_us`, from `bench/tracker_cpu.py`): a
   real tracker is one Python process, so it is one server here. Each QUIC handshake it accepts
-  (`handshake_us`), event it handles (`event_us`), message it sends (`send_us`) and signature it
+  (`handshake_us`), event it handles (`event_us`; a held join it takes again is one too), message it sends (`send_us`) and signature it
   makes or checks (`sign_us`, `verify_us`, counted by its own `SimCrypto`) takes that much of
   it, in arrival order. The node decides at once; what it sends leaves once the CPU has got
   through everything before it, and a handshake completes then too. A client's first packet
@@ -383,7 +383,9 @@ class Simulation:
         for eff in effects:
             if isinstance(eff, fx.Send):
                 sends += 1
-        event_s = self._tracker_us * 1e-6
+        tracker: TrackerNode = self.nodes[t]
+        event_s = (self._tracker_us + cpu.event_us * tracker.rejoins) * 1e-6
+        tracker.rejoins = 0
         send_s = cpu.send_us * sends * 1e-6
         sign_s = cpu.sign_us * crypto.signed * 1e-6
         verify_s = cpu.verify_us * crypto.checked * 1e-6

@@ -216,17 +216,17 @@ class TrackerConfig:
     """Tracker processes, each one CPU: channel c is tracked by process c mod `processes` (a
     site spreads its channels over several; one channel's viewers all go to one)."""
     # The tracker's CPU (`sim.driver`: one server, work done in arrival order). Defaults:
-    # `bench/tracker_cpu.py` here (2026-11-26, µs, handshake / event / send / sign / verify:
-    # 1,092 / 338 / 30 / 31.5 / 102 in a 2k channel, 1,112 / 298 / 35 / 31.6 / 104 in a 10k
-    # one); all 0 gives a tracker that answers at once, whatever the load.
-    handshake_us: float = _opt(1100.0, NON_NEGATIVE)
+    # `bench/tracker_cpu.py` here (2026-11-27, µs, handshake / event / send / sign / verify:
+    # 1,070 / 308 / 29 / 33 / 110 in a 10k channel, median of 5; X25519 handshakes, token
+    # batches); all 0 gives a tracker that answers at once, whatever the load.
+    handshake_us: float = _opt(1070.0, NON_NEGATIVE)
     """Server side of one QUIC handshake (a viewer's or seed's first contact)."""
-    event_us: float = _opt(340.0, NON_NEGATIVE)
+    event_us: float = _opt(310.0, NON_NEGATIVE)
     """Handling one message, closed link or timer: receiving, decoding, deciding."""
     send_us: float = _opt(30.0, NON_NEGATIVE)
     """Framing and sending one message."""
     sign_us: float = _opt(32.0, NON_NEGATIVE)
-    """One Ed25519 signature (a token)."""
+    """One Ed25519 signature (a viewer's batch of tokens, `Crypto.issue_tokens`)."""
     verify_us: float = _opt(102.0, NON_NEGATIVE)
     """One Ed25519 verification (a seed's announcement, a returning node's proof)."""
     keepalive_us: float = _opt(11.0, NON_NEGATIVE)

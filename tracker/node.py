@@ -24,7 +24,7 @@ from typing import Any
 
 from meshcast import messages as m
 from meshcast.crypto import Crypto
-from meshcast.effects import Close, Link, Notice, Send
+from meshcast.effects import Close, Effect, Link, Notice, Send
 from meshcast.errors import RemoteProtocolError
 from meshcast.node import NodeBase
 from meshcast.policy import HEADROOM as HEADROOM_FACTOR
@@ -53,8 +53,8 @@ rebuilt, so nobody moves. Later, such a claim counts for nothing (a newcomer's j
 claims are still being honoured (`RESUME_QUIET_S`)."""
 RESUME_QUIET_S = 30.0
 """... the window stays open until this long after the last claim honoured: a tracker that
-takes longer than `RESUME_WINDOW_S` to get through its returning audience (a big one: ~0.5 ms of
-CPU each, mostly signing) does not place anew those it reaches last."""
+takes longer than `RESUME_WINDOW_S` to get through its returning audience (a big one: ~0.4 ms of
+CPU each: bench/tracker_churn.py --restart) does not place anew those it reaches last."""
 RESUME_WAIT_S = 45.0
 """How long a resumed viewer's place in a tree waits for its parent there to come back too;
 then it is placed as a newcomer would be (a move). Waiting costs nothing: the viewer plays from
@@ -63,8 +63,8 @@ parent may take: a viewer retries a lost tracker at most 30 s apart, ±50 %. For
 resumed parent's slots are kept for the children it feeds that are not back yet."""
 PLACE_SLICE = 200
 """Held joins placed per turn when a channel goes live (a premiere's audience, a restarted
-tracker's). Each takes ~0.6 ms of CPU (~10 tokens signed, ~8 messages: bench/tracker_cpu.py), so
-a slice is ~0.1 s, and between slices the tracker answers everything else, heartbeats among
+tracker's). Each takes ~0.6 ms of CPU (one signature for its ~10 tokens, ~8 messages:
+bench/tracker_cpu.py), so a slice is ~0.1 s, and between slices the tracker answers everything else, heartbeats among
 it: a 10k audience placed in one go kept the process busy ~6 s, past links' 3 s idle time-out."""
 PLACE_TURN_S = 0.001
 """The next slice is due this much later (a timer due at once would fire in the same call)."""
@@ -159,6 +159,11 @@ class TrackerNode(NodeBase):
         """Channels that went live with more held joins than a slice (`PLACE_SLICE`): the rest
         are placed at the next turn ("place" timer); a join meanwhile waits behind them."""
         self._held: list[Send] = []
+        self.rejoins = 0
+        """Held joins taken again (`_place_held`): a join's work each, that no message of its
+        own brought (the simulator charges it; it may reset the count)."""
+        self._unsigned = False
+        """Some token issued since the last `drain` (unsigned until then)."""
         self._handed_back: dict[tuple[int, int], float] = {}
         """(member id, sub-stream) → when the tracker last gave a member back the parent it
         had just reported lost, for want of any other."""
@@ -423,6 +428,7 @@ class TrackerNode(NodeBase):
                     return
                 if held in self._waiting_on:
                     self._unhold(held)
+                    self.rejoins += 1
                     self._on_join(held, join, now)
                     if not everyone and held in self._waiting_on:
                         return  # it waits on: no room after all
@@ -594,7 +600,49 @@ class TrackerNode(NodeBase):
     # -- placement and repair -------------------------------------------------------------------
 
     def _token(self, ch: Channel, child: Member, parent: Member, k: int, expires: float) -> m.Token:
-        return self.crypto.issue_token(self.key, child.id, parent.id, ch.name, k, expires)
+        """Unsigned: `drain` signs it, with the other tokens for the same viewer."""
+        self._unsigned = True
+        return m.Token(child.id, parent.id, ch.name, k, expires, b"")
+
+    def drain(self) -> list[Effect]:
+        """The effects queued since the last call, their tokens signed: one signature for all
+        of those going to one link (up to `TOKEN_BATCH`; `Crypto.issue_tokens`). A join's ~10
+        tokens (parents and backups in every tree, the seed) and a renewal's ~5 cost one
+        Ed25519 signature, not one each; tokens of a join refused meanwhile, none."""
+        out = super().drain()
+        if not self._unsigned:
+            return out
+        self._unsigned = False
+        by_link: dict[Link, list[m.Token]] = {}
+        for eff in out:
+            if type(eff) is Send:
+                msg = eff.msg
+                if type(msg) is m.Assign:
+                    tokens = by_link.setdefault(eff.link, [])
+                    if msg.token is not None:
+                        tokens.append(msg.token)
+                    if msg.backup_token is not None:
+                        tokens.append(msg.backup_token)
+                elif type(msg) is m.Neighbours:
+                    by_link.setdefault(eff.link, []).extend(msg.tokens)
+        signed: dict[int, m.Token] = {}
+        for tokens in by_link.values():
+            for i in range(0, len(tokens), m.TOKEN_BATCH):
+                part = tokens[i:i + m.TOKEN_BATCH]
+                for unsigned, done in zip(part, self.crypto.issue_tokens(self.key, part)):
+                    signed[id(unsigned)] = done
+        for eff in out:
+            if type(eff) is Send:
+                msg = eff.msg
+                if type(msg) is m.Assign:
+                    token, backup = msg.token, msg.backup_token
+                    eff.msg = m.Assign(msg.substream, msg.parent,
+                                       None if token is None else signed[id(token)], msg.backup,
+                                       None if backup is None else signed[id(backup)], msg.relays)
+                elif type(msg) is m.Neighbours:
+                    eff.msg = m.Neighbours(msg.peers, tuple(signed[id(t)] for t in msg.tokens),
+                                           msg.seed_id)
+        return out
 
     def _moved_off(self, ch: Channel, member: Member, holder: int, k: int, now: float) -> None:
         """`member` no longer uses `holder` (a parent or backup) in tree k, but its token for
@@ -803,9 +851,9 @@ class TrackerNode(NodeBase):
         `TOKEN_LIFETIME` / 2 per channel and renews every member's within `TOKEN_LIFETIME` / 4,
         a slice every `TOKEN_LIFETIME` / 1200 (0.5 s), so no token a member holds is older than
         3/4 of its lifetime: its backup's and its seed's stay good however long its session.
-        Small slices keep the tracker responsive: each token is an Ed25519 signature (~30 µs),
-        5 per member (backups and seed: `_renew_member`), so 100k members take ~50 ms a slice
-        (bench/tracker_churn.py: 145 µs a member)."""
+        Small slices keep the tracker responsive: a member's ~5 tokens (backups and seed:
+        `_renew_member`) take one Ed25519 signature (~30 µs) and their messages, so 100k
+        members take ~25 ms a slice (bench/tracker_churn.py: 70 µs a member)."""
         tick = TOKEN_LIFETIME / 1200
         wake = math.inf
         for ch in self.channels.values():

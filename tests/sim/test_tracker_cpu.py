@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from sim.driver import CONNECT_TIMEOUT, RunResult, Simulation
-from sim.scenario import parse_scenario
+from sim.scenario import TrackerConfig, parse_scenario
 
 FREE = {"handshake_us": 0, "event_us": 0, "send_us": 0, "sign_us": 0, "verify_us": 0, "keepalive_us": 0}
 
@@ -100,9 +100,10 @@ def test_a_site_spreads_its_channels_over_tracker_processes():
 
 
 def test_a_premiere_audience_is_placed_without_stalling_the_tracker():
-    # 1,000 viewers wait for the broadcast: placing them at go-live is ~0.5 s of the tracker's
-    # CPU. In slices of PLACE_SLICE it is never busy with one piece for long (links to it time
-    # out after 3 s of silence): ~0.1 s, against 0.5 s in one go (10k: 5 s).
+    # 1,000 viewers wait for the broadcast: placing them at go-live is ~0.6 s of the tracker's
+    # CPU (each held join taken again costs a join's work, its answers and one signature). In
+    # slices of PLACE_SLICE it is never busy with one piece for long (links to it time out
+    # after 3 s of silence): ~0.12 s, against 0.6 s in one go (10k: 6 s).
     sim = Simulation(parse_scenario({
         "stream": {"bitrate_kbps": 1000, "chunk_ms": 100, "substreams": 4, "duration_s": 12},
         "seed": {"upload_kbps": 10000, "start_s": 5},
@@ -112,7 +113,9 @@ def test_a_premiere_audience_is_placed_without_stalling_the_tracker():
     }))
     result = sim.run()
     tracker = result.summary()["tracker"]
-    assert tracker["cpu_s"]["signatures"] + tracker["cpu_s"]["sends"] > 0.5  # the placing
+    cpu = tracker["cpu_s"]
+    held = 1000 * TrackerConfig().event_us * 1e-6  # the joins, as they came
+    assert cpu["events"] + cpu["signatures"] + cpu["sends"] - held > 0.45  # the placing
     assert tracker["longest_ms"] < 200
     assert len(startups(result)) == 1000
 

@@ -39,6 +39,9 @@ reason = st.text(max_size=m.MAX_REASON)
 kbps = st.integers(0, 10_000_000)
 clock = st.floats(-1e12, 1e12, allow_nan=False)
 sig = st.binary(min_size=m.SIG_LEN, max_size=m.SIG_LEN)
+token_sig = st.integers(0, m.TOKEN_BATCH).flatmap(  # a signature, then a batch's digests
+    lambda n: st.binary(min_size=m.SIG_LEN + n * m.TOKEN_DIGEST,
+                        max_size=m.SIG_LEN + n * m.TOKEN_DIGEST))
 key = st.binary(min_size=m.KEY_LEN, max_size=m.KEY_LEN)
 n_substreams = st.integers(1, m.MAX_SUBSTREAMS)
 chunk_ms = st.integers(10, 10_000)
@@ -46,7 +49,7 @@ count = st.integers(0, 1 << 20)
 
 peer_ref = st.builds(m.PeerRef, node_id, address)
 token = st.builds(m.Token, node_id, node_id, channel, st.integers(-1, m.MAX_SUBSTREAMS - 1),
-                  clock, sig)
+                  clock, token_sig)
 seqs = st.lists(seq, max_size=64).map(tuple)
 resume = st.builds(m.Resume, node_id, st.integers(-1, m.MAX_SUBSTREAMS - 1),
                    st.lists(peer_ref, max_size=m.MAX_SUBSTREAMS).map(tuple), st.none() | token,
@@ -54,7 +57,7 @@ resume = st.builds(m.Resume, node_id, st.integers(-1, m.MAX_SUBSTREAMS - 1),
 
 FIELDS: dict[type, tuple[st.SearchStrategy, ...]] = {
     m.PeerRef: (node_id, address),
-    m.Token: (node_id, node_id, channel, st.integers(-1, m.MAX_SUBSTREAMS - 1), clock, sig),
+    m.Token: (node_id, node_id, channel, st.integers(-1, m.MAX_SUBSTREAMS - 1), clock, token_sig),
     m.Resume: (node_id, st.integers(-1, m.MAX_SUBSTREAMS - 1),
                st.lists(peer_ref, max_size=m.MAX_SUBSTREAMS).map(tuple), st.none() | token, count),
     m.Announce: (channel, key, address, kbps, kbps, n_substreams, chunk_ms, sig, node_id,
@@ -257,8 +260,11 @@ def test_unknown_tag_is_refused(tag):
     (msgpack.packb([V, 17, "ch", 0, 10, 0, float("nan"), b"s" * 64], use_bin_type=True),
      "ChunkHead.ts: expected a number"),
     (msgpack.packb([V, 4, 0, [1, "a"], [1, 2, "c", 0, 1.0, b"short"], None, None, False],
-                   use_bin_type=True), "Assign.token.sig: expected exactly 64 bytes"),
+                   use_bin_type=True), "Assign.token.sig: expected 64 bytes, then at most 16"),
     (msgpack.packb([V, 10, 1, "c", [1, 2]]), "Hello.token: expected Token as a list of 6 fields"),
+    (msgpack.packb([V, 10, 1, "c", [1, 2, "c", 0, 1.0, b"s" * (m.SIG_LEN + 17)]],
+                   use_bin_type=True),
+     "Hello.token.sig: expected 64 bytes, then at most 16 16-byte digests"),
     (msgpack.packb([V, 6, "\udcff".encode("utf-8", "surrogatepass")], use_bin_type=False),
      "undecodable"),  # invalid UTF-8 in a str
 ])
@@ -290,6 +296,8 @@ TOKEN = m.Token(1, 2, "ch", 0, 10.0, b"s" * m.SIG_LEN)
     m.ChunkHead("ch", 0, -1, 0, 0.0, b"s" * m.SIG_LEN),
     m.ChunkHead("ch", 0, 1, 0, float("nan"), b"s" * m.SIG_LEN),
     m.Hello(1, "ch", replace(TOKEN, sig=b"short")),
+    m.Hello(1, "ch", replace(TOKEN, sig=TOKEN.sig + b"d" * (m.TOKEN_DIGEST + 1))),  # not whole
+    m.Hello(1, "ch", replace(TOKEN, sig=TOKEN.sig + b"d" * m.TOKEN_DIGEST * (m.TOKEN_BATCH + 1))),
     m.Assign(0, m.PeerRef(1, "a"), TOKEN, backup=TOKEN),  # type: ignore[arg-type]
     m.Subscribe(0, TOKEN, relays=1),  # type: ignore[arg-type]
     m.Join("ch", "a", 1, coords=(object(),)),  # type: ignore[arg-type]

@@ -1,0 +1,153 @@
+"""Tracker tokens signed in batches: one signature per viewer's tokens, none of them forgeable."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshcast import messages as m
+from meshcast.crypto import Crypto, SigningKey, SimCrypto, SimKey, token_digest
+from meshcast.effects import Send
+from tracker.node import TOKEN_LIFETIME, TrackerNode
+
+KEY = SigningKey()
+CRYPTO = Crypto()
+
+
+def unsigned(n: int, channel: str = "ch") -> list[m.Token]:
+    return [m.Token(7, 100 + i, channel, i % 4 - 1, 600.0, b"") for i in range(n)]
+
+
+def test_every_token_of_a_batch_verifies_and_carries_one_signature():
+    tokens = CRYPTO.issue_tokens(KEY, unsigned(9))
+    assert len({t.sig for t in tokens}) == 1
+    assert all(len(t.sig) == m.SIG_LEN + 9 * m.TOKEN_DIGEST for t in tokens)
+    assert all(CRYPTO.token_valid(KEY.public, t) for t in tokens)
+    assert not any(CRYPTO.token_valid(SigningKey().public, t) for t in tokens)
+
+
+def test_a_batch_of_one_is_a_plain_token():
+    [token] = CRYPTO.issue_tokens(KEY, unsigned(1))
+    assert len(token.sig) == m.SIG_LEN
+    assert token == CRYPTO.issue_token(KEY, 7, 100, "ch", -1, 600.0)
+
+
+@pytest.mark.parametrize("n", [0, m.TOKEN_BATCH + 1])
+def test_a_batch_too_big_to_send_is_refused(n):
+    with pytest.raises(ValueError, match=f"1 to {m.TOKEN_BATCH} tokens, not {n}"):
+        CRYPTO.issue_tokens(KEY, unsigned(n))
+
+
+FIELDS = {"child": 8, "parent": 999, "channel": "other", "substream": 3, "expires": 1e9}
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(2, m.TOKEN_BATCH), which=st.data(), field=st.sampled_from(sorted(FIELDS)))
+def test_no_field_of_a_batched_token_can_be_changed(n, which, field):
+    # A viewer holding a batch (its own grants) cannot turn one into a grant for another
+    # parent, sub-stream, channel, child or a later expiry: the digest no longer matches.
+    tokens = CRYPTO.issue_tokens(KEY, unsigned(n))
+    token = tokens[which.draw(st.integers(0, n - 1))]
+    assert not CRYPTO.token_valid(KEY.public, replace(token, **{field: FIELDS[field]}))
+
+
+def test_a_batch_with_a_digest_swapped_in_fails_its_signature():
+    # The forger's own grant, listed in place of one of the real ones.
+    tokens = CRYPTO.issue_tokens(KEY, unsigned(4))
+    sig, batch = tokens[0].sig[:m.SIG_LEN], tokens[0].sig[m.SIG_LEN:]
+    mine = m.Token(666, 100, "ch", -1, 1e9, b"")
+    forged = sig + token_digest(mine) + batch[m.TOKEN_DIGEST:]
+    assert not CRYPTO.token_valid(KEY.public, replace(mine, sig=forged))
+    # ... or the signature of another batch, on one's own list.
+    other = CRYPTO.issue_tokens(KEY, unsigned(4, "other"))[0]
+    assert not CRYPTO.token_valid(KEY.public, replace(tokens[0], sig=other.sig[:m.SIG_LEN] + batch))
+    # ... or a batch's signature without its list.
+    assert not CRYPTO.token_valid(KEY.public, replace(tokens[0], sig=sig))
+
+
+def test_a_digest_counts_only_at_a_digest_boundary():
+    tokens = CRYPTO.issue_tokens(KEY, unsigned(3))
+    token = tokens[1]
+    sig, batch = token.sig[:m.SIG_LEN], token.sig[m.SIG_LEN:]
+    shifted = batch[1:] + batch[:1]  # this token's digest now straddles two slots
+    assert not CRYPTO.token_valid(KEY.public, replace(token, sig=sig + shifted))
+
+
+# -- the tracker signs a viewer's tokens together --------------------------------------------
+
+
+def tracker(crypto: SimCrypto | Crypto, key: object, kbps: int = 40_000) -> TrackerNode:
+    t = TrackerNode(key=key, crypto=crypto, rng=random.Random(1))
+    channel = SigningKey()
+    t.link_opened(1, now=0.0)
+    t.handle(1, m.Announce("c", channel.public, "seed", kbps, 2000, 4, 200,
+                           crypto.sign_announce(channel, "c", "seed")), now=0.0)
+    assert t.channels["c"].forest.seed is not None
+    t.drain()
+    return t
+
+
+def join(t: TrackerNode, link: int, now: float = 1.0) -> list[m.Token]:
+    t.link_opened(link, now=now)
+    t.handle(link, m.Join("c", f"p{link}", 3000), now=now)
+    return tokens_to(t, link)
+
+
+def tokens_to(t: TrackerNode, link: int) -> list[m.Token]:
+    got = []
+    for eff in t.drain():
+        if type(eff) is Send and eff.link == link:
+            if type(eff.msg) is m.Assign:
+                got += [x for x in (eff.msg.token, eff.msg.backup_token) if x is not None]
+            elif type(eff.msg) is m.Neighbours:
+                got += eff.msg.tokens
+    return got
+
+
+def test_a_join_costs_the_tracker_one_signature_and_every_token_verifies():
+    key = SigningKey()
+    t = tracker(Crypto(), key)
+    for link in range(2, 12):
+        tokens = join(t, link)
+        # Four parents (one per tree), backups once there are enough viewers, and the seed.
+        assert len(tokens) >= 5
+        assert len({x.sig for x in tokens}) == 1
+        assert all(Crypto().token_valid(key.public, x) for x in tokens)
+        assert all(x.child == t.links[link][1].id for x in tokens)
+
+
+def test_the_simulated_tracker_counts_one_signature_per_join_and_per_renewal():
+    crypto = SimCrypto()
+    t = tracker(crypto, SimKey(1))
+    for link in range(2, 42):
+        before = crypto.signed
+        tokens = join(t, link)
+        assert crypto.signed == before + 1
+        assert {len(x.sig) for x in tokens} == {m.SIG_LEN + m.TOKEN_DIGEST * len(tokens)}
+    # Renewals: every member's fresh tokens (its backups', the seed's) in one signature.
+    before = crypto.signed
+    t.handle_timer(now=TOKEN_LIFETIME / 2 + 1)
+    renewed = t.drain()
+    members = {eff.link for eff in renewed if type(eff) is Send}
+    assert members and crypto.signed - before == len(members)
+
+
+def test_a_refused_join_signs_nothing():
+    # Leechers (no upload) join until the seed's slots are gone; the one refused got no
+    # tokens, and none were signed for it (its placement got as far as some trees).
+    crypto = SimCrypto()
+    t = tracker(crypto, SimKey(1), kbps=6000)
+    for link in range(2, 40):
+        t.link_opened(link, now=1.0)
+        before = crypto.signed
+        t.handle(link, m.Join("c", "", 0), now=1.0)
+        sent = [type(e.msg) for e in t.drain() if type(e) is Send]
+        if sent == [m.Reject]:
+            assert crypto.signed == before
+            return
+        assert crypto.signed == before + 1
+    pytest.fail("no join was refused")

@@ -64,8 +64,9 @@ resumed parent's slots are kept for the children it feeds that are not back yet.
 PLACE_SLICE = 200
 """Held joins placed per turn when a channel goes live (a premiere's audience, a restarted
 tracker's). Each takes ~0.6 ms of CPU (one signature for its ~10 tokens, ~8 messages:
-bench/tracker_cpu.py), so a slice is ~0.1 s, and between slices the tracker answers everything else, heartbeats among
-it: a 10k audience placed in one go kept the process busy ~6 s, past links' 3 s idle time-out."""
+bench/tracker_cpu.py), so a slice is ~0.1 s, and between slices the tracker answers everything
+else, heartbeats among it: a 10k audience placed in one go kept the process busy ~6 s, past
+links' 3 s idle time-out."""
 PLACE_TURN_S = 0.001
 """The next slice is due this much later (a timer due at once would fire in the same call)."""
 REFRESH_SLICE = 2000

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from meshcast.errors import MeshcastError
-from meshcast.messages import SIG_LEN, TOKEN_BATCH, TOKEN_DIGEST, ChunkHead, Token
+from meshcast.messages import SIG_LEN, TOKEN_BATCH, TOKEN_DIGEST, TOKEN_SALT, ChunkHead, Token
 
 _CHUNK_DOMAIN = b"meshcast/chunk/1\0"
 _TOKEN_DOMAIN = b"meshcast/token/1\0"
@@ -39,17 +39,22 @@ def token_signing_input(child: int, parent: int, channel: str, substream: int, e
     return _TOKEN_DOMAIN + msgpack.packb([child, parent, channel, substream, expires])
 
 
-def token_digest(token: Token) -> bytes:
-    """What a batch signature lists for `token` (its signed fields, hashed)."""
+_BATCH_AT: Final = SIG_LEN + TOKEN_SALT
+"""Where a batched token's list of digests starts in its `sig` (after signature and salt)."""
+
+
+def token_digest(token: Token, salt: bytes) -> bytes:
+    """What a batch signature lists for `token`: its salt and signed fields, hashed."""
     data = token_signing_input(token.child, token.parent, token.channel, token.substream,
                                token.expires)
-    return hashlib.blake2b(data, digest_size=TOKEN_DIGEST).digest()
+    return hashlib.blake2b(salt + data, digest_size=TOKEN_DIGEST).digest()
 
 
 def in_batch(token: Token) -> bool:
     """Is `token` one of those its batch lists (at a digest boundary)?"""
-    sig, digest = token.sig, token_digest(token)
-    return any(sig[i:i + TOKEN_DIGEST] == digest for i in range(SIG_LEN, len(sig), TOKEN_DIGEST))
+    sig = token.sig
+    digest = token_digest(token, sig[SIG_LEN:_BATCH_AT])
+    return any(sig[i:i + TOKEN_DIGEST] == digest for i in range(_BATCH_AT, len(sig), TOKEN_DIGEST))
 
 
 def announce_signing_input(channel: str, address: str) -> bytes:
@@ -146,15 +151,17 @@ class Crypto:
             return [self.issue_token(key, t.child, t.parent, t.channel, t.substream, t.expires)]
         if not 1 < len(tokens) <= TOKEN_BATCH:
             raise ValueError(f"a batch holds 1 to {TOKEN_BATCH} tokens, not {len(tokens)}")
-        batch = b"".join(token_digest(t) for t in tokens)
-        sig = key.sign(_BATCH_DOMAIN + batch) + batch
-        return [Token(t.child, t.parent, t.channel, t.substream, t.expires, sig) for t in tokens]
+        salts = [os.urandom(TOKEN_SALT) for _ in tokens]
+        batch = b"".join(token_digest(t, salt) for t, salt in zip(tokens, salts))
+        sig = key.sign(_BATCH_DOMAIN + batch)
+        return [Token(t.child, t.parent, t.channel, t.substream, t.expires, sig + salt + batch)
+                for t, salt in zip(tokens, salts)]
 
     def token_valid(self, public: bytes, token: Token) -> bool:
         sig = token.sig
         if len(sig) > SIG_LEN:
             return in_batch(token) and self._verify(public, sig[:SIG_LEN],
-                                                    _BATCH_DOMAIN + sig[SIG_LEN:])
+                                                    _BATCH_DOMAIN + sig[_BATCH_AT:])
         data = token_signing_input(token.child, token.parent, token.channel, token.substream,
                                    token.expires)
         return self._verify(public, token.sig, data)
@@ -189,7 +196,7 @@ class SimCrypto(Crypto):
         """Public key → the signature of every token it issues (one object per key)."""
         self._batches: dict[tuple[bytes, int], bytes] = {}
         """(public key, n) → `sig` of every token in its batches of n: the key's, then zeros
-        for the digests (one object each: 100k simulated viewers hold ~5 tokens each)."""
+        for salt and digests (one object each: 100k simulated viewers hold ~5 tokens each)."""
         self.signed = 0
         self.checked = 0
 
@@ -212,13 +219,14 @@ class SimCrypto(Crypto):
         return Token(child, parent, channel, substream, expires, self._sig(key.public))
 
     def issue_tokens(self, key: Any, tokens: Sequence[Token]) -> list[Token]:
-        """One signature for them all, as `Crypto` does; the digests are zeros, of their real
-        size (the simulator counts control bytes by it)."""
+        """One signature for them all, as `Crypto` does; salt and digests are zeros, of their
+        real size (the simulator counts control bytes by it)."""
         self.signed += 1
         n = len(tokens)
         sig = self._sig(key.public)
         if n > 1:
-            sig = self._batches.setdefault((key.public, n), sig + bytes(TOKEN_DIGEST * n))
+            sig = self._batches.setdefault((key.public, n),
+                                           sig + bytes(TOKEN_SALT + TOKEN_DIGEST * n))
         return [Token(t.child, t.parent, t.channel, t.substream, t.expires, sig) for t in tokens]
 
     def token_valid(self, public: bytes, token: Token) -> bool:

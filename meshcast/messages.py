@@ -39,6 +39,10 @@ MAX_BITMAP: Final = 512
 SIG_LEN: Final = 64
 TOKEN_DIGEST: Final = 16
 """Bytes of a token's digest in a batch (BLAKE2b, 128-bit second-preimage resistance)."""
+TOKEN_SALT: Final = 8
+"""Random bytes hashed into each batched token's digest and carried by that token alone: a
+parent shown one token cannot find what the others in its batch are (a child's other
+parents) by hashing guesses, as it could from digests of the fields only."""
 TOKEN_BATCH: Final = 16
 """Most tokens signed together (a batch of 256 bytes rides in each one's `sig`)."""
 KEY_LEN: Final = 32
@@ -77,9 +81,10 @@ class Token:
     """Tracker clock, seconds."""
     sig: bytes
     """Tracker's Ed25519 signature over the other fields (`SIG_LEN` bytes). Or, for tokens
-    signed together (`Crypto.issue_tokens`), the signature over their batch, then the batch:
-    the `TOKEN_DIGEST`-byte digest of each one's fields, this one's among them. (One field,
-    not two: a simulated audience of 100k holds half a million tokens.)"""
+    signed together (`Crypto.issue_tokens`), the signature over their batch, this token's salt
+    (`TOKEN_SALT`), then the batch: the `TOKEN_DIGEST`-byte digest of each one's salt and
+    fields, this one's among them. (One field, not three: a simulated audience of 100k holds
+    half a million tokens.)"""
 
 
 # -- seed ↔ tracker ------------------------------------------------------------------------------

@@ -84,12 +84,15 @@ def blob(max_len: int, exact: bool = False) -> Check:
 
 
 def token_sig(v: Any, where: Any) -> bytes:
-    """A token's signature, then the digests of its batch, if any (at most `TOKEN_BATCH`)."""
-    extra = len(v) - m.SIG_LEN if type(v) is bytes else -1
-    if not 0 <= extra <= m.TOKEN_BATCH * m.TOKEN_DIGEST or extra % m.TOKEN_DIGEST:
-        raise _fail(where, f"{m.SIG_LEN} bytes, then at most {m.TOKEN_BATCH} "
-                           f"{m.TOKEN_DIGEST}-byte digests", v)
-    return v
+    """A token's signature; if it was signed in a batch, then its salt and the batch's digests
+    (1 to `TOKEN_BATCH`)."""
+    if type(v) is bytes:
+        digests = len(v) - m.SIG_LEN - m.TOKEN_SALT
+        if len(v) == m.SIG_LEN or (0 < digests <= m.TOKEN_BATCH * m.TOKEN_DIGEST
+                                   and digests % m.TOKEN_DIGEST == 0):
+            return v
+    raise _fail(where, f"{m.SIG_LEN} bytes, or those, a salt of {m.TOKEN_SALT} and 1 to "
+                       f"{m.TOKEN_BATCH} digests of {m.TOKEN_DIGEST}", v)
 
 
 def boolean(v: Any, where: Any) -> bool:

@@ -24,8 +24,8 @@ def unsigned(n: int, channel: str = "ch") -> list[m.Token]:
 
 def test_every_token_of_a_batch_verifies_and_carries_one_signature():
     tokens = CRYPTO.issue_tokens(KEY, unsigned(9))
-    assert len({t.sig for t in tokens}) == 1
-    assert all(len(t.sig) == m.SIG_LEN + 9 * m.TOKEN_DIGEST for t in tokens)
+    assert all(len(t.sig) == m.SIG_LEN + m.TOKEN_SALT + 9 * m.TOKEN_DIGEST for t in tokens)
+    assert len({t.sig[:m.SIG_LEN] for t in tokens}) == 1
     assert all(CRYPTO.token_valid(KEY.public, t) for t in tokens)
     assert not any(CRYPTO.token_valid(SigningKey().public, t) for t in tokens)
 
@@ -55,26 +55,49 @@ def test_no_field_of_a_batched_token_can_be_changed(n, which, field):
     assert not CRYPTO.token_valid(KEY.public, replace(token, **{field: FIELDS[field]}))
 
 
+def parts(token: m.Token) -> tuple[bytes, bytes, bytes]:
+    """(signature, salt, batch) of a batched token."""
+    at = m.SIG_LEN + m.TOKEN_SALT
+    return token.sig[:m.SIG_LEN], token.sig[m.SIG_LEN:at], token.sig[at:]
+
+
 def test_a_batch_with_a_digest_swapped_in_fails_its_signature():
     # The forger's own grant, listed in place of one of the real ones.
     tokens = CRYPTO.issue_tokens(KEY, unsigned(4))
-    sig, batch = tokens[0].sig[:m.SIG_LEN], tokens[0].sig[m.SIG_LEN:]
+    sig, salt, batch = parts(tokens[0])
     mine = m.Token(666, 100, "ch", -1, 1e9, b"")
-    forged = sig + token_digest(mine) + batch[m.TOKEN_DIGEST:]
+    forged = sig + salt + token_digest(mine, salt) + batch[m.TOKEN_DIGEST:]
     assert not CRYPTO.token_valid(KEY.public, replace(mine, sig=forged))
     # ... or the signature of another batch, on one's own list.
     other = CRYPTO.issue_tokens(KEY, unsigned(4, "other"))[0]
-    assert not CRYPTO.token_valid(KEY.public, replace(tokens[0], sig=other.sig[:m.SIG_LEN] + batch))
-    # ... or a batch's signature without its list.
+    assert not CRYPTO.token_valid(KEY.public, replace(tokens[0], sig=parts(other)[0] + salt + batch))
+    # ... or a batch's signature without its list, or another token's salt.
     assert not CRYPTO.token_valid(KEY.public, replace(tokens[0], sig=sig))
+    assert not CRYPTO.token_valid(KEY.public, replace(tokens[0], sig=sig + parts(tokens[1])[1] + batch))
 
 
 def test_a_digest_counts_only_at_a_digest_boundary():
     tokens = CRYPTO.issue_tokens(KEY, unsigned(3))
-    token = tokens[1]
-    sig, batch = token.sig[:m.SIG_LEN], token.sig[m.SIG_LEN:]
+    sig, salt, batch = parts(tokens[1])
     shifted = batch[1:] + batch[:1]  # this token's digest now straddles two slots
-    assert not CRYPTO.token_valid(KEY.public, replace(token, sig=sig + shifted))
+    assert not CRYPTO.token_valid(KEY.public, replace(tokens[1], sig=sig + salt + shifted))
+
+
+def test_one_token_does_not_reveal_the_others_in_its_batch():
+    # A parent shown one token of a child's batch could otherwise hash guesses of the others
+    # (the child's other parents: ids are few, and the expiry is its own token's) and find
+    # them in the list. Each digest hashes a salt only its own token carries.
+    tokens = CRYPTO.issue_tokens(KEY, unsigned(4))
+    shown = tokens[0]
+    _, salt, batch = parts(shown)
+    listed = {batch[i:i + m.TOKEN_DIGEST] for i in range(0, len(batch), m.TOKEN_DIGEST)}
+    for other in unsigned(4)[1:]:
+        assert token_digest(other, salt) not in listed  # a guess hashed with the salt shown
+        assert token_digest(other, b"") not in listed
+    assert token_digest(unsigned(1)[0], salt) in listed  # (the shown token's own is there)
+    # The same tokens signed again list other digests.
+    again = parts(CRYPTO.issue_tokens(KEY, unsigned(4))[0])[2]
+    assert again != batch
 
 
 # -- the tracker signs a viewer's tokens together --------------------------------------------
@@ -115,7 +138,7 @@ def test_a_join_costs_the_tracker_one_signature_and_every_token_verifies():
         tokens = join(t, link)
         # Four parents (one per tree), backups once there are enough viewers, and the seed.
         assert len(tokens) >= 5
-        assert len({x.sig for x in tokens}) == 1
+        assert len({x.sig[:m.SIG_LEN] for x in tokens}) == 1
         assert all(Crypto().token_valid(key.public, x) for x in tokens)
         assert all(x.child == t.links[link][1].id for x in tokens)
 
@@ -127,7 +150,8 @@ def test_the_simulated_tracker_counts_one_signature_per_join_and_per_renewal():
         before = crypto.signed
         tokens = join(t, link)
         assert crypto.signed == before + 1
-        assert {len(x.sig) for x in tokens} == {m.SIG_LEN + m.TOKEN_DIGEST * len(tokens)}
+        assert {len(x.sig) for x in tokens} == {
+            m.SIG_LEN + m.TOKEN_SALT + m.TOKEN_DIGEST * len(tokens)}
     # Renewals: every member's fresh tokens (its backups', the seed's) in one signature.
     before = crypto.signed
     t.handle_timer(now=TOKEN_LIFETIME / 2 + 1)

@@ -39,9 +39,9 @@ reason = st.text(max_size=m.MAX_REASON)
 kbps = st.integers(0, 10_000_000)
 clock = st.floats(-1e12, 1e12, allow_nan=False)
 sig = st.binary(min_size=m.SIG_LEN, max_size=m.SIG_LEN)
-token_sig = st.integers(0, m.TOKEN_BATCH).flatmap(  # a signature, then a batch's digests
-    lambda n: st.binary(min_size=m.SIG_LEN + n * m.TOKEN_DIGEST,
-                        max_size=m.SIG_LEN + n * m.TOKEN_DIGEST))
+token_sig = st.integers(0, m.TOKEN_BATCH).map(  # a signature, then a salt and a batch's digests
+    lambda n: m.SIG_LEN + (m.TOKEN_SALT + n * m.TOKEN_DIGEST if n else 0)).flatmap(
+    lambda size: st.binary(min_size=size, max_size=size))
 key = st.binary(min_size=m.KEY_LEN, max_size=m.KEY_LEN)
 n_substreams = st.integers(1, m.MAX_SUBSTREAMS)
 chunk_ms = st.integers(10, 10_000)
@@ -260,11 +260,11 @@ def test_unknown_tag_is_refused(tag):
     (msgpack.packb([V, 17, "ch", 0, 10, 0, float("nan"), b"s" * 64], use_bin_type=True),
      "ChunkHead.ts: expected a number"),
     (msgpack.packb([V, 4, 0, [1, "a"], [1, 2, "c", 0, 1.0, b"short"], None, None, False],
-                   use_bin_type=True), "Assign.token.sig: expected 64 bytes, then at most 16"),
+                   use_bin_type=True), "Assign.token.sig: expected 64 bytes, or those, a salt of 8"),
     (msgpack.packb([V, 10, 1, "c", [1, 2]]), "Hello.token: expected Token as a list of 6 fields"),
     (msgpack.packb([V, 10, 1, "c", [1, 2, "c", 0, 1.0, b"s" * (m.SIG_LEN + 17)]],
                    use_bin_type=True),
-     "Hello.token.sig: expected 64 bytes, then at most 16 16-byte digests"),
+     "Hello.token.sig: expected 64 bytes, or those, a salt of 8 and 1 to 16 digests of 16"),
     (msgpack.packb([V, 6, "\udcff".encode("utf-8", "surrogatepass")], use_bin_type=False),
      "undecodable"),  # invalid UTF-8 in a str
 ])
@@ -296,8 +296,10 @@ TOKEN = m.Token(1, 2, "ch", 0, 10.0, b"s" * m.SIG_LEN)
     m.ChunkHead("ch", 0, -1, 0, 0.0, b"s" * m.SIG_LEN),
     m.ChunkHead("ch", 0, 1, 0, float("nan"), b"s" * m.SIG_LEN),
     m.Hello(1, "ch", replace(TOKEN, sig=b"short")),
-    m.Hello(1, "ch", replace(TOKEN, sig=TOKEN.sig + b"d" * (m.TOKEN_DIGEST + 1))),  # not whole
-    m.Hello(1, "ch", replace(TOKEN, sig=TOKEN.sig + b"d" * m.TOKEN_DIGEST * (m.TOKEN_BATCH + 1))),
+    m.Hello(1, "ch", replace(TOKEN, sig=TOKEN.sig + b"d" * (m.TOKEN_SALT + m.TOKEN_DIGEST + 1))),
+    m.Hello(1, "ch", replace(TOKEN, sig=TOKEN.sig + b"d" * m.TOKEN_SALT)),  # a salt, no digest
+    m.Hello(1, "ch", replace(TOKEN, sig=TOKEN.sig + b"d" * (
+        m.TOKEN_SALT + m.TOKEN_DIGEST * (m.TOKEN_BATCH + 1)))),
     m.Assign(0, m.PeerRef(1, "a"), TOKEN, backup=TOKEN),  # type: ignore[arg-type]
     m.Subscribe(0, TOKEN, relays=1),  # type: ignore[arg-type]
     m.Join("ch", "a", 1, coords=(object(),)),  # type: ignore[arg-type]

@@ -30,9 +30,10 @@ Modelling choices that mirror the runtime, in one place:
 - Crypto is `SimCrypto`: same checks on fields, no curve arithmetic.
 - A tracker's CPU (`[tracker]` `handshake_us` … `verify_us`, from `bench/tracker_cpu.py`): a
   real tracker is one Python process, so it is one server here. Each QUIC handshake it accepts
-  (`handshake_us`), event it handles (`event_us`; a held join it takes again is one too), message it sends (`send_us`) and signature it
-  makes or checks (`sign_us`, `verify_us`, counted by its own `SimCrypto`) takes that much of
-  it, in arrival order. The node decides at once; what it sends leaves once the CPU has got
+  (`handshake_us`), event it handles (`event_us`; a held join it takes again is one too),
+  message it sends (`send_us`) and signature it makes or checks (`sign_us`, `verify_us`,
+  counted by its own `SimCrypto`; a batch of tokens is one) takes that much of it, in arrival
+  order. The node decides at once; what it sends leaves once the CPU has got
   through everything before it, and a handshake completes then too. A client's first packet
   that finds more than `backlog_s` of work queued is lost (the socket's receive buffer is
   full) and its resends (`INITIAL_RESENDS`) try again; a client whose handshake finishes after

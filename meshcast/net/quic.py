@@ -144,14 +144,16 @@ __all__ = [
     "open_endpoint",
 ]
 
+
 class Connection(QuicConnection):
     """aioquic's connection, with X25519 as the only key exchange.
 
     aioquic's client offers a key share for each of P-256, P-384, X25519 and X448, and its
     server takes the first, P-256. Every meshcast end is aioquic, so both sides keep X25519
-    alone: a client's hello costs 295 µs of CPU instead of 773, a server's handshake ~70 µs
-    less (~6 %: a tracker admits viewers that much faster; `bench/tracker_cpu.py`). aioquic has
-    no setting for it; if a version renames the attribute, the default groups apply."""
+    alone: a client's hello costs 295 µs of CPU instead of 773, a server's handshake ~60 µs
+    less (1,127 → 1,070 µs: a tracker admits viewers ~5 % faster; `bench/tracker_cpu.py`).
+    aioquic has no setting for it; if a version renames the attribute, the default groups
+    apply."""
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)

@@ -50,7 +50,7 @@ def token_digest(token: Token, salt: bytes) -> bytes:
     return hashlib.blake2b(salt + data, digest_size=TOKEN_DIGEST).digest()
 
 
-def in_batch(token: Token) -> bool:
+def _in_batch(token: Token) -> bool:
     """Is `token` one of those its batch lists (at a digest boundary)?"""
     sig = token.sig
     digest = token_digest(token, sig[SIG_LEN:_BATCH_AT])
@@ -160,7 +160,7 @@ class Crypto:
     def token_valid(self, public: bytes, token: Token) -> bool:
         sig = token.sig
         if len(sig) > SIG_LEN:
-            return in_batch(token) and self._verify(public, sig[:SIG_LEN],
+            return _in_batch(token) and self._verify(public, sig[:SIG_LEN],
                                                     _BATCH_DOMAIN + sig[_BATCH_AT:])
         data = token_signing_input(token.child, token.parent, token.channel, token.substream,
                                    token.expires)

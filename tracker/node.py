@@ -614,35 +614,37 @@ class TrackerNode(NodeBase):
         if not self._unsigned:
             return out
         self._unsigned = False
+        carriers: list[Send] = []  # the sends whose message holds tokens
         by_link: dict[Link, list[m.Token]] = {}
         for eff in out:
             if type(eff) is Send:
                 msg = eff.msg
                 if type(msg) is m.Assign:
-                    tokens = by_link.setdefault(eff.link, [])
-                    if msg.token is not None:
-                        tokens.append(msg.token)
-                    if msg.backup_token is not None:
-                        tokens.append(msg.backup_token)
+                    tokens = [t for t in (msg.token, msg.backup_token) if t is not None]
                 elif type(msg) is m.Neighbours:
-                    by_link.setdefault(eff.link, []).extend(msg.tokens)
+                    tokens = list(msg.tokens)
+                else:
+                    continue
+                if tokens:
+                    carriers.append(eff)
+                    by_link.setdefault(eff.link, []).extend(tokens)
         signed: dict[int, m.Token] = {}
         for tokens in by_link.values():
             for i in range(0, len(tokens), m.TOKEN_BATCH):
                 part = tokens[i:i + m.TOKEN_BATCH]
                 for unsigned, done in zip(part, self.crypto.issue_tokens(self.key, part)):
                     signed[id(unsigned)] = done
-        for eff in out:
-            if type(eff) is Send:
-                msg = eff.msg
-                if type(msg) is m.Assign:
-                    token, backup = msg.token, msg.backup_token
-                    eff.msg = m.Assign(msg.substream, msg.parent,
-                                       None if token is None else signed[id(token)], msg.backup,
-                                       None if backup is None else signed[id(backup)], msg.relays)
-                elif type(msg) is m.Neighbours:
-                    eff.msg = m.Neighbours(msg.peers, tuple(signed[id(t)] for t in msg.tokens),
-                                           msg.seed_id)
+        for eff in carriers:
+            msg = eff.msg
+            if type(msg) is m.Assign:
+                token, backup = msg.token, msg.backup_token
+                eff.msg = m.Assign(msg.substream, msg.parent,
+                                   None if token is None else signed[id(token)], msg.backup,
+                                   None if backup is None else signed[id(backup)], msg.relays)
+            else:
+                assert type(msg) is m.Neighbours
+                eff.msg = m.Neighbours(msg.peers, tuple(signed[id(t)] for t in msg.tokens),
+                                       msg.seed_id)
         return out
 
     def _moved_off(self, ch: Channel, member: Member, holder: int, k: int, now: float) -> None:

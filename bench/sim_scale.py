@@ -37,8 +37,9 @@ def one(peers: int, duration: float, chunk_ms: int) -> dict:
         # The data path at scale is what this measures: a tracker that costs nothing lets a 100k
         # audience in within 20 s, as before the tracker's CPU was simulated (one process
         # admits ~480 a second: bench/tracker_cpu.py).
-        **{f"tracker.{cost}": 0 for cost in ("handshake_us", "event_us", "send_us", "sign_us",
-                                              "verify_us", "keepalive_us")}})
+        **{f"tracker.{cost}": 0 for cost in ("handshake_us", "event_us", "send_us", "receive_us",
+                                              "relay_us", "sign_us", "verify_us", "keepalive_us",
+                                              "fronts")}})
     t0 = time.perf_counter()
     result = run_scenario(scenario, progress=Progress(duration, tty=False))  # stderr, every 10%
     wall = time.perf_counter() - t0

@@ -20,7 +20,9 @@ the runtime spends them (`meshcast.net.quic`, `meshcast.runtime`):
   `event_us` what is left after the answers and the signatures.
 
 Median of `--runs` runs. No sockets: the kernel's part (one `recvmsg`/`sendmsg` per datagram)
-is left out, so the figures are a floor.
+is left out, so the figures are a floor. A real tracker process spends ~2.9× as much per join
+(event loop, sockets, timers, the collector: `bench/tracker_fronts.py`), and the simulator's
+defaults come from there; this script splits a join's cost into its parts.
 
     python bench/tracker_cpu.py [--viewers 10000] [--joins 500] [--runs 5]
 """

@@ -32,7 +32,7 @@ from meshcast.messages import NO_PEER
 from meshcast.net.admission import PER_IP_BURST, PER_IP_RATE
 from meshcast.net.quic import ConnectError
 from meshcast.policy import HEADROOM, child_slots
-from meshcast.runtime import parse_address
+from meshcast.runtime import parse_address, tune_gc_for_serving
 from meshcast.service import PeerHandle, SeedHandle, TrackerHandle, run_peer, run_seed, run_tracker
 from seed.ingest import IngestError, synthetic_stream_command
 from tracker.node import JOIN_HOLD_S
@@ -179,7 +179,8 @@ async def _tracker(args: argparse.Namespace) -> int:
     async with anyio.create_task_group() as tg:
         handle: TrackerHandle = await tg.start(partial(run_tracker, args.listen,
                                                        strategy=args.strategy, hold_s=args.hold,
-                                                       per_ip=_per_ip(args), key=args.key))
+                                                       per_ip=_per_ip(args), key=args.key,
+                                                       fronts=args.fronts))
         if args.stats:
             tg.start_soon(_write_stats, handle.node.stats, args.stats)
     return 0
@@ -188,6 +189,7 @@ async def _tracker(args: argparse.Namespace) -> int:
 def cmd_tracker(args: argparse.Namespace) -> int:
     """Serve a tracker until interrupted."""
     _check_listen(args.listen)
+    tune_gc_for_serving()
     return _run(partial(_tracker, args), args.backend)
 
 
@@ -594,6 +596,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hold", type=_non_negative_float, default=JOIN_HOLD_S, metavar="SECONDS",
                    help="how long a viewer who joins a channel that is not live (yet) waits for its "
                         f"seed before it is refused (default {JOIN_HOLD_S:g}; 0: refuse at once)")
+    p.add_argument("--fronts", type=_non_negative_int, default=0, metavar="N",
+                   help="do QUIC (handshakes, packets, heartbeats) in N other processes sharing "
+                        "the port, so a flash crowd is admitted on more cores; this process keeps "
+                        "the state (default 0: all in this process)")
     p.add_argument("--stats", metavar="PATH",
                    help="append a JSON line to PATH every second: per channel, viewers, relays, "
                         "tree depth, the seed's children and slots, refusals and evictions")

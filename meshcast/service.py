@@ -23,6 +23,7 @@ import anyio.abc
 from meshcast import effects as fx
 from meshcast.crypto import Crypto, SigningKey
 from meshcast.net.admission import PER_IP_BURST, PER_IP_RATE, Admission
+from meshcast.net.front import FrontEndpoint, run_fronts
 from meshcast.net.quic import open_endpoint
 from meshcast.runtime import NodeRunner, parse_address
 from peer.node import PeerNode
@@ -67,16 +68,20 @@ def _admission(per_ip: PerIp) -> Admission | None:
 class TrackerHandle:
     node: TrackerNode
     address: str
+    fronts: FrontEndpoint | None = None
+    """With front processes: their links and pids (`meshcast.net.front`)."""
 
 
 async def run_tracker(listen: str = "127.0.0.1:0", *, strategy: str = "tree", seed: int | None = None,
                       hold_s: float = JOIN_HOLD_S, per_ip: PerIp = PER_IP, key: str | None = None,
+                      fronts: int = 0,
                       task_status: anyio.abc.TaskStatus = anyio.TASK_STATUS_IGNORED) -> None:
     """Serve a tracker on `listen` until cancelled (`hold_s`: see `TrackerNode`; `per_ip`:
     the new connections, hence joins, one address may make: see `meshcast.net.admission`).
 
     `key`: a PEM file with the tracker's signing key, created on first use: the tokens it
-    signed stay good across restarts. Without one, each start has a new key."""
+    signed stay good across restarts. Without one, each start has a new key.
+    `fronts`: that many other processes do its QUIC (`meshcast.net.front`); 0: this one."""
     host, port = parse_address(listen)
     # The same key as before a restart gives out ids from another block than last time's.
     node = TrackerNode(key=SigningKey.load_or_create(key) if key else SigningKey(), crypto=Crypto(),
@@ -84,14 +89,19 @@ async def run_tracker(listen: str = "127.0.0.1:0", *, strategy: str = "tree", se
                        id_block=random.SystemRandom().getrandbits(24) if key else None)
     # Its viewers' links stay alive by heartbeats: QUIC keep-alives cost it 5–12× more
     # (`policy.QUIET_LINK_IDLE_S`).
-    async with open_endpoint(host, port, admission=_admission(per_ip), heartbeats=True,
-                             socket_receive_buffer=TRACKER_RECEIVE_BUFFER) as ep:
+    endpoint: Any = (
+        run_fronts(fronts, host, port, per_ip=per_ip,
+                   socket_receive_buffer=TRACKER_RECEIVE_BUFFER) if fronts
+        else open_endpoint(host, port, admission=_admission(per_ip), heartbeats=True,
+                           socket_receive_buffer=TRACKER_RECEIVE_BUFFER))
+    async with endpoint as ep:
         runner = NodeRunner(node, ep, on_effect=_log_effect("tracker"))
         address = f"{host}:{ep.local_address[1]}"
         async with anyio.create_task_group() as tg:
             await tg.start(runner.run)
-            log.info("tracker listening on %s (strategy %s)", address, strategy)
-            task_status.started(TrackerHandle(node, address))
+            log.info("tracker listening on %s (strategy %s%s)", address, strategy,
+                     f", {fronts} front processes" if fronts else "")
+            task_status.started(TrackerHandle(node, address, ep if fronts else None))
 
 
 @dataclass

@@ -28,10 +28,11 @@ Modelling choices that mirror the runtime, in one place:
   idle time-out, `meshcast.policy.LINK_IDLE_TIMEOUT_S`), unless the node's own stall detection
   acts first; a graceful one closes links.
 - Crypto is `SimCrypto`: same checks on fields, no curve arithmetic.
-- A tracker's CPU (`[tracker]` `handshake_us` … `verify_us`, from `bench/tracker_cpu.py`): a
-  real tracker is one Python process, so it is one server here. Each QUIC handshake it accepts
-  (`handshake_us`), event it handles (`event_us`; a held join it takes again is one too),
-  message it sends (`send_us`) and signature it makes or checks (`sign_us`, `verify_us`,
+- A tracker's CPU (`[tracker]` `handshake_us` … `verify_us`, from `bench/tracker_fronts.py`,
+  real processes): a real tracker is one Python process, so it is one server here. Each QUIC
+  handshake it accepts (`handshake_us`), message it receives (`receive_us`) and event it
+  handles (`event_us`; a held join it takes again is one too), message it sends (`send_us`)
+  and signature it makes or checks (`sign_us`, `verify_us`,
   counted by its own `SimCrypto`; a batch of tokens is one) takes that much of it, in arrival
   order. The node decides at once; what it sends leaves once the CPU has got
   through everything before it, and a handshake completes then too. A client's first packet
@@ -40,6 +41,12 @@ Modelling choices that mirror the runtime, in one place:
   its `CONNECT_TIMEOUT` fails to connect. Its open links' heartbeats load it steadily
   (`keepalive_us` per link and second, charged every `KEEPALIVE_TICK`). Messages on open links
   are never lost (QUIC would send them again).
+- Fronts (`[tracker] fronts` = F, `meshcast tracker --fronts`): each tracker process has F
+  more CPUs doing its QUIC, and a link's is its client's index mod F. There go the
+  handshakes (and the backlog that loses first packets), receiving messages (`receive_us`),
+  sending the tracker's (`send_us`, in order per front) and the heartbeats (spread evenly);
+  the tracker process pays `relay_us` instead for each message, link opened or closed that
+  crosses the local stream, plus its `event_us`, signatures and verifications.
 """
 
 from __future__ import annotations
@@ -143,15 +150,20 @@ class Simulation:
                            download_kbps=downloads,
                            loss=Loss(sc.network.loss, sc.network.chunk_drop))
         self.coords = latency.pos if isinstance(latency, CoordinateLatency) else None
-        self.metrics = MetricsCollector(n, sc.stream.duration_s, trackers=P)
+        self.metrics = MetricsCollector(n, sc.stream.duration_s, trackers=P, fronts=sc.tracker.fronts)
         self.crypto = SimCrypto()
         self.cpu = sc.tracker
         self.cpu_on = (self.cpu.handshake_us, self.cpu.event_us, self.cpu.send_us,
-                       self.cpu.sign_us, self.cpu.verify_us, self.cpu.keepalive_us) != (0,) * 6
+                       self.cpu.receive_us, self.cpu.relay_us, self.cpu.sign_us,
+                       self.cpu.verify_us, self.cpu.keepalive_us) != (0,) * 8
+        self.fronts = self.cpu.fronts
+        """Front processes per tracker process (`[tracker] fronts`; 0: it does its own QUIC)."""
         self.tracker_crypto = [SimCrypto() for _ in range(P)]
         """Each tracker's own, counting its signatures."""
         self.tracker_free = array("d", [0.0]) * P
         """When each tracker's CPU has got through the work given it so far."""
+        self.front_free = array("d", [0.0]) * (P * self.fronts)
+        """... and each front's (tracker t's fronts are t·F … t·F + F − 1)."""
         self.tracker_gen = array("q", [0]) * P
         """Which process at each tracker's address (a restart starts another): its queued
         answers die with it."""
@@ -257,13 +269,34 @@ class Simulation:
         self.alive[t] = 1
 
     def _keepalives(self, t: int) -> None:
-        """Tracker t's CPU for its open links' heartbeats over the last tick."""
+        """Tracker t's CPU (or its fronts', evenly) for its open links' heartbeats over the
+        last tick."""
         if self.alive[t]:
             tracker: TrackerNode = self.nodes[t]
             cost = len(tracker.links) * self.cpu.keepalive_us * 1e-6 * KEEPALIVE_TICK
-            self.tracker_free[t] = max(self.sched.now, self.tracker_free[t]) + cost
-            self.metrics.tracker_keepalives(t, cost)
+            F, now = self.fronts, self.sched.now
+            if F:
+                for q in range(t * F, t * F + F):
+                    self.front_free[q] = max(now, self.front_free[q]) + cost / F
+                    self.metrics.front_work(q, cost / F, "keepalives")
+            else:
+                self.tracker_free[t] = max(now, self.tracker_free[t]) + cost
+                self.metrics.tracker_keepalives(t, cost)
         self.sched.after(KEEPALIVE_TICK, self._keepalives, t)
+
+    def _front(self, t: int, node: int) -> int:
+        """The front of tracker t that holds node's link (by the node's index, as Linux picks
+        a front by the client's address); -1 without fronts or node."""
+        F = self.fronts
+        return t * F + node % F if F and node >= 0 else -1
+
+    def _front_busy(self, q: int, cost_us: float, what: str) -> float:
+        """Queue `cost_us` of work on front q; when it is done."""
+        now = self.sched.now
+        start = max(now, self.front_free[q])
+        self.front_free[q] = done = start + cost_us * 1e-6
+        self.metrics.front_work(q, cost_us * 1e-6, what, waited_s=start - now)
+        return done
 
     def _tracker_down(self, t: int) -> None:
         """Tracker process t stops (a restart): its links close, each end told after one
@@ -387,7 +420,8 @@ class Simulation:
         tracker: TrackerNode = self.nodes[t]
         event_s = (self._tracker_us + cpu.event_us * tracker.rejoins) * 1e-6
         tracker.rejoins = 0
-        send_s = cpu.send_us * sends * 1e-6
+        # With fronts, a message leaves over the local stream here and by QUIC at its front.
+        send_s = (cpu.relay_us if self.fronts else cpu.send_us) * sends * 1e-6
         sign_s = cpu.sign_us * crypto.signed * 1e-6
         verify_s = cpu.verify_us * crypto.checked * 1e-6
         self._tracker_us = 0.0
@@ -395,7 +429,10 @@ class Simulation:
         cost = event_s + send_s + sign_s + verify_s
         start = max(now, self.tracker_free[t])
         if cost <= 0 and start <= now:
-            return effects
+            if not self.fronts:
+                return effects
+            self._tracker_answers(t, self.tracker_gen[t], effects)
+            return []
         self.tracker_free[t] = done = start + cost
         if cost > 0:
             self.metrics.tracker_work(t, start - now, events=event_s, sends=send_s,
@@ -405,6 +442,29 @@ class Simulation:
         return []
 
     def _tracker_answers(self, t: int, gen: int, effects: list[fx.Effect]) -> None:
+        """Tracker t's effects once its CPU got to them; with fronts, what goes on a link
+        (a message, a close) then waits for that link's front, in order."""
+        if gen != self.tracker_gen[t] or not self.alive[t]:
+            return
+        if not self.fronts:
+            self._apply(t, effects)
+            return
+        now, owner, send_us = self.sched.now, self.owner, self.cpu.send_us
+        at_once = []
+        for eff in effects:
+            if isinstance(eff, (fx.Send, fx.Close)):
+                q = self._front(t, owner[eff.link ^ 1])
+                if q >= 0:
+                    done = self._front_busy(q, send_us if isinstance(eff, fx.Send) else 0.0,
+                                            "sends")
+                    if done > now:
+                        self.sched.at(done, self._front_sent, t, gen, [eff])
+                        continue
+            at_once.append(eff)
+        if at_once:
+            self._apply(t, at_once)
+
+    def _front_sent(self, t: int, gen: int, effects: list[fx.Effect]) -> None:
         if gen == self.tracker_gen[t] and self.alive[t]:
             self._apply(t, effects)
 
@@ -511,7 +571,8 @@ class Simulation:
         if not self.alive[t]:
             self.sched.at(now + one_way, self._opened, i, link, ref)  # refused
             return
-        start = max(now, self.tracker_free[t])
+        q = self._front(t, i)
+        start = max(now, self.front_free[q] if q >= 0 else self.tracker_free[t])
         if start - now > self.cpu.backlog_s:
             if copy < len(INITIAL_RESENDS) and sent + INITIAL_RESENDS[copy] + one_way < deadline:
                 self.sched.at(sent + INITIAL_RESENDS[copy] + one_way, self._handshake, t, i, link,
@@ -519,9 +580,12 @@ class Simulation:
             else:
                 self.sched.at(deadline, self._open_failed, i, ref)
             return
-        cost = self.cpu.handshake_us * 1e-6
-        self.tracker_free[t] = done = start + cost
-        self.metrics.tracker_work(t, start - now, handshakes=cost)
+        if q >= 0:
+            done = self._front_busy(q, self.cpu.handshake_us, "handshakes")
+        else:
+            cost = self.cpu.handshake_us * 1e-6
+            self.tracker_free[t] = done = start + cost
+            self.metrics.tracker_work(t, start - now, handshakes=cost)
         if done + one_way > deadline:  # the client gave up first: the work was for nothing
             self.sched.at(deadline, self._open_failed, i, ref)
             return
@@ -530,6 +594,8 @@ class Simulation:
 
     def _tracker_accepts(self, t: int, gen: int, i: int, link: int) -> None:
         if gen == self.tracker_gen[t]:  # else that tracker is gone, and the opener is refused
+            if self.fronts:
+                self._tracker_us += self.cpu.relay_us  # the front says so over its stream
             self._accepted(t, link ^ 1, link, i)
 
     def _accepted(self, dst: int, link: int, remote: int, src: int) -> None:
@@ -565,9 +631,20 @@ class Simulation:
             return
         node: RelayNode | TrackerNode = self.nodes[dst]
         if dst < self.trackers:
-            self._tracker_us += self.cpu.event_us
+            self._tracker_gets(dst, link)
         node.handle(link, msg, now=self.sched.now)
         self._pump(dst)
+
+    def _tracker_gets(self, t: int, link: int) -> None:
+        """Charge tracker t for a message arriving on `link`: received by QUIC at the link's
+        front (then passed over the local stream) or here, and handled here."""
+        cpu = self.cpu
+        q = self._front(t, self.owner[link ^ 1])
+        if q >= 0:
+            self._front_busy(q, cpu.receive_us, "receives")
+            self._tracker_us += cpu.event_us + cpu.relay_us
+        else:
+            self._tracker_us += cpu.event_us + cpu.receive_us
 
     def _closed(self, link: int, reason: str) -> None:
         dst = self.owner[link]
@@ -575,8 +652,8 @@ class Simulation:
         if dst < 0 or not self.alive[dst]:
             return
         node = self.nodes[dst]
-        if dst < self.trackers:
-            self._tracker_us += self.cpu.event_us
+        if dst < self.trackers:  # (with fronts: its front says so over the local stream)
+            self._tracker_us += self.cpu.event_us + (self.cpu.relay_us if self.fronts else 0.0)
         self._call(dst, lambda now: node.link_closed(link, now=now, reason=reason))
 
     def _chunk_arrives(self, link: int, chunk: fx.Chunk, ok: bool, t_head: float) -> None:

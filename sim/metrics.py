@@ -151,6 +151,7 @@ class MetricsCollector:
         latency_max_s: float = 10.0,
         startup_max_s: float = 60.0,
         trackers: int = 1,
+        fronts: int = 0,
     ) -> None:
         self.n_nodes = n_nodes
         self.duration_s = duration_s
@@ -168,6 +169,10 @@ class MetricsCollector:
                               "verifications": 0.0, "keepalives": 0.0}
         """The trackers' CPU, by what it was spent on (`sim.driver`'s model)."""
         self.tracker_busy_s = [0.0] * trackers
+        self.front_busy_s = [0.0] * (trackers * fronts)
+        """... and by front process (`[tracker] fronts` per tracker process)."""
+        self.front_cpu_s = {"handshakes": 0.0, "receives": 0.0, "sends": 0.0, "keepalives": 0.0}
+        self.front_wait = Histogram(0.001, latency_max_s)
         """... and by tracker process."""
         self.tracker_longest_s = 0.0
         """The longest single piece of a tracker's work: how long it answered nothing else."""
@@ -213,6 +218,14 @@ class MetricsCollector:
         neither a piece of work nor a wait of its own."""
         self.tracker_busy_s[tracker] += cpu_s
         self.tracker_cpu_s["keepalives"] += cpu_s
+
+    def front_work(self, front: int, cpu_s: float, what: str, *, waited_s: float = 0.0) -> None:
+        """A piece of a front process's work (`what`: a key of `front_cpu_s`), which waited
+        `waited_s` for its CPU."""
+        self.front_busy_s[front] += cpu_s
+        self.front_cpu_s[what] += cpu_s
+        if what != "keepalives":
+            self.front_wait.add(waited_s)
 
     def peer_rejected(self, peer: int) -> None:
         """The tracker refused (or evicted) ``peer``: it plays nothing from then on."""
@@ -315,6 +328,7 @@ class MetricsCollector:
         from_peers, from_seed = sum(self.bytes_from_peers), sum(self.bytes_from_seed)
         depths = self.depth_histogram()
         lat, st, tw = self.latency.quantile, self.startup_hist.quantile, self.tracker_wait.quantile
+        fw = self.front_wait.quantile
         return {
             "peers": sum(self.seen),
             "rejected": self.rejected,
@@ -332,6 +346,12 @@ class MetricsCollector:
                 "cpu_s": dict(self.tracker_cpu_s),
                 "longest_ms": self.tracker_longest_s * 1000,
                 "wait_ms": {"p50": _ms(tw(0.5)), "p95": _ms(tw(0.95)), "p99": _ms(tw(0.99))},
+                **({"fronts": {
+                    "per_process": len(self.front_busy_s) // len(self.tracker_busy_s),
+                    "cpu": max(self.front_busy_s) / self.duration_s,
+                    "cpu_s": dict(self.front_cpu_s),
+                    "wait_ms": {"p50": _ms(fw(0.5)), "p95": _ms(fw(0.95)), "p99": _ms(fw(0.99))},
+                }} if self.front_busy_s else {}),
             },
             "depth_histogram": {str(d): c for d, c in depths.items()},
             "chunks": {"verified": verified, "on_time": on_time, "missed": missed},

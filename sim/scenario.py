@@ -66,6 +66,7 @@ NON_NEGATIVE: _Check = ("a non-negative number", lambda v: v >= 0 and math.isfin
 FRACTION: _Check = ("a number in [0, 1]", lambda v: 0 <= v <= 1)
 UNIT_OPEN: _Check = ("a number in [0, 1)", lambda v: 0 <= v < 1)
 POSITIVE_INT: _Check = ("a positive integer", lambda v: v > 0)
+FRONTS: _Check = ("an integer from 0 to 255", lambda v: 0 <= v <= 255)
 NON_EMPTY: _Check = ("a non-empty string", lambda v: v != "")
 
 
@@ -215,16 +216,31 @@ class TrackerConfig:
     processes: int = _opt(1, POSITIVE_INT)
     """Tracker processes, each one CPU: channel c is tracked by process c mod `processes` (a
     site spreads its channels over several; one channel's viewers all go to one)."""
-    # The tracker's CPU (`sim.driver`: one server, work done in arrival order). Defaults:
-    # `bench/tracker_cpu.py` here (2026-11-27, µs, handshake / event / send / sign / verify:
-    # 1,070 / 308 / 29 / 33 / 110 in a 10k channel, median of 5; X25519 handshakes, token
-    # batches); all 0 gives a tracker that answers at once, whatever the load.
-    handshake_us: float = _opt(1070.0, NON_NEGATIVE)
+    fronts: int = _opt(0, FRONTS)
+    """Front processes doing each tracker process's QUIC (`meshcast tracker --fronts`), each
+    one more CPU: handshakes, receiving and sending messages, heartbeats; a link's front is
+    its client's index mod `fronts` (Linux picks a front by the client's address). 0: the
+    tracker process does its own QUIC."""
+    # The tracker's CPU (`sim.driver`: each process one server, work done in arrival order).
+    # Defaults: real processes here, `bench/tracker_fronts.py --rate 100` (2026-11-27, median
+    # of 3, 1,000 joins): a join cost one process 4,740 µs; with a front, the state process
+    # 1,250 and the front 4,080. So a join's QUIC (handshake + its Join received + ~7.5 answers
+    # sent) is 4,080 µs, split as in `bench/tracker_cpu.py`'s sans-IO figures (1,070 µs
+    # handshake, ~29 per message: 81 / 19 %); handling it is 4,740 − 4,080 − 1.5 signatures;
+    # and a message over the local stream (~9.5 a join: the link opened, the Join, the answers)
+    # the rest of the state process's 1,250. Sign, verify: `bench/tracker_cpu.py`. All 0 gives
+    # a tracker that answers at once, whatever the load.
+    handshake_us: float = _opt(3300.0, NON_NEGATIVE)
     """Server side of one QUIC handshake (a viewer's or seed's first contact)."""
-    event_us: float = _opt(310.0, NON_NEGATIVE)
-    """Handling one message, closed link or timer: receiving, decoding, deciding."""
-    send_us: float = _opt(30.0, NON_NEGATIVE)
-    """Framing and sending one message."""
+    receive_us: float = _opt(92.0, NON_NEGATIVE)
+    """QUIC receiving one message."""
+    send_us: float = _opt(92.0, NON_NEGATIVE)
+    """Framing and sending one message by QUIC."""
+    event_us: float = _opt(610.0, NON_NEGATIVE)
+    """Handling one message, closed link or timer: decoding, deciding, framing the answers."""
+    relay_us: float = _opt(60.0, NON_NEGATIVE)
+    """With fronts: one message (or link opened or closed) over the local stream between a
+    front and the tracker process, at the tracker process."""
     sign_us: float = _opt(32.0, NON_NEGATIVE)
     """One Ed25519 signature (a viewer's batch of tokens, `Crypto.issue_tokens`)."""
     verify_us: float = _opt(102.0, NON_NEGATIVE)
@@ -235,9 +251,9 @@ class TrackerConfig:
     core; 10,000 took 14.7 %). The rest, ~4 % of a core for the receive task's wake-ups, a busy
     tracker shares with its other work."""
     backlog_s: float = _opt(1.0, NON_NEGATIVE)
-    """Work queued ahead beyond which a new client's first packet is lost: what the runtime
-    tracker's socket receive buffer holds of QUIC Initials (910 at `handshake_us`:
-    `meshcast.service.TRACKER_RECEIVE_BUFFER`)."""
+    """Work queued ahead (at the tracker process, or the client's front) beyond which a new
+    client's first packet is lost: what the socket's receive buffer holds of QUIC Initials
+    (`meshcast.service.TRACKER_RECEIVE_BUFFER`)."""
 
 
 @dataclass(frozen=True)

@@ -61,12 +61,12 @@ then it is placed as a newcomer would be (a move). Waiting costs nothing: the vi
 that parent meanwhile, and reports it (`ParentLost`) if it dies. So it is the longest a live
 parent may take: a viewer retries a lost tracker at most 30 s apart, ±50 %. For as long, a
 resumed parent's slots are kept for the children it feeds that are not back yet."""
-PLACE_SLICE = 200
+PLACE_SLICE = 100
 """Held joins placed per turn when a channel goes live (a premiere's audience, a restarted
-tracker's). Each takes ~0.6 ms of CPU (one signature for its ~10 tokens, ~8 messages:
-bench/tracker_cpu.py), so a slice is ~0.1 s, and between slices the tracker answers everything
-else, heartbeats among it: a 10k audience placed in one go kept the process busy ~6 s, past
-links' 3 s idle time-out."""
+tracker's). Each takes ~1.3 ms of a real tracker process's CPU (deciding, one signature for
+its tokens, ~8 messages: bench/tracker_fronts.py), so a slice is ~0.13 s, and between slices
+the tracker answers everything else, heartbeats among it: a 10k audience placed in one go would
+keep the process busy ~13 s, past links' 3 s idle time-out."""
 PLACE_TURN_S = 0.001
 """The next slice is due this much later (a timer due at once would fire in the same call)."""
 REFRESH_SLICE = 2000

@@ -110,6 +110,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -155,9 +156,26 @@ class Connection(QuicConnection):
     aioquic has no setting for it; if a version renames the attribute, the default groups
     apply."""
 
+    def __init__(self, *args: Any, cid_tag: bytes = b"", **kwargs: Any) -> None:
+        """`cid_tag`: the first bytes of every connection ID this end issues (a tracker front's
+        number, by which the others forward it what they get for it: `meshcast.net.front`)."""
+        self._cid_tag = cid_tag
+        super().__init__(*args, **kwargs)
+        if cid_tag:
+            first = self._host_cids[0]
+            first.cid = self.host_cid = cid_tag + first.cid[len(cid_tag):]
+            self._local_initial_source_connection_id = first.cid
+
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
         self.tls._supported_groups = [Group.X25519]
+
+    def _replenish_connection_ids(self) -> None:
+        issued = len(self._host_cids)
+        super()._replenish_connection_ids()
+        tag = self._cid_tag
+        for new in self._host_cids[issued:] if tag else ():
+            new.cid = tag + new.cid[len(tag):]
 
 
 ALPN = "meshcast/1"
@@ -235,6 +253,9 @@ async def open_endpoint(
     admission: Admission | None = None,
     socket_receive_buffer: int = _SOCKET_BUFFER,
     heartbeats: bool = False,
+    reuse_port: bool = False,
+    cid_tag: bytes = b"",
+    misdirected: Callable[[bytes, bytes, tuple], bool] | None = None,
 ) -> AsyncIterator[QuicEndpoint]:
     """Bind a UDP socket and run a QUIC endpoint on it until the block exits.
 
@@ -244,7 +265,13 @@ async def open_endpoint(
     `heartbeats`: the links it accepts stay alive by heartbeats (a tracker's; see "Heartbeats");
     `max_receive_buffer` bounds the bytes a link buffers for a reader that stops reading;
     `admission` limits new inbound connections per source address (None: no limit);
-    `socket_receive_buffer` sizes the UDP socket's receive buffer (bytes asked of the kernel).
+    `socket_receive_buffer` sizes the UDP socket's receive buffer (bytes asked of the kernel);
+    `reuse_port`: other processes may bind the same port (`SO_REUSEPORT`; a tracker's fronts,
+    `meshcast.net.front`), each getting all of some client addresses' datagrams;
+    `cid_tag`: the first bytes of the connection IDs its inbound links issue, and
+    `misdirected(cid, datagram, address)`: called with each datagram for a connection ID it
+    does not know; True: taken (passed to another process), else it goes on as usual (a new
+    client's Initial opens a link, anything else is dropped).
     """
     (family, _, _, _, sockaddr), *_ = await anyio.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -253,6 +280,8 @@ async def open_endpoint(
         # Best effort, capped by the OS.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, socket_receive_buffer)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(sockaddr)
         async with anyio.create_task_group() as tg:
             endpoint = QuicEndpoint(
@@ -264,6 +293,8 @@ async def open_endpoint(
                 max_receive_buffer=max_receive_buffer,
                 admission=admission,
                 heartbeats=heartbeats,
+                cid_tag=cid_tag,
+                misdirected=misdirected,
             )
             tg.start_soon(endpoint._receive_loop)
             if heartbeats:
@@ -295,8 +326,12 @@ class QuicEndpoint:
         max_receive_buffer: int,
         admission: Admission | None = None,
         heartbeats: bool = False,
+        cid_tag: bytes = b"",
+        misdirected: Callable[[bytes, bytes, tuple], bool] | None = None,
     ) -> None:
         self.local_address = sock.getsockname()[:2]
+        self.cid_tag = cid_tag
+        self._misdirected = misdirected
         self.admission = admission
         self.idle_timeout = idle_timeout
         self.heartbeats = heartbeats
@@ -400,13 +435,7 @@ class QuicEndpoint:
                     break
                 except (ConnectionRefusedError, ConnectionResetError):
                     continue  # ICMP errors: QUIC's own timers will notice the silence
-                if data[:1] == _HEARTBEAT:
-                    self._heartbeat(data, address, now)
-                    continue
-                link = self._link_for(data, address, now)
-                if link is not None:
-                    link._datagram_received(data, address, now)
-                    touched[link] = None
+                self._datagram(data, address, now, touched, self._misdirected)
             else:
                 self._behind_at = now  # more to read: the socket has a backlog
             # Wake pumps once per batch so ACKs for many datagrams go out together.
@@ -418,8 +447,30 @@ class QuicEndpoint:
                 # with a backlog, or the gathering would cap what the socket can take.
                 await anyio.sleep(_GATHER_S)
 
-    def _heartbeat(self, data: bytes, address: tuple, now: float) -> None:
+    def _datagram(self, data: bytes, address: tuple, now: float, touched: dict[QuicLink, None],
+                  misdirected: Callable[[bytes, bytes, tuple], bool] | None) -> None:
+        if data[:1] == _HEARTBEAT:
+            self._heartbeat(data, address, now, misdirected)
+            return
+        link = self._link_for(data, address, now, misdirected)
+        if link is not None:
+            link._datagram_received(data, address, now)
+            touched[link] = None
+
+    def inject(self, data: bytes, address: tuple) -> None:
+        """Take a datagram from `address` as if this socket had received it (one another
+        process forwarded: `misdirected`); it is not passed on again."""
+        touched: dict[QuicLink, None] = {}
+        self._datagram(data, address, anyio.current_time(), touched, None)
+        for link in touched:
+            link._wake()
+
+    def _heartbeat(self, data: bytes, address: tuple, now: float,
+                   misdirected: Callable[[bytes, bytes, tuple], bool] | None = None) -> None:
         link = self._routes.get(data[1:])
+        if link is None and misdirected is not None:
+            misdirected(data[1:], data, address)
+            return
         if link is None or not link._heartbeats:
             return
         link._heard = now
@@ -437,7 +488,8 @@ class QuicEndpoint:
                          if link._heartbeats and not link._is_client and link._silent(now)]:
                 link._abort("Idle timeout")
 
-    def _link_for(self, data: bytes, address: tuple, now: float) -> QuicLink | None:
+    def _link_for(self, data: bytes, address: tuple, now: float,
+                  misdirected: Callable[[bytes, bytes, tuple], bool] | None = None) -> QuicLink | None:
         """Route a datagram to its link, creating a server link for a new client's Initial."""
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=_CID_LENGTH)
@@ -446,6 +498,8 @@ class QuicEndpoint:
         link = self._routes.get(header.destination_cid)
         if link is not None or self._closing:
             return link
+        if misdirected is not None and misdirected(header.destination_cid, data, address):
+            return None
         # RFC 9000 §14.1: a client's first datagram is padded to at least 1200 bytes.
         if header.packet_type is not QuicPacketType.INITIAL or len(data) < 1200:
             return None
@@ -471,6 +525,7 @@ class QuicEndpoint:
         conn = Connection(
             configuration=self._server_config,
             original_destination_connection_id=header.destination_cid,
+            cid_tag=self.cid_tag,
         )
         # The client keeps addressing the CID it chose until it hears our own.
         return self._add_link(conn, address, is_client=False, cids=[header.destination_cid, conn.host_cid])

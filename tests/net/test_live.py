@@ -96,6 +96,18 @@ async def swarm(tmp_path: Path, source: Path, *, seed_kbps: int, early: int = 0)
         tg.cancel_scope.cancel()
 
 
+async def malformed_frame_closes(address: str) -> str:
+    """Open a link to `address`, send a malformed control frame; the reason it is closed."""
+    async with open_endpoint() as ep:
+        host, port = address.rsplit(":", 1)
+        link = await ep.connect(host, int(port))
+        link.send_control(b"\x00\x00\x00\x03\x93\x01\x63")  # [1, 99]: a truncated message
+        event = await link.receive()
+        while not isinstance(event, LinkClosed):
+            event = await link.receive()
+    return event.reason
+
+
 def report(peers: list[PeerHandle]) -> None:
     for p in peers:
         s = p.summary()
@@ -112,15 +124,8 @@ async def test_every_player_gets_the_input_byte_for_byte(tmp_path: Path, media) 
             for _ in range(4):
                 await sw.add_peer()
             # A stranger's malformed control frame closes its own link, nothing else.
-            target = sw.peers[2]
-            async with open_endpoint() as ep:
-                host, port = target.address.rsplit(":", 1)
-                link = await ep.connect(host, int(port))
-                link.send_control(b"\x00\x00\x00\x03\x93\x01\x63")  # [1, 99]: a truncated message
-                event = await link.receive()
-                while not isinstance(event, LinkClosed):
-                    event = await link.receive()
-            assert event.reason.startswith("protocol error: undecodable message"), event.reason
+            reason = await malformed_frame_closes(sw.peers[2].address)
+            assert reason.startswith("protocol error: undecodable message"), reason
             await sw.played_to_the_end(sw.peers)
             report(sw.peers)
             peers = sw.peers

@@ -1,0 +1,243 @@
+"""A tracker whose QUIC runs in front processes (`meshcast.net.front`), on 127.0.0.1.
+
+The state process holds the `TrackerNode`; two real front processes share its UDP port. Viewers
+play the stream byte for byte through it; a front killed with SIGKILL takes only its own links,
+whose viewers come back through the other front; a front that breaks the record format is cut
+off with a clear reason while the other keeps serving. The record codec itself gets property
+tests and adversarial inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import struct
+from functools import partial
+from pathlib import Path
+
+import anyio
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshcast.net import front as fr
+from meshcast.net.quic import ControlData, LinkClosed, open_endpoint
+from meshcast.service import run_tracker
+from tests.media import assert_faithful, decode_errors
+from tests.net.test_live import (  # noqa: F401 (media: a fixture)
+    CHANNEL, Swarm, malformed_frame_closes, media, report)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.net]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+# -- the record codec ---------------------------------------------------------------------------
+
+records = st.one_of(
+    st.tuples(st.just(fr.DATA), st.integers(0, 2**40), st.binary(max_size=300)),
+    st.tuples(st.just(fr.OPENED), st.integers(0, 2**40), st.text(max_size=40)),
+    st.tuples(st.just(fr.CLOSED), st.integers(0, 2**40), st.text(max_size=40)),
+    st.tuples(st.just(fr.HELLO), st.integers(0, 65535), st.integers(0, 2**31)),
+)
+
+
+@given(st.lists(records, max_size=20), st.lists(st.integers(1, 50), min_size=1, max_size=10))
+@settings(max_examples=200, deadline=None)
+def test_records_come_back_whole_however_the_stream_is_cut(recs, cuts) -> None:
+    data = b"".join(fr.encode(*r) for r in recs)
+    reader = fr.RecordReader(fr._FROM_FRONT)
+    got, pos, i = [], 0, 0
+    while pos < len(data):
+        step = cuts[i % len(cuts)]
+        got += reader.feed(data[pos:pos + step])
+        pos, i = pos + step, i + 1
+    assert got == [tuple(r) for r in recs]
+
+
+def _framed(obj: object) -> bytes:
+    body = msgpack.packb(obj, use_bin_type=True)
+    return struct.pack(">I", len(body)) + body
+
+
+@pytest.mark.parametrize("raw, message", [
+    (_framed([fr.SEND, 1, b"x"]), "unexpected record kind 4"),       # the state's kind, from a front
+    (_framed([fr.DATA, 1, "text"]), "wants [int, bytes]"),
+    (_framed([fr.DATA, -1, b"x"]), "wants [int, bytes]"),
+    (_framed([fr.DATA, 1]), "a record is [kind, int, value]"),
+    (_framed({"kind": 2}), "a record is [kind, int, value]"),
+    (_framed(["2", 1, b"x"]), "unexpected record kind"),
+    (struct.pack(">I", 3) + b"\xc1\xc1\xc1", "undecodable record"),
+    (struct.pack(">I", fr.MAX_RECORD + 1), "exceeds"),
+])
+def test_a_malformed_record_is_a_clear_error(raw: bytes, message: str) -> None:
+    with pytest.raises(fr.FrontProtocolError, match=message.replace("[", r"\[")):
+        list(fr.RecordReader(fr._FROM_FRONT).feed(raw))
+
+
+@given(st.binary(max_size=200))
+@settings(max_examples=300, deadline=None)
+def test_garbage_raises_only_the_protocol_error(raw: bytes) -> None:
+    try:
+        list(fr.RecordReader(fr._FROM_FRONT).feed(raw))
+    except fr.FrontProtocolError:
+        pass
+
+
+# -- real fronts ----------------------------------------------------------------------------------
+
+
+async def _swarm(tg, tmp_path: Path, source: Path, peers: int) -> Swarm:
+    from meshcast.service import run_seed
+    tracker = await tg.start(partial(run_tracker, seed=1, fronts=2))
+    sw = Swarm(tg, tracker, None, tmp_path)  # type: ignore[arg-type]
+    sw.seed = await tg.start(partial(run_seed, tracker=tracker.address, channel=CHANNEL,
+                                     input=str(source), key=str(tmp_path / "key.pem"),
+                                     realtime=True, upload_kbps=1500, bitrate_kbps=600))
+    for _ in range(peers):
+        await sw.add_peer()
+    return sw
+
+
+async def test_viewers_play_byte_for_byte_through_tracker_fronts(tmp_path: Path, media) -> None:
+    source, chunks = media
+    with anyio.fail_after(40):
+        async with anyio.create_task_group() as tg:
+            sw = await _swarm(tg, tmp_path, source, peers=4)
+            fronts = sw.tracker.fronts
+            assert fronts is not None and len(fronts.fronts) == 2
+            assert all(f.pid not in (0, os.getpid()) for f in fronts.fronts)
+            # A stranger's malformed control frame: the state process's runner closes that link
+            # with the protocol error, through its front.
+            reason = await malformed_frame_closes(sw.tracker.address)
+            assert reason.startswith("protocol error: undecodable message"), reason
+            await sw.played_to_the_end(sw.peers)
+            report(sw.peers)
+            # Every viewer and the seed hold a link through one of the fronts.
+            assert sum(len(f.links) for f in fronts.fronts) == len(sw.peers) + 1
+            tg.cancel_scope.cancel()
+    for p, out in zip(sw.peers, sw.outputs):
+        assert p.node.skipped == 0 and p.node.forged == 0
+        assert_faithful(out.read_bytes(), chunks, tail_s=0)
+        assert decode_errors(out) == ""
+
+
+async def test_a_killed_front_takes_only_its_links_and_is_started_again(tmp_path: Path,
+                                                                        media) -> None:
+    source, _ = media
+    with anyio.fail_after(50):
+        async with anyio.create_task_group() as tg:
+            sw = await _swarm(tg, tmp_path, source, peers=5)
+            fronts = sw.tracker.fronts
+            assert fronts is not None
+            while CHANNEL not in sw.tracker.node.channels:
+                await anyio.sleep(0.05)
+            members = sw.tracker.node.channels[CHANNEL].forest.members
+            while not all(p.node.id in members for p in sw.peers):
+                await anyio.sleep(0.05)
+            victim = max(fronts.fronts, key=lambda f: len(f.links) if f else -1)
+            other = next(f for f in fronts.fronts if f is not victim)
+            assert victim is not None and other is not None
+            kept, lost = len(other.links), len(victim.links)
+            os.kill(victim.pid, signal.SIGKILL)
+            while victim.links:  # the state sees exactly its links close...
+                await anyio.sleep(0.02)
+            # ... a new front takes its place (Linux then moves some client addresses from one
+            # front to the other: their datagrams are forwarded to the front holding them) ...
+            while fronts.fronts[victim.index] is None:
+                await anyio.sleep(0.05)
+            assert fronts.fronts[victim.index].pid != victim.pid
+            # ... and its viewers come back, while none of the other front's links closed.
+            while sum(len(f.links) for f in fronts.fronts if f) < kept + lost:
+                assert fronts.fronts[other.index] is other and len(other.links) >= kept
+                await anyio.sleep(0.05)
+            await sw.played_to_the_end(sw.peers)
+            report(sw.peers)
+            assert len(other.links) >= kept
+            assert all(p.node.id in members for p in sw.peers)
+            tg.cancel_scope.cancel()
+
+
+async def test_links_survive_a_new_front_joining_the_port(tmp_path: Path) -> None:
+    """Front 0 alone holds 16 clients' links; front 1 then binds the same port, and Linux moves
+    about half of the client addresses to it. Their datagrams reach front 1, which forwards
+    them to front 0 (the connection IDs say whose they are): every link still works both ways."""
+    state = str(tmp_path / "state.sock")
+    fwd = [fr._Forwarder(state, i, 2) for i in range(2)]
+    clients = 16
+    with anyio.fail_after(20):
+        async with (open_endpoint(cid_tag=bytes((fr.TAG, 0)), misdirected=fwd[0].misdirected,
+                                  reuse_port=True) as ep0,
+                    anyio.create_task_group() as tg):
+            tg.start_soon(fwd[0].run, ep0)
+            async with contextlib.AsyncExitStack() as stack:
+                links = []
+                for _ in range(clients):
+                    client = await stack.enter_async_context(open_endpoint())
+                    links.append(await client.connect(*ep0.local_address))
+                servers = [await ep0.accept() for _ in range(clients)]
+                assert all(s._conn.host_cid[:2] == bytes((fr.TAG, 0)) for s in servers)
+                async with open_endpoint(*ep0.local_address, cid_tag=bytes((fr.TAG, 1)),
+                                         misdirected=fwd[1].misdirected, reuse_port=True) as ep1:
+                    tg.start_soon(fwd[1].run, ep1)
+                    for i, link in enumerate(links):
+                        link.send_control(b"ping %d" % i)
+                    by_port = {s.remote_address[1]: s for s in servers}
+                    for link in links:
+                        server = by_port[link._endpoint.local_address[1]]
+                        got = await server.receive()
+                        assert isinstance(got, ControlData), got
+                        server.send_control(b"pong " + got.data)
+                    for i, link in enumerate(links):
+                        got = await link.receive()
+                        assert isinstance(got, ControlData) and got.data == b"pong ping %d" % i
+                    assert fwd[1].forwarded > 0 and fwd[0].forwarded == 0
+            tg.cancel_scope.cancel()
+    for f in fwd:
+        f.sock.close()
+
+
+async def test_a_front_breaking_the_record_format_is_cut_off(tmp_path: Path) -> None:
+    """A front's stream that carries a malformed record: its links close with the reason,
+    another front's links stay; the endpoint keeps serving."""
+    endpoint = fr.FrontEndpoint(2)
+    path = str(tmp_path / "s.sock")
+    listener = await anyio.create_unix_listener(path)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            async def serve_next() -> None:
+                tg.start_soon(endpoint.serve, await listener.accept())
+
+            good = await anyio.connect_unix(path)
+            await serve_next()
+            bad = await anyio.connect_unix(path)
+            await serve_next()
+            await good.send(fr.encode(fr.HELLO, 0, 4433))
+            await bad.send(fr.encode(fr.HELLO, 1, 4433))
+            await good.send(fr.encode(fr.OPENED, 1, "10.0.0.1:5000"))
+            await bad.send(fr.encode(fr.OPENED, 1, "10.0.0.2:5000"))
+            a = await endpoint.accept()
+            b = await endpoint.accept()
+            if a.remote_address[0] != "10.0.0.1":
+                a, b = b, a
+            await bad.send(fr.encode(fr.DATA, 1, b"hi") + _framed(["x", 1, b""]))
+            assert (await b.receive()).data == b"hi"
+            closed = await b.receive()
+            assert isinstance(closed, LinkClosed)
+            assert closed.reason.startswith("front process broke the protocol: unexpected record")
+            # The good front still carries data both ways.
+            await good.send(fr.encode(fr.DATA, 1, b"still here"))
+            assert (await a.receive()).data == b"still here"
+            a.send_control(b"answer")
+            reader = fr.RecordReader(fr._FROM_STATE)
+            got = []
+            while not got:
+                got = list(reader.feed(await good.receive()))
+            assert got == [(fr.SEND, 1, b"answer")]
+            tg.cancel_scope.cancel()
+    await listener.aclose()

@@ -260,3 +260,42 @@ def test_sim_compare_in_parallel_stops_its_workers_on_ctrl_c_and_sigterm(sig: in
             if not _gone(p):
                 os.kill(p, signal.SIGKILL)
         stop(proc)
+
+
+def _ended(pid: int) -> bool:
+    """Gone, or a zombie nobody has reaped yet (its parent was killed)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_tracker_with_fronts_serves_through_them_and_leaves_none_behind(sig: int) -> None:
+    """`meshcast tracker --fronts 2`: a viewer is answered through the fronts; a SIGTERM (a
+    clean stop) or a SIGKILL of the tracker (no goodbye) ends both front processes."""
+    port = free_udp_port()
+    tracker = subprocess.Popen([*MESHCAST, "tracker", "--listen", f"127.0.0.1:{port}", "--hold", "1",
+                                "--fronts", "2"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    fronts: list[int] = []
+    try:
+        line = _await_line(tracker, "front processes serve QUIC", 30)
+        fronts = [int(p) for p in line.rsplit("(pids ", 1)[1].strip().rstrip(")").split()]
+        assert len(fronts) == 2 and fronts == sorted(_children(tracker.pid))
+        result = run(["peer", "--tracker", f"127.0.0.1:{port}", "--channel", "nobody-here"],
+                     timeout=30)
+        assert_one_line_error(result, "rejected by the tracker", "did not go live within 1 s")
+        tracker.send_signal(sig)
+        tracker.wait(timeout=15)
+        deadline = time.monotonic() + 10
+        while not all(_ended(p) for p in fronts) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(_ended(p) for p in fronts), [p for p in fronts if not _ended(p)]
+    finally:
+        stop(tracker)
+        for pid in fronts:
+            if not _ended(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -53,6 +53,7 @@ import anyio
 import anyio.abc
 import msgpack
 
+from meshcast.errors import MeshcastError
 from meshcast.net.admission import Admission
 from meshcast.net.quic import ConnectError, ControlData, LinkClosed, QuicLink, StreamData, open_endpoint
 from meshcast.runtime import tune_gc_for_serving
@@ -343,14 +344,21 @@ async def run_fronts(count: int, host: str, port: int, *, per_ip: tuple[float, i
                     proc = procs[index] = await anyio.open_process(argv, stdin=None, stdout=None,
                                                                    stderr=None)
                     with anyio.move_on_after(START_TIMEOUT):
-                        await started.wait()
-                        front = endpoint.fronts[index]
-                        if front is not None:
-                            front.pid = proc.pid
+                        async with anyio.create_task_group() as race:  # it starts, or exits
+                            async def exits() -> None:
+                                await proc.wait()
+                                race.cancel_scope.cancel()
+
+                            race.start_soon(exits)
+                            await started.wait()
+                            race.cancel_scope.cancel()
+                    front = endpoint.fronts[index]
+                    if front is not None and started.is_set():
+                        front.pid = proc.pid
                         return
-                    raise RuntimeError(f"tracker front {index} did not start within "
-                                       f"{START_TIMEOUT:g} s (exit status {proc.returncode}); "
-                                       "see its messages above")
+                    what = (f"exited with status {proc.returncode}" if proc.returncode is not None
+                            else f"did not start within {START_TIMEOUT:g} s")
+                    raise MeshcastError(f"tracker front {index} {what} (its messages are above)")
 
                 async def restart(index: int) -> None:
                     lived = anyio.current_time() - restarted[index]
@@ -366,7 +374,7 @@ async def run_fronts(count: int, host: str, port: int, *, per_ip: tuple[float, i
                             await old.wait()
                     try:
                         await start(index)
-                    except RuntimeError as exc:
+                    except MeshcastError as exc:
                         log.error("%s", exc)
                     else:
                         log.warning("front %d started again (pid %s)", index,
@@ -557,6 +565,8 @@ def main(argv: list[str] | None = None) -> None:
                                      socket_receive_buffer=args.receive_buffer))
     except KeyboardInterrupt:
         pass
+    except OSError as exc:  # the port taken, the state process gone before we connected
+        sys.exit(f"meshcast tracker front {args.index}: {exc.strerror or exc} ({args.listen})")
 
 
 if __name__ == "__main__":

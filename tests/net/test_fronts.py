@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import struct
 from functools import partial
 from pathlib import Path
@@ -241,3 +242,18 @@ async def test_a_front_breaking_the_record_format_is_cut_off(tmp_path: Path) -> 
             assert got == [(fr.SEND, 1, b"answer")]
             tg.cancel_scope.cancel()
     await listener.aclose()
+
+
+async def test_a_front_that_cannot_start_is_a_clear_error_at_once() -> None:
+    """The port is taken by a socket that does not share it: the first front cannot bind, and
+    starting the tracker fails with that, not after `START_TIMEOUT`."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        port = busy.getsockname()[1]
+        with anyio.fail_after(fr.START_TIMEOUT / 2):
+            with pytest.raises(BaseException) as caught:
+                async with fr.run_fronts(2, "127.0.0.1", port, per_ip=None,
+                                         socket_receive_buffer=1 << 20):
+                    pass
+    errors = caught.value.exceptions if isinstance(caught.value, BaseExceptionGroup) else [caught.value]
+    assert [str(e) for e in errors] == ["tracker front 0 exited with status 1 (its messages are above)"]

@@ -182,7 +182,10 @@ async def _tracker(args: argparse.Namespace) -> int:
                                                        per_ip=_per_ip(args), key=args.key,
                                                        fronts=args.fronts))
         if args.stats:
-            tg.start_soon(_write_stats, handle.node.stats, args.stats)
+            fronts = handle.fronts
+            stats = (handle.node.stats if fronts is None
+                     else lambda: {**handle.node.stats(), "fronts": fronts.stats()})
+            tg.start_soon(_write_stats, stats, args.stats)
     return 0
 
 
@@ -602,7 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the state (default 0: all in this process)")
     p.add_argument("--stats", metavar="PATH",
                    help="append a JSON line to PATH every second: per channel, viewers, relays, "
-                        "tree depth, the seed's children and slots, refusals and evictions")
+                        "tree depth, the seed's children and slots, refusals and evictions (and "
+                        "with --fronts, each front's pid and links)")
     p.add_argument("--key", metavar="FILE",
                    help="the tracker's signing key (PEM, created on first use); keep it across "
                         "restarts and the tokens it signed stay good, and viewers keep their "

@@ -232,6 +232,11 @@ class FrontEndpoint:
     async def accept(self) -> FrontLink:
         return await self._accepted_out.receive()
 
+    def stats(self) -> list[dict[str, Any]]:
+        """Each front: up or not, its pid and its links (for `meshcast tracker --stats`)."""
+        return [{"up": True, "pid": f.pid, "links": len(f.links)} if f else {"up": False}
+                for f in self.fronts]
+
     async def connect(self, host: str, port: int, *, timeout: float = 5.0) -> QuicLink:
         raise ConnectError("a tracker with fronts does not open links")
 

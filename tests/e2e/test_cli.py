@@ -272,12 +272,14 @@ def _ended(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_a_tracker_with_fronts_serves_through_them_and_leaves_none_behind(sig: int) -> None:
-    """`meshcast tracker --fronts 2`: a viewer is answered through the fronts; a SIGTERM (a
-    clean stop) or a SIGKILL of the tracker (no goodbye) ends both front processes."""
+def test_a_tracker_with_fronts_serves_through_them_and_leaves_none_behind(
+        sig: int, tmp_path: Path) -> None:
+    """`meshcast tracker --fronts 2`: a viewer is answered through the fronts, which its stats
+    list; a SIGTERM (a clean stop) or a SIGKILL of the tracker (no goodbye) ends both."""
     port = free_udp_port()
+    stats = tmp_path / "stats.jsonl"
     tracker = subprocess.Popen([*MESHCAST, "tracker", "--listen", f"127.0.0.1:{port}", "--hold", "1",
-                                "--fronts", "2"],
+                                "--fronts", "2", "--stats", str(stats)],
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     fronts: list[int] = []
@@ -288,6 +290,8 @@ def test_a_tracker_with_fronts_serves_through_them_and_leaves_none_behind(sig: i
         result = run(["peer", "--tracker", f"127.0.0.1:{port}", "--channel", "nobody-here"],
                      timeout=30)
         assert_one_line_error(result, "rejected by the tracker", "did not go live within 1 s")
+        listed = json.loads(stats.read_text().splitlines()[-1])["fronts"]
+        assert [(f["up"], f["pid"]) for f in listed] == [(True, pid) for pid in fronts]
         tracker.send_signal(sig)
         tracker.wait(timeout=15)
         deadline = time.monotonic() + 10

@@ -33,9 +33,10 @@ from tests.net.test_live import (  # noqa: F401 (media: a fixture)
 pytestmark = [pytest.mark.anyio, pytest.mark.net]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """The state process's event loop (`meshcast tracker --backend`); fronts run asyncio."""
+    return request.param
 
 
 # -- the record codec ---------------------------------------------------------------------------

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import random
-import socket
 import statistics
 import sys
 import time
@@ -31,36 +29,21 @@ import time
 import anyio
 import anyio.abc
 
-from _common import cpu_ticks, print_table
+from _common import CLK_TCK, cpu_ticks, print_table
 from meshcast import messages as m
+from meshcast.cli import _free_udp_port
 from meshcast import wire
 from meshcast.crypto import Crypto, SigningKey
 from meshcast.net.quic import ConnectError, QuicLink, open_endpoint
 
 CHANNEL = "bench"
 BITRATE, K = 2000, 4
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (its fronts)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry))
-    return out
+    """The processes `pid` started (its fronts)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
 
 
 async def first_message(link: QuicLink, want: type) -> m.Message:
@@ -79,7 +62,7 @@ async def first_message(link: QuicLink, want: type) -> m.Message:
 
 async def one_run(fronts: int, joins: int, concurrency: int, sockets: int, rate: float,
                   rng: random.Random) -> dict:
-    port = free_port()
+    port = _free_udp_port()
     cmd = [sys.executable, "-m", "meshcast.cli", "tracker", "--listen", f"127.0.0.1:{port}",
            "--fronts", str(fronts), "--per-ip-rate", "0"]
     proc = await anyio.open_process(cmd, stdout=None, stderr=None)
@@ -130,7 +113,7 @@ async def one_run(fronts: int, joins: int, concurrency: int, sockets: int, rate:
                         if rate:
                             await anyio.sleep_until(t0_loop + (i + 1) / rate)
             wall = time.perf_counter() - t0
-            spent = [(cpu_ticks(p) - b) / TICK for p, b in zip(pids, before)]
+            spent = [(cpu_ticks(p) - b) / CLK_TCK for p, b in zip(pids, before)]
             for link in links:
                 link.close("done")
     finally:

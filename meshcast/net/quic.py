@@ -466,7 +466,7 @@ class QuicEndpoint:
             link._wake()
 
     def _heartbeat(self, data: bytes, address: tuple, now: float,
-                   misdirected: Callable[[bytes, bytes, tuple], bool] | None = None) -> None:
+                   misdirected: Callable[[bytes, bytes, tuple], bool] | None) -> None:
         link = self._routes.get(data[1:])
         if link is None and misdirected is not None:
             misdirected(data[1:], data, address)
@@ -489,7 +489,7 @@ class QuicEndpoint:
                 link._abort("Idle timeout")
 
     def _link_for(self, data: bytes, address: tuple, now: float,
-                  misdirected: Callable[[bytes, bytes, tuple], bool] | None = None) -> QuicLink | None:
+                  misdirected: Callable[[bytes, bytes, tuple], bool] | None) -> QuicLink | None:
         """Route a datagram to its link, creating a server link for a new client's Initial."""
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=_CID_LENGTH)

@@ -10,7 +10,9 @@ runtime writes bytes as they come, the simulator times them with its link model.
 
 Effects are slotted dataclasses, not frozen ones: a relay makes one to three per child per
 chunk, and a frozen dataclass's constructor costs twice as much. Nobody mutates one after it is
-queued.
+queued. Each writes its own `__init__`: a compiled build (mypyc) compiles that one, but runs a
+dataclass-generated one interpreted, six times slower (`tests/unit/test_records.py` keeps the
+two in step).
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ class Send:
     link: Link
     msg: Message
 
+    def __init__(self, link: Link, msg: Message) -> None:
+        self.link = link
+        self.msg = msg
+
 
 @dataclass(slots=True)
 class Open:
@@ -48,6 +54,10 @@ class Open:
     address: str
     ref: Any
 
+    def __init__(self, address: str, ref: Any) -> None:
+        self.address = address
+        self.ref = ref
+
 
 @dataclass(slots=True)
 class Close:
@@ -55,6 +65,10 @@ class Close:
 
     link: Link
     reason: str
+
+    def __init__(self, link: Link, reason: str) -> None:
+        self.link = link
+        self.reason = reason
 
 
 @dataclass(slots=True)
@@ -68,6 +82,11 @@ class ChunkBegin:
     answer to a pull, or a new subscriber's catch-up. Under back-pressure a driver gives up
     these first (`meshcast.policy.drop_chunk`), and tells the node with the flag."""
 
+    def __init__(self, link: Link, head: ChunkHead, push: bool = True) -> None:
+        self.link = link
+        self.head = head
+        self.push = push
+
 
 @dataclass(slots=True)
 class ChunkBytes:
@@ -77,6 +96,11 @@ class ChunkBytes:
     seq: int
     data: bytes
 
+    def __init__(self, link: Link, seq: int, data: bytes) -> None:
+        self.link = link
+        self.seq = seq
+        self.data = data
+
 
 @dataclass(slots=True)
 class ChunkEnd:
@@ -85,6 +109,11 @@ class ChunkEnd:
     link: Link
     seq: int
     ok: bool
+
+    def __init__(self, link: Link, seq: int, ok: bool) -> None:
+        self.link = link
+        self.seq = seq
+        self.ok = ok
 
 
 @dataclass(slots=True)
@@ -98,6 +127,12 @@ class SendChunk:
     ok: bool = True
     """As `ChunkEnd.ok`: a relay also passes on, aborted, a chunk that failed verification."""
 
+    def __init__(self, link: Link, chunk: Chunk, push: bool = True, ok: bool = True) -> None:
+        self.link = link
+        self.chunk = chunk
+        self.push = push
+        self.ok = ok
+
 
 @dataclass(slots=True)
 class Deliver:
@@ -110,6 +145,12 @@ class Deliver:
     from_seed: bool
     """The chunk came straight from the seed (not relayed by a peer)."""
 
+    def __init__(self, head: ChunkHead, payload: bytes, latency: float, from_seed: bool) -> None:
+        self.head = head
+        self.payload = payload
+        self.latency = latency
+        self.from_seed = from_seed
+
 
 @dataclass(slots=True)
 class Skip:
@@ -117,12 +158,18 @@ class Skip:
 
     seq: int
 
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+
 
 @dataclass(slots=True)
 class Notice:
     """Something an operator should see in the log (a link cut for cause, a rejection)."""
 
     text: str
+
+    def __init__(self, text: str) -> None:
+        self.text = text
 
 
 Effect = (Send | Open | Close | ChunkBegin | ChunkBytes | ChunkEnd | SendChunk | Deliver | Skip

@@ -2,7 +2,9 @@
 
 The same classes are sent and received. `meshcast.wire` turns them into msgpack with a protocol
 version and a type tag, and validates every field on decode against the `SCHEMA` below, so a
-decoded message can be trusted to have the documented types and ranges.
+decoded message can be trusted to have the documented types and ranges. Each class writes its
+own `__init__`, as `meshcast.effects` explains: a compiled build runs a dataclass-generated one
+interpreted.
 
 Who sends what:
 
@@ -59,6 +61,10 @@ class PeerRef:
     address: str
     """Transport address ("host:port" on the network, an opaque name in the simulator)."""
 
+    def __init__(self, id: int, address: str) -> None:
+        object.__setattr__(self, "id", id)
+        object.__setattr__(self, "address", address)
+
 
 NO_REF: Final = PeerRef(NO_PEER, "")
 """No node (a `Resume` entry for a sub-stream without a parent)."""
@@ -85,6 +91,15 @@ class Token:
     (`TOKEN_SALT`), then the batch: the `TOKEN_DIGEST`-byte digest of each one's salt and
     fields, this one's among them. (One field, not three: a simulated audience of 100k holds
     half a million tokens.)"""
+
+    def __init__(self, child: int, parent: int, channel: str, substream: int, expires: float,
+                 sig: bytes) -> None:
+        object.__setattr__(self, "child", child)
+        object.__setattr__(self, "parent", parent)
+        object.__setattr__(self, "channel", channel)
+        object.__setattr__(self, "substream", substream)
+        object.__setattr__(self, "expires", expires)
+        object.__setattr__(self, "sig", sig)
 
 
 # -- seed ↔ tracker ------------------------------------------------------------------------------
@@ -114,6 +129,22 @@ class Announce:
     resume_children: int = 0
     """... and how many children it feeds (as `Resume.children`)."""
 
+    def __init__(self, channel: str, public_key: bytes, address: str, upload_kbps: int,
+                 bitrate_kbps: int, substreams: int, chunk_ms: int, proof: bytes,
+                 resume_id: int = NO_PEER, resume_key: bytes = b"",
+                 resume_children: int = 0) -> None:
+        object.__setattr__(self, "channel", channel)
+        object.__setattr__(self, "public_key", public_key)
+        object.__setattr__(self, "address", address)
+        object.__setattr__(self, "upload_kbps", upload_kbps)
+        object.__setattr__(self, "bitrate_kbps", bitrate_kbps)
+        object.__setattr__(self, "substreams", substreams)
+        object.__setattr__(self, "chunk_ms", chunk_ms)
+        object.__setattr__(self, "proof", proof)
+        object.__setattr__(self, "resume_id", resume_id)
+        object.__setattr__(self, "resume_key", resume_key)
+        object.__setattr__(self, "resume_children", resume_children)
+
 
 # -- peer ↔ tracker ------------------------------------------------------------------------------
 
@@ -131,6 +162,14 @@ class Join:
     resume: Resume | None = None
     """Back at a (restarted) tracker: where this viewer sits in the trees that carry it."""
 
+    def __init__(self, channel: str, address: str, upload_kbps: int, coords: tuple[float, ...] = (),
+                 resume: Resume | None = None) -> None:
+        object.__setattr__(self, "channel", channel)
+        object.__setattr__(self, "address", address)
+        object.__setattr__(self, "upload_kbps", upload_kbps)
+        object.__setattr__(self, "coords", coords)
+        object.__setattr__(self, "resume", resume)
+
 
 @dataclass(frozen=True, slots=True)
 class Resume:
@@ -146,6 +185,14 @@ class Resume:
     children: int = 0
     """Children it feeds now, over all sub-streams: the tracker keeps that many of its slots for
     them while they come back, rather than fill them with others it would then refuse."""
+
+    def __init__(self, node_id: int, home: int, parents: tuple[PeerRef, ...],
+                 proof: Token | None = None, children: int = 0) -> None:
+        object.__setattr__(self, "node_id", node_id)
+        object.__setattr__(self, "home", home)
+        object.__setattr__(self, "parents", parents)
+        object.__setattr__(self, "proof", proof)
+        object.__setattr__(self, "children", children)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +213,19 @@ class Welcome:
     seed_id: int = NO_PEER
     """The channel's seed (the source of last resort)."""
 
+    def __init__(self, node_id: int, channel: str, public_key: bytes, tracker_key: bytes,
+                 substreams: int, chunk_ms: int, bitrate_kbps: int, mode: str = "tree",
+                 seed_id: int = NO_PEER) -> None:
+        object.__setattr__(self, "node_id", node_id)
+        object.__setattr__(self, "channel", channel)
+        object.__setattr__(self, "public_key", public_key)
+        object.__setattr__(self, "tracker_key", tracker_key)
+        object.__setattr__(self, "substreams", substreams)
+        object.__setattr__(self, "chunk_ms", chunk_ms)
+        object.__setattr__(self, "bitrate_kbps", bitrate_kbps)
+        object.__setattr__(self, "mode", mode)
+        object.__setattr__(self, "seed_id", seed_id)
+
 
 @dataclass(frozen=True, slots=True)
 class Assign:
@@ -181,6 +241,16 @@ class Assign:
     relays: bool = False
     """This sub-stream is the receiver's home tree: it will relay it (tell the parent so)."""
 
+    def __init__(self, substream: int, parent: PeerRef, token: Token | None,
+                 backup: PeerRef | None = None, backup_token: Token | None = None,
+                 relays: bool = False) -> None:
+        object.__setattr__(self, "substream", substream)
+        object.__setattr__(self, "parent", parent)
+        object.__setattr__(self, "token", token)
+        object.__setattr__(self, "backup", backup)
+        object.__setattr__(self, "backup_token", backup_token)
+        object.__setattr__(self, "relays", relays)
+
 
 @dataclass(frozen=True, slots=True)
 class Neighbours:
@@ -191,12 +261,20 @@ class Neighbours:
     tokens: tuple[Token, ...]
     seed_id: int
 
+    def __init__(self, peers: tuple[PeerRef, ...], tokens: tuple[Token, ...], seed_id: int) -> None:
+        object.__setattr__(self, "peers", peers)
+        object.__setattr__(self, "tokens", tokens)
+        object.__setattr__(self, "seed_id", seed_id)
+
 
 @dataclass(frozen=True, slots=True)
 class Reject:
     """The tracker cannot admit this node (its channel did not go live, no capacity left, evicted)."""
 
     reason: str
+
+    def __init__(self, reason: str) -> None:
+        object.__setattr__(self, "reason", reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,12 +285,18 @@ class Waiting:
 
     reason: str
 
+    def __init__(self, reason: str) -> None:
+        object.__setattr__(self, "reason", reason)
+
 
 @dataclass(frozen=True, slots=True)
 class Leave:
     """Graceful departure."""
 
     reason: str = ""
+
+    def __init__(self, reason: str = "") -> None:
+        object.__setattr__(self, "reason", reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +307,11 @@ class ParentLost:
     parent: int
     switched_to: int = NO_PEER
 
+    def __init__(self, substream: int, parent: int, switched_to: int = NO_PEER) -> None:
+        object.__setattr__(self, "substream", substream)
+        object.__setattr__(self, "parent", parent)
+        object.__setattr__(self, "switched_to", switched_to)
+
 
 @dataclass(frozen=True, slots=True)
 class Complaint:
@@ -232,6 +321,11 @@ class Complaint:
     reason: str
     kind: str = "forged"
     """"forged" or "slow"."""
+
+    def __init__(self, offender: int, reason: str, kind: str = "forged") -> None:
+        object.__setattr__(self, "offender", offender)
+        object.__setattr__(self, "reason", reason)
+        object.__setattr__(self, "kind", kind)
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +339,11 @@ class Revoke:
     node_id: int
     until: float
     reason: str
+
+    def __init__(self, node_id: int, until: float, reason: str) -> None:
+        object.__setattr__(self, "node_id", node_id)
+        object.__setattr__(self, "until", until)
+        object.__setattr__(self, "reason", reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +359,11 @@ class Detach:
     substream: int
     until: float
 
+    def __init__(self, node_id: int, substream: int, until: float) -> None:
+        object.__setattr__(self, "node_id", node_id)
+        object.__setattr__(self, "substream", substream)
+        object.__setattr__(self, "until", until)
+
 
 # -- node ↔ node ---------------------------------------------------------------------------------
 
@@ -272,6 +376,11 @@ class Hello:
     channel: str
     token: Token | None = None
 
+    def __init__(self, node_id: int, channel: str, token: Token | None = None) -> None:
+        object.__setattr__(self, "node_id", node_id)
+        object.__setattr__(self, "channel", channel)
+        object.__setattr__(self, "token", token)
+
 
 @dataclass(frozen=True, slots=True)
 class Subscribe:
@@ -283,10 +392,20 @@ class Subscribe:
     relays: bool = False
     """The subscriber relays this sub-stream further: it is sent to first (shallow, low latency)."""
 
+    def __init__(self, substream: int, token: Token, from_seq: int = -1,
+                 relays: bool = False) -> None:
+        object.__setattr__(self, "substream", substream)
+        object.__setattr__(self, "token", token)
+        object.__setattr__(self, "from_seq", from_seq)
+        object.__setattr__(self, "relays", relays)
+
 
 @dataclass(frozen=True, slots=True)
 class Unsubscribe:
     substream: int
+
+    def __init__(self, substream: int) -> None:
+        object.__setattr__(self, "substream", substream)
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +415,10 @@ class Refuse:
     substream: int
     reason: str
 
+    def __init__(self, substream: int, reason: str) -> None:
+        object.__setattr__(self, "substream", substream)
+        object.__setattr__(self, "reason", reason)
+
 
 @dataclass(frozen=True, slots=True)
 class Have:
@@ -304,6 +427,10 @@ class Have:
     base: int
     bitmap: bytes
 
+    def __init__(self, base: int, bitmap: bytes) -> None:
+        object.__setattr__(self, "base", base)
+        object.__setattr__(self, "bitmap", bitmap)
+
 
 @dataclass(frozen=True, slots=True)
 class Request:
@@ -311,12 +438,18 @@ class Request:
 
     seqs: tuple[int, ...]
 
+    def __init__(self, seqs: tuple[int, ...]) -> None:
+        object.__setattr__(self, "seqs", seqs)
+
 
 @dataclass(frozen=True, slots=True)
 class Missing:
     """Answer to `Request` for chunks the sender does not hold."""
 
     seqs: tuple[int, ...]
+
+    def __init__(self, seqs: tuple[int, ...]) -> None:
+        object.__setattr__(self, "seqs", seqs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,6 +469,15 @@ class ChunkHead:
     @property
     def rap(self) -> bool:
         return bool(self.flags & FLAG_RAP)
+
+    def __init__(self, channel: str, seq: int, size: int, flags: int, ts: float,
+                 sig: bytes) -> None:
+        object.__setattr__(self, "channel", channel)
+        object.__setattr__(self, "seq", seq)
+        object.__setattr__(self, "size", size)
+        object.__setattr__(self, "flags", flags)
+        object.__setattr__(self, "ts", ts)
+        object.__setattr__(self, "sig", sig)
 
 
 FLAG_RAP: Final = 1

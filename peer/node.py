@@ -597,8 +597,10 @@ class PeerNode(RelayNode):
         previous, previous_k = self.newest, newest_in[k]
         self._store(chunk)
         buffer, gaps, window = self.buffer, self.gaps, self.window
-        gaps.pop(seq, None)
-        self.requested.pop(seq, None)
+        if gaps:  # (mostly empty: skip the lookups)
+            gaps.pop(seq, None)
+        if self.requested:
+            self.requested.pop(seq, None)
         if seq > previous_k:
             newest_in[k] = seq
             if previous_k >= 0:

@@ -63,6 +63,14 @@ class Admission:
         self.refused += 1
         return False
 
+    def exhaust(self, source: str, now: float) -> None:
+        """`source` has spent its tokens elsewhere (another process taking the same address's
+        connections: `meshcast.net.front`): refuse it until its bucket refills from empty."""
+        if source not in self._buckets and len(self._buckets) >= self.max_tracked:
+            self._prune(now)
+        self._buckets.pop(source, None)  # re-inserted: now the newest
+        self._buckets[source] = (0.0, now)
+
     def report(self, source: str, now: float) -> bool:
         """Should a refusal of `source` at `now` be logged (once per `LOG_EVERY_S` each)?"""
         last = self._reported.get(source)

@@ -16,7 +16,8 @@ Each front holds one local stream (a Unix socket) to the state process. Records 
 - front → state: ``[HELLO, index, port]`` once, then ``[OPENED, link, "host:port"]``,
   ``[DATA, link, bytes]`` (control-stream bytes, as `ControlData` carries them) and
   ``[CLOSED, link, reason]``;
-- state → front: ``[SEND, link, bytes]`` and ``[CLOSE, link, reason]``.
+- state → front: ``[SEND, link, bytes]``, ``[CLOSE, link, reason]`` and ``[BLOCK, 0, host]``
+  (the address has spent its admission tokens: see below).
 
 Both ends batch what they write in a turn of their event loop into one write.
 
@@ -30,8 +31,14 @@ the client directly, from the same port.
 A front that exits (or breaks the record format) takes its links with it: the node sees each
 closed, and their viewers rejoin through the others. It is started again (`RESPAWN_AFTER`;
 not a third time if it goes away within `MIN_LIFETIME` of that). A front whose state process
-goes away exits. Limits that `meshcast.net.admission` applies per source address apply per
-front. The sockets live in a directory only this user can enter.
+goes away exits. The sockets live in a directory only this user can enter.
+
+The per-address limit (`meshcast.net.admission`) holds for all fronts together, though Linux
+spreads one address's connections (by source port) over them. Each front applies it before any
+handshake work, as a lone tracker does; the state process applies it again to the links the
+fronts report, over all of them. A link over the limit there is closed at once, with the reason,
+before the node hears of it, and every front is told the address has spent its tokens (BLOCK),
+so they drop its next new connections before any handshake work until its bucket refills.
 """
 
 from __future__ import annotations
@@ -60,11 +67,11 @@ from meshcast.runtime import tune_gc_for_serving
 
 log = logging.getLogger("meshcast.front")
 
-HELLO, OPENED, DATA, CLOSED, SEND, CLOSE = range(6)
+HELLO, OPENED, DATA, CLOSED, SEND, CLOSE, BLOCK = range(7)
 _KINDS = {HELLO: (int, int), OPENED: (int, str), DATA: (int, bytes), CLOSED: (int, str),
-          SEND: (int, bytes), CLOSE: (int, str)}
+          SEND: (int, bytes), CLOSE: (int, str), BLOCK: (int, str)}
 _FROM_FRONT = frozenset((HELLO, OPENED, DATA, CLOSED))
-_FROM_STATE = frozenset((SEND, CLOSE))
+_FROM_STATE = frozenset((SEND, CLOSE, BLOCK))
 MAX_RECORD = 1 << 20
 """Largest record either end accepts (a DATA or SEND record carries at most `PIECE` bytes)."""
 PIECE = 64 * 1024
@@ -218,10 +225,12 @@ class _Front:
 
 class FrontEndpoint:
     """What the state process's `NodeRunner` runs over: the fronts' links, accepted.
-    `fronts[i]`: front i while it is up."""
+    `fronts[i]`: front i while it is up. `admission`: the per-address limit over all fronts
+    (None: none)."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, *, admission: Admission | None = None) -> None:
         self.fronts: list[_Front | None] = [None] * count
+        self.admission = admission
         self._started = [anyio.Event() for _ in range(count)]
         self._lost: Callable[[int], None] = lambda index: None
         self._accepted_in, self._accepted_out = anyio.create_memory_object_stream[FrontLink](
@@ -298,6 +307,10 @@ class FrontEndpoint:
         elif kind == OPENED:
             if number in front.links:
                 raise FrontProtocolError(f"link {number} opened twice")
+            host = value.rpartition(":")[0]
+            if not self._admit(host):
+                front.writer.put(encode(CLOSE, number, f"too many new connections from {host}"))
+                return
             link = front.links[number] = FrontLink(front, number, value)
             self._accepted_in.send_nowait(link)
         elif kind == CLOSED:
@@ -306,6 +319,24 @@ class FrontEndpoint:
                 link._set_closed(value)
         else:
             raise FrontProtocolError("HELLO twice")
+
+    def _admit(self, host: str) -> bool:
+        """Take a link from `host`, counted over all fronts? If not, tell every front its
+        tokens are spent."""
+        admission = self.admission
+        if admission is None:
+            return True
+        now = anyio.current_time()
+        if admission.admit(host, now):
+            return True
+        if admission.report(host, now):
+            log.warning("refusing new connections from %s over all fronts: more than %d at once "
+                        "or %g a second (%d refused in all)", host, admission.burst,
+                        admission.rate, admission.refused)
+        for front in self.fronts:
+            if front is not None:
+                front.writer.put(encode(BLOCK, 0, host))
+        return False
 
 
 RESPAWN_AFTER = 0.5
@@ -324,7 +355,7 @@ async def run_fronts(count: int, host: str, port: int, *, per_ip: tuple[float, i
     them."""
     if not 1 <= count <= 255:
         raise ValueError(f"fronts must be 1 to 255, not {count}")
-    endpoint = FrontEndpoint(count)
+    endpoint = FrontEndpoint(count, admission=Admission(*per_ip) if per_ip else None)
     endpoint.local_address = (host, port)
     procs: list[anyio.abc.Process | None] = [None] * count
     restarted = [-math.inf] * count
@@ -500,6 +531,9 @@ async def front_main(state_path: str, host: str, port: int, index: int, count: i
                                 qlink = links.get(number)
                                 if qlink is not None:
                                     qlink.send_control(value)
+                            elif kind == BLOCK:
+                                if admission is not None:
+                                    admission.exhaust(value, anyio.current_time())
                             else:  # CLOSE
                                 qlink = links.pop(number, None)
                                 if qlink is not None:

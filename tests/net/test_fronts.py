@@ -24,7 +24,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshcast.net import front as fr
-from meshcast.net.quic import ControlData, LinkClosed, open_endpoint
+from meshcast.net.admission import Admission
+from meshcast.net.quic import ConnectError, ControlData, LinkClosed, open_endpoint
 from meshcast.service import run_tracker
 from tests.media import assert_faithful, decode_errors
 from tests.net.test_live import (  # noqa: F401 (media: a fixture)
@@ -243,6 +244,81 @@ async def test_a_front_breaking_the_record_format_is_cut_off(tmp_path: Path) -> 
             assert got == [(fr.SEND, 1, b"answer")]
             tg.cancel_scope.cancel()
     await listener.aclose()
+
+
+async def test_the_per_address_limit_holds_over_all_fronts_together(tmp_path: Path) -> None:
+    """Two fronts each report links from one address (Linux spreads its source ports over
+    them): the state process takes `burst` of them in all, closes the others with the reason
+    before the node sees them, and tells both fronts the address is spent."""
+    endpoint = fr.FrontEndpoint(2, admission=Admission(rate=0.001, burst=3))
+    path = str(tmp_path / "s.sock")
+    listener = await anyio.create_unix_listener(path)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            fronts = []
+            for index in range(2):
+                stream = await anyio.connect_unix(path)
+                tg.start_soon(endpoint.serve, await listener.accept())
+                await stream.send(fr.encode(fr.HELLO, index, 4433))
+                fronts.append(stream)
+            for n in range(1, 5):
+                for index, stream in enumerate(fronts):
+                    await stream.send(fr.encode(fr.OPENED, n, f"10.0.0.9:{5000 + 10 * n + index}"))
+            await fronts[0].send(fr.encode(fr.OPENED, 9, "10.0.0.10:5000"))  # someone else
+            accepted = [await endpoint.accept() for _ in range(4)]
+            assert sorted(link.remote_address[0] for link in accepted) == ["10.0.0.10"] + ["10.0.0.9"] * 3
+            readers = [fr.RecordReader(fr._FROM_STATE) for _ in fronts]
+            got: list[list[tuple]] = [[], []]
+            want_closes = 8 - 3
+            while sum(1 for g in got for r in g if r[0] == fr.CLOSE) < want_closes or not all(
+                    any(r[0] == fr.BLOCK for r in g) for g in got):
+                with anyio.fail_after(5):
+                    for i, stream in enumerate(fronts):
+                        with anyio.move_on_after(0.05):
+                            got[i] += readers[i].feed(await stream.receive())
+            closes = [r for g in got for r in g if r[0] == fr.CLOSE]
+            assert len(closes) == want_closes
+            assert {r[2] for r in closes} == {"too many new connections from 10.0.0.9"}
+            assert all((fr.BLOCK, 0, "10.0.0.9") in g for g in got)
+            assert sum(len(f.links) for f in endpoint.fronts if f) == 4
+            tg.cancel_scope.cancel()
+    await listener.aclose()
+
+
+async def test_real_fronts_admit_one_address_burst_connections_in_all(tmp_path: Path) -> None:
+    """16 clients from 127.0.0.1, each on its own port, so Linux spreads them over both fronts,
+    each of which would take 4 on its own: the tracker holds 4 links in all; the others are
+    closed with the reason, or dropped by a front before any handshake once it was told."""
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tracker = await tg.start(partial(run_tracker, seed=1, fronts=2, per_ip=(0.01, 4)))
+            fronts = tracker.fronts
+            assert fronts is not None
+            outcomes: list[str] = []
+            host, port = tracker.address.rsplit(":", 1)
+
+            async def one_client() -> None:
+                async with open_endpoint() as client:
+                    try:
+                        link = await client.connect(host, int(port), timeout=2.0)
+                    except ConnectError:
+                        outcomes.append("dropped")
+                        return
+                    with anyio.move_on_after(3):
+                        event = await link.receive()
+                        assert isinstance(event, LinkClosed), event
+                        outcomes.append(event.reason)
+                        return
+                    outcomes.append("open")
+
+            async with anyio.create_task_group() as clients:
+                for _ in range(16):
+                    clients.start_soon(one_client)
+            assert outcomes.count("open") == 4, outcomes
+            closed = [o for o in outcomes if o not in ("open", "dropped")]
+            assert closed and set(closed) == {"too many new connections from 127.0.0.1"}, outcomes
+            assert len(outcomes) == 16
+            tg.cancel_scope.cancel()
 
 
 async def test_a_front_that_cannot_start_is_a_clear_error_at_once() -> None:

@@ -37,6 +37,24 @@ def test_refused_attempts_cost_nothing() -> None:
     assert a.admit("x", 1.0)
 
 
+def test_an_address_exhausted_elsewhere_waits_for_its_bucket_to_refill() -> None:
+    # Another process (a tracker front) saw the address spend its tokens: this one refuses it
+    # from then on, until one token has come back, whatever it had here.
+    a = Admission(rate=2.0, burst=3)
+    assert a.admit("10.0.0.1", 0.0)
+    a.exhaust("10.0.0.1", 1.0)
+    a.exhaust("10.0.0.2", 1.0)  # never seen here
+    assert not a.admit("10.0.0.1", 1.4) and not a.admit("10.0.0.2", 1.4)
+    assert a.admit("10.0.0.1", 1.5) and not a.admit("10.0.0.1", 1.5)
+    assert a.admit("10.0.0.3", 1.5)  # others untouched
+    # A full table is pruned first, as for a new address.
+    b = Admission(rate=1.0, burst=1, max_tracked=4)
+    for i in range(4):
+        b.exhaust(f"10.0.1.{i}", 0.0)
+    b.exhaust("10.0.2.1", 10.0)  # the others have refilled by now: forgotten
+    assert len(b) <= 4 and not b.admit("10.0.2.1", 10.0)
+
+
 def test_the_table_stays_bounded_and_forgets_refilled_addresses_first() -> None:
     a = Admission(rate=1.0, burst=2, max_tracked=100)
     assert a.admit("busy", 0.0) and a.admit("busy", 0.0)  # spent

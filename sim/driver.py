@@ -245,7 +245,7 @@ class Simulation:
                             chunk_ms=sc.stream.chunk_ms)
             self.nodes[index] = seed
             self.alive[index] = 1
-            self.sched.at(sc.seed.start_s, self._go_live, index)
+            self.sched.at(max(0.0, sc.seed.start_s - sc.seed.lead_s), self._seed_up, index)
         for spec in self.specs:
             if spec.join_at < sc.stream.duration_s:
                 self.sched.at(spec.join_at + 0.05, self._join, spec)
@@ -306,10 +306,13 @@ class Simulation:
         self.back_at[t] = self.sched.now + down_s
         self.sched.after(down_s, self._start_tracker, t, SimKey(self.n + t))
 
-    def _go_live(self, index: int) -> None:
+    def _seed_up(self, index: int) -> None:
+        """The seed starts and announces its channel; it ingests from the broadcast's start
+        (`[seed] start_s`), and at least 0.1 s after announcing."""
         seed: SeedNode = self.nodes[index]
         self._call(index, lambda now: seed.start(now=now))
-        self.sched.at(self.sched.now + 0.1, self._ingest, index)
+        now = self.sched.now
+        self.sched.at(max(now + 0.1, self.scenario.seed.start_s), self._ingest, index)
 
     def _ingest(self, index: int) -> None:
         seed: SeedNode = self.nodes[index]

@@ -11,7 +11,7 @@ The tables (see the dataclasses below for keys and defaults)::
 
     description = "..."
     [stream]   bitrate_kbps, chunk_ms, substreams, duration_s
-    [seed]     upload_kbps, start_s
+    [seed]     upload_kbps, start_s, lead_s
     [peers]    count, nat_fraction, graceful_fraction, download_kbps, playout_delay_s
     [peers.arrival]  kind = "all" | "poisson" | "flash" | "pareto"  (+ t0, rate, window_s, ...)
     [peers.session]  kind = "infinite" | "fixed" | "exponential" | "lognormal"  (+ params)
@@ -100,6 +100,10 @@ class SeedConfig:
     """When the broadcast goes live: the seed announces its channel then and ingests from 0.1 s
     later. Viewers who arrive before wait at the tracker, which places them all at once when
     it does (a premiere)."""
+    lead_s: float = _opt(0.0, NON_NEGATIVE)
+    """How long before `start_s` the seed is up and has announced its channel (a broadcaster who
+    starts it ahead of a premiere): viewers who arrive then are placed as they come and wait
+    in their trees for the first chunk, at `start_s`."""
 
 
 class _Tagged:

@@ -110,7 +110,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import anyio.abc
@@ -901,7 +901,8 @@ class QuicLink:
     def _hand(self, stream_id: int, data: bytes | memoryview, end: bool) -> bool:
         """Give data to aioquic; False if it refused because the stream is already finished."""
         try:
-            self._conn.send_stream_data(stream_id, data, end_stream=end)
+            # (aioquic annotates bytes; it takes any buffer, and a memoryview copies nothing)
+            self._conn.send_stream_data(stream_id, cast(bytes, data), end_stream=end)
         except ValueError:
             # aioquic already finished this stream (reset, or refused by the peer as the link
             # shuts down): its queued data has nowhere to go.
@@ -996,13 +997,13 @@ class _OldestFirst:
 
     def __init__(self) -> None:
         self._held = False
-        self._waiters: list[list] = []  # heap of [key, tiebreak, event, granted]
+        self._waiters: list[list[Any]] = []  # heap of [key, tiebreak, event, granted]
         self._order = itertools.count()
 
     @asynccontextmanager
     async def hold(self, key: int) -> AsyncIterator[None]:
         if self._held:
-            entry = [key, next(self._order), anyio.Event(), False]
+            entry: list[Any] = [key, next(self._order), anyio.Event(), False]
             heapq.heappush(self._waiters, entry)
             try:
                 await entry[2].wait()

@@ -121,6 +121,29 @@ def test_a_premiere_audience_is_placed_without_stalling_the_tracker():
     assert len(startups(result)) == 1000
 
 
+def test_a_seed_up_before_the_premiere_lets_its_audience_start_at_go_live():
+    # The same 1,000 viewers, with the seed up from t = 0 (`lead_s` 5) instead of at go-live:
+    # the tracker places each as it comes, and takes no held join again, so at go-live
+    # nothing waits for it: everyone plays within a second (from go-live), where the held
+    # audience waits for its placing. No chunk goes out before go-live either way.
+    def premiere(lead_s: float) -> RunResult:
+        return Simulation(parse_scenario({
+            "stream": {"bitrate_kbps": 1000, "chunk_ms": 100, "substreams": 4, "duration_s": 12},
+            "seed": {"upload_kbps": 10000, "start_s": 5, "lead_s": lead_s},
+            "peers": {"count": 1000, "arrival": {"kind": "flash", "window_s": 4},
+                      "session": {"kind": "infinite"}, "upload": [{"share": 1.0, "kbps": 3000}]},
+            "run": {"seed": 2},
+        })).run()
+
+    held, early = premiere(0), premiere(5)
+    assert len(startups(held)) == len(startups(early)) == 1000
+    assert max(startups(early)) < 1.0 < 2.0 < max(startups(held))
+    spent = [r.summary()["tracker"]["cpu_s"]["events"] for r in (held, early)]
+    assert spent[1] < 0.6 * spent[0]
+    for r in (held, early):
+        assert sum(b.verified for b in r.metrics.buckets[:5]) == 0
+
+
 def test_each_open_link_costs_the_tracker_its_heartbeats_every_second():
     # Only heartbeats cost anything here: 1 ms a link and second. The seed's link is open for
     # the whole 20 s, the 50 viewers' from their joins at ~1.05 s: ~0.97 s of CPU in all.

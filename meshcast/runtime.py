@@ -76,9 +76,23 @@ class _InStream:
         self.seq = -1
 
 
+class _LinkReader:
+    """What a link's inbound bytes are in the middle of: control frames, chunk streams."""
+    __slots__ = ("control", "streams")
+
+    def __init__(self) -> None:
+        self.control = wire.FrameReader()
+        self.streams: dict[int, _InStream] = {}
+
+
 class NodeRunner:
     """Drive `node` over `endpoint`. Effects the network cannot carry (Deliver, Skip, Notice)
-    go to `on_effect`."""
+    go to `on_effect`.
+
+    A link's events come one of two ways. A `QuicEndpoint`'s links are read by a task each
+    (`accept`, then `receive`). An endpoint with `attach` (a tracker's `FrontEndpoint`) hands
+    them over itself as they come (`link_arrived`, `link_event`): its links are records on a
+    local stream, and a task and a queue per link cost more than the node's work on them."""
 
     def __init__(self, node: Any, endpoint: QuicEndpoint, *,
                  on_effect: Callable[[fx.Effect], None] | None = None,
@@ -90,6 +104,7 @@ class NodeRunner:
         self.clock = clock
         self.accept = accept
         self.links: dict[int, QuicLink] = {}
+        self._readers: dict[int, _LinkReader] = {}
         self._next_link = 1
         self._out_streams: dict[tuple[int, int], int] = {}
         self._timer_changed = anyio.Event()
@@ -105,7 +120,10 @@ class NodeRunner:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                if self.accept:
+                attach = getattr(self.endpoint, "attach", None)
+                if self.accept and attach is not None:
+                    attach(self)
+                elif self.accept:
                     tg.start_soon(self._accept_loop)
                 tg.start_soon(self._timer_loop)
                 if hasattr(self.node, "start"):
@@ -143,13 +161,29 @@ class NodeRunner:
         link = self._add(qlink)
         self.call(lambda now: self.node.link_opened(link, now=now, ref=ref))
 
-    def _add(self, qlink: QuicLink) -> int:
+    def _add(self, qlink: QuicLink, *, read: bool = True) -> int:
         link = self._next_link
         self._next_link += 1
         self.links[link] = qlink
-        assert self._tg is not None
-        self._tg.start_soon(self._read_loop, link, qlink)
+        self._readers[link] = _LinkReader()
+        if read:
+            assert self._tg is not None
+            self._tg.start_soon(self._read_loop, link, qlink)
         return link
+
+    # -- links handed over by the endpoint (`attach`) ----------------------------------------
+
+    def link_arrived(self, qlink: Any) -> int:
+        """A link the endpoint accepted; its events follow by `link_event`. Its id here."""
+        link = self._add(qlink, read=False)
+        self.call(lambda now: self.node.link_opened(link, now=now))
+        return link
+
+    def link_event(self, link: int, event: ControlData | StreamData | StreamReset | LinkClosed) -> None:
+        """One of link `link`'s events (ignored once the node closed it)."""
+        reader = self._readers.get(link)
+        if reader is not None:
+            self._event(link, reader, event)
 
     async def _timer_loop(self) -> None:
         while True:
@@ -166,35 +200,42 @@ class NodeRunner:
             self.call(lambda now: self.node.handle_timer(now=now))
 
     async def _read_loop(self, link: int, qlink: QuicLink) -> None:
-        control = wire.FrameReader()
-        streams: dict[int, _InStream] = {}
-        node = self.node
+        reader = self._readers[link]
         while True:
             event = await qlink.receive()
             if self.links.get(link) is not qlink:
                 return  # closed by our node
-            try:
-                t = type(event)
-                if t is StreamData:
-                    self._stream_data(link, streams, event)
-                elif t is ControlData:
-                    for msg in control.feed(event.data):
-                        self.call(lambda now: node.handle(link, msg, now=now))
-                        if link not in self.links:
-                            return
-                elif t is StreamReset:
-                    st = streams.pop(event.stream_id, None)
-                    if st is not None and st.seq >= 0:
-                        self.call(lambda now: node.chunk_end(link, st.seq, now=now, aborted=True))
-                elif t is LinkClosed:
-                    del self.links[link]
-                    self._forget(link)
-                    self.call(lambda now: node.link_closed(link, now=now, reason=event.reason))
-                    return
-            except RemoteProtocolError as exc:
-                self.call(lambda now: node.protocol_error(link, exc, now=now))
-                if link not in self.links:
-                    return
+            if not self._event(link, reader, event):
+                return
+
+    def _event(self, link: int, reader: _LinkReader,
+               event: ControlData | StreamData | StreamReset | LinkClosed) -> bool:
+        """Hand one of a link's events to the node; False once the link is gone."""
+        node = self.node
+        try:
+            t = type(event)
+            if t is StreamData:
+                self._stream_data(link, reader.streams, event)
+            elif t is ControlData:
+                for msg in reader.control.feed(event.data):
+                    self.call(lambda now: node.handle(link, msg, now=now))
+                    if link not in self.links:
+                        return False
+            elif t is StreamReset:
+                st = reader.streams.pop(event.stream_id, None)
+                if st is not None and st.seq >= 0:
+                    self.call(lambda now: node.chunk_end(link, st.seq, now=now, aborted=True))
+            elif t is LinkClosed:
+                del self.links[link]
+                self._forget(link)
+                reason = event.reason
+                self.call(lambda now: node.link_closed(link, now=now, reason=reason))
+                return False
+        except RemoteProtocolError as exc:
+            self.call(lambda now: node.protocol_error(link, exc, now=now))
+            if link not in self.links:
+                return False
+        return True
 
     def _stream_data(self, link: int, streams: dict[int, _InStream], event: StreamData) -> None:
         node = self.node
@@ -318,5 +359,6 @@ class NodeRunner:
         return sum(q.unsent_bytes for q in self.links.values()) / rate
 
     def _forget(self, link: int) -> None:
+        self._readers.pop(link, None)
         for key in [k for k in self._out_streams if k[0] == link]:
             del self._out_streams[key]

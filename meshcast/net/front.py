@@ -54,7 +54,7 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
@@ -168,37 +168,40 @@ def _pieces(data: bytes) -> list[bytes]:
 # -- the state process's side ------------------------------------------------------------------
 
 
+class LinkSink(Protocol):
+    """Who takes a `FrontEndpoint`'s links and their events (`NodeRunner`)."""
+
+    def link_arrived(self, qlink: Any) -> int: ...
+
+    def link_event(self, link: int, event: ControlData | LinkClosed) -> None: ...
+
+
 class FrontLink:
     """A link held by a front, as the state process's `NodeRunner` sees it (the part of
-    `QuicLink` a tracker uses: control bytes and closing)."""
+    `QuicLink` a tracker uses: control bytes and closing). Its events go to the endpoint's
+    sink as their records come."""
 
     def __init__(self, front: _Front, number: int, remote: str) -> None:
         self._front = front
         self._number = number
         host, _, port = remote.rpartition(":")
         self.remote_address = (host, int(port) if port.isdigit() else 0)
-        self._in, self._out = anyio.create_memory_object_stream[ControlData](math.inf)
-        self._closed: LinkClosed | None = None
-
-    async def receive(self) -> ControlData | LinkClosed:
-        """The next event; after the link closed, its `LinkClosed` on every call."""
-        try:
-            return await self._out.receive()
-        except anyio.EndOfStream:
-            assert self._closed is not None
-            return self._closed
+        self._closed = False
+        self.sink_id = -1
+        """Its id at the sink (-1: not handed over yet)."""
 
     def send_control(self, data: bytes) -> None:
-        if self._closed is None and data:
+        if not self._closed and data:
             for piece in _pieces(data):
                 self._front.writer.put(encode(SEND, self._number, piece))
 
     def close(self, reason: str = "") -> None:
-        """Close it in the front (queued control bytes first, as `QuicLink.close`)."""
-        if self._closed is None:
+        """Close it in the front (queued control bytes first, as `QuicLink.close`); the sink
+        closed it, so it hears no more of it."""
+        if not self._closed:
+            self._closed = True
             self._front.writer.put(encode(CLOSE, self._number, reason))
             self._front.links.pop(self._number, None)
-            self._set_closed(reason)
 
     @property
     def unsent_bytes(self) -> int:
@@ -207,12 +210,6 @@ class FrontLink:
     def open_stream(self) -> int:
         raise RuntimeError("a tracker's links carry no chunk streams")
 
-    def _push(self, event: ControlData) -> None:
-        self._in.send_nowait(event)
-
-    def _set_closed(self, reason: str) -> None:
-        self._closed = LinkClosed(reason)
-        self._in.close()  # what was pushed before is still received first
 
 
 class _Front:
@@ -224,7 +221,9 @@ class _Front:
 
 
 class FrontEndpoint:
-    """What the state process's `NodeRunner` runs over: the fronts' links, accepted.
+    """What the state process's `NodeRunner` runs over: the fronts' links, handed to it
+    (`attach`) with their events as their records come, not queued for tasks to read: a queue
+    and a task per link cost more than the node's work on a join.
     `fronts[i]`: front i while it is up. `admission`: the per-address limit over all fronts
     (None: none)."""
 
@@ -233,13 +232,28 @@ class FrontEndpoint:
         self.admission = admission
         self._started = [anyio.Event() for _ in range(count)]
         self._lost: Callable[[int], None] = lambda index: None
-        self._accepted_in, self._accepted_out = anyio.create_memory_object_stream[FrontLink](
-            float("inf"))
+        self._sink: LinkSink | None = None
+        self._early: list[tuple[FrontLink, ControlData | LinkClosed | None]] = []
+        """What came before `attach`: links (None) and their events, in order."""
         self.local_address: tuple[str, int] = ("", 0)
         self.closing = False
 
-    async def accept(self) -> FrontLink:
-        return await self._accepted_out.receive()
+    def attach(self, sink: LinkSink) -> None:
+        """Hand links and their events to `sink` from now on, and what came before."""
+        self._sink = sink
+        early, self._early = self._early, []
+        for link, event in early:
+            self._deliver(link, event)
+
+    def _deliver(self, link: FrontLink, event: ControlData | LinkClosed | None) -> None:
+        """A new link (`event` None) or one of its events, to the sink."""
+        sink = self._sink
+        if sink is None:
+            self._early.append((link, event))
+        elif event is None:
+            link.sink_id = sink.link_arrived(link)
+        elif link.sink_id >= 0:
+            sink.link_event(link.sink_id, event)
 
     def stats(self) -> list[dict[str, Any]]:
         """Each front: up or not, its pid and its links (for `meshcast tracker --stats`)."""
@@ -285,9 +299,12 @@ class FrontEndpoint:
                     log.warning("front %d (pid %d) is gone (%s); its %d links close",
                                 front.index, front.pid, reason, len(front.links))
                     self._lost(front.index)
-                for link in list(front.links.values()):
-                    link._set_closed(reason)
+                links = list(front.links.values())
                 front.links.clear()
+                for link in links:
+                    link._closed = True
+                    if reason != "tracker stopping":
+                        self._deliver(link, LinkClosed(reason))
 
     def _hello(self, stream: anyio.abc.ByteStream, kind: int, index: int, port: int) -> _Front:
         if kind != HELLO or index >= len(self.fronts) or self.fronts[index] is not None:
@@ -303,7 +320,7 @@ class FrontEndpoint:
         if kind == DATA:
             link = front.links.get(number)
             if link is not None:
-                link._push(ControlData(value))
+                self._deliver(link, ControlData(value))
         elif kind == OPENED:
             if number in front.links:
                 raise FrontProtocolError(f"link {number} opened twice")
@@ -312,11 +329,12 @@ class FrontEndpoint:
                 front.writer.put(encode(CLOSE, number, f"too many new connections from {host}"))
                 return
             link = front.links[number] = FrontLink(front, number, value)
-            self._accepted_in.send_nowait(link)
+            self._deliver(link, None)
         elif kind == CLOSED:
             link = front.links.pop(number, None)
             if link is not None:
-                link._set_closed(value)
+                link._closed = True
+                self._deliver(link, LinkClosed(value))
         else:
             raise FrontProtocolError("HELLO twice")
 

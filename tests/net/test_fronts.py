@@ -205,10 +205,38 @@ async def test_links_survive_a_new_front_joining_the_port(tmp_path: Path) -> Non
         f.sock.close()
 
 
+class Sink:
+    """Takes a `FrontEndpoint`'s links and their events, as `NodeRunner` does, and keeps them."""
+
+    def __init__(self) -> None:
+        self.links: dict[int, fr.FrontLink] = {}
+        self.events: dict[int, list] = {}
+        self._changed = anyio.Event()
+
+    def link_arrived(self, qlink: fr.FrontLink) -> int:
+        n = len(self.links) + 1
+        self.links[n], self.events[n] = qlink, []
+        self._changed.set()
+        return n
+
+    def link_event(self, link: int, event) -> None:
+        self.events[link].append(event)
+        self._changed.set()
+
+    def by_host(self, host: str) -> int:
+        return next(n for n, q in self.links.items() if q.remote_address[0] == host)
+
+    async def until(self, ready) -> None:
+        while not ready():
+            self._changed = anyio.Event()
+            await self._changed.wait()
+
+
 async def test_a_front_breaking_the_record_format_is_cut_off(tmp_path: Path) -> None:
     """A front's stream that carries a malformed record: its links close with the reason,
     another front's links stay; the endpoint keeps serving."""
     endpoint = fr.FrontEndpoint(2)
+    sink = Sink()
     path = str(tmp_path / "s.sock")
     listener = await anyio.create_unix_listener(path)
     with anyio.fail_after(10):
@@ -224,19 +252,22 @@ async def test_a_front_breaking_the_record_format_is_cut_off(tmp_path: Path) -> 
             await bad.send(fr.encode(fr.HELLO, 1, 4433))
             await good.send(fr.encode(fr.OPENED, 1, "10.0.0.1:5000"))
             await bad.send(fr.encode(fr.OPENED, 1, "10.0.0.2:5000"))
-            a = await endpoint.accept()
-            b = await endpoint.accept()
-            if a.remote_address[0] != "10.0.0.1":
-                a, b = b, a
+            while len(endpoint._early) < 2:  # links that come before a sink wait for it
+                await anyio.sleep(0.01)
+            endpoint.attach(sink)
+            assert len(sink.links) == 2
+            a, b = sink.by_host("10.0.0.1"), sink.by_host("10.0.0.2")
             await bad.send(fr.encode(fr.DATA, 1, b"hi") + _framed(["x", 1, b""]))
-            assert (await b.receive()).data == b"hi"
-            closed = await b.receive()
+            await sink.until(lambda: len(sink.events[b]) == 2)
+            data, closed = sink.events[b]
+            assert data == ControlData(b"hi")
             assert isinstance(closed, LinkClosed)
             assert closed.reason.startswith("front process broke the protocol: unexpected record")
             # The good front still carries data both ways.
             await good.send(fr.encode(fr.DATA, 1, b"still here"))
-            assert (await a.receive()).data == b"still here"
-            a.send_control(b"answer")
+            await sink.until(lambda: sink.events[a])
+            assert sink.events[a] == [ControlData(b"still here")]
+            sink.links[a].send_control(b"answer")
             reader = fr.RecordReader(fr._FROM_STATE)
             got = []
             while not got:
@@ -251,6 +282,8 @@ async def test_the_per_address_limit_holds_over_all_fronts_together(tmp_path: Pa
     them): the state process takes `burst` of them in all, closes the others with the reason
     before the node sees them, and tells both fronts the address is spent."""
     endpoint = fr.FrontEndpoint(2, admission=Admission(rate=0.001, burst=3))
+    sink = Sink()
+    endpoint.attach(sink)
     path = str(tmp_path / "s.sock")
     listener = await anyio.create_unix_listener(path)
     with anyio.fail_after(10):
@@ -265,8 +298,9 @@ async def test_the_per_address_limit_holds_over_all_fronts_together(tmp_path: Pa
                 for index, stream in enumerate(fronts):
                     await stream.send(fr.encode(fr.OPENED, n, f"10.0.0.9:{5000 + 10 * n + index}"))
             await fronts[0].send(fr.encode(fr.OPENED, 9, "10.0.0.10:5000"))  # someone else
-            accepted = [await endpoint.accept() for _ in range(4)]
-            assert sorted(link.remote_address[0] for link in accepted) == ["10.0.0.10"] + ["10.0.0.9"] * 3
+            await sink.until(lambda: len(sink.links) == 4)
+            assert sorted(q.remote_address[0] for q in sink.links.values()) == (
+                ["10.0.0.10"] + ["10.0.0.9"] * 3)
             readers = [fr.RecordReader(fr._FROM_STATE) for _ in fronts]
             got: list[list[tuple]] = [[], []]
             want_closes = 8 - 3

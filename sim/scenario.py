@@ -232,8 +232,10 @@ class TrackerConfig:
     # sent) is 4,080 µs, split as in `bench/tracker_cpu.py`'s sans-IO figures (1,070 µs
     # handshake, ~29 per message: 81 / 19 %); handling it is 4,740 − 4,080 − 1.5 signatures;
     # and a message over the local stream (~9.5 a join: the link opened, the Join, the answers)
-    # the rest of the state process's 1,250. Sign, verify: `bench/tracker_cpu.py`. All 0 gives
-    # a tracker that answers at once, whatever the load.
+    # the rest of the state process's 1,250, less the fifth the state process saved once its
+    # links' records went straight to the runner (paired runs, 1,180 → 950 µs a join: 37, was
+    # 60). Sign, verify: `bench/tracker_cpu.py`. All 0 gives a tracker that answers at once,
+    # whatever the load.
     handshake_us: float = _opt(3300.0, NON_NEGATIVE)
     """Server side of one QUIC handshake (a viewer's or seed's first contact)."""
     receive_us: float = _opt(92.0, NON_NEGATIVE)
@@ -242,7 +244,7 @@ class TrackerConfig:
     """Framing and sending one message by QUIC."""
     event_us: float = _opt(610.0, NON_NEGATIVE)
     """Handling one message, closed link or timer: decoding, deciding, framing the answers."""
-    relay_us: float = _opt(60.0, NON_NEGATIVE)
+    relay_us: float = _opt(37.0, NON_NEGATIVE)
     """With fronts: one message (or link opened or closed) over the local stream between a
     front and the tracker process, at the tracker process."""
     sign_us: float = _opt(32.0, NON_NEGATIVE)

@@ -179,7 +179,8 @@ class NodeRunner:
         self.call(lambda now: self.node.link_opened(link, now=now))
         return link
 
-    def link_event(self, link: int, event: ControlData | StreamData | StreamReset | LinkClosed) -> None:
+    def link_event(self, link: int,
+                   event: ControlData | StreamData | StreamReset | LinkClosed) -> None:
         """One of link `link`'s events (ignored once the node closed it)."""
         reader = self._readers.get(link)
         if reader is not None:
@@ -200,7 +201,9 @@ class NodeRunner:
             self.call(lambda now: self.node.handle_timer(now=now))
 
     async def _read_loop(self, link: int, qlink: QuicLink) -> None:
-        reader = self._readers[link]
+        reader = self._readers.get(link)
+        if reader is None:
+            return  # closed by our node before this task started
         while True:
             event = await qlink.receive()
             if self.links.get(link) is not qlink:

@@ -211,7 +211,6 @@ class FrontLink:
         raise RuntimeError("a tracker's links carry no chunk streams")
 
 
-
 class _Front:
     def __init__(self, index: int, stream: anyio.abc.ByteStream) -> None:
         self.index = index

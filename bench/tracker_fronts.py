@@ -31,7 +31,7 @@ import anyio.abc
 
 from _common import CLK_TCK, cpu_ticks, print_table
 from meshcast import messages as m
-from meshcast.cli import _free_udp_port
+from meshcast.cli import _free_udp_port, _stop
 from meshcast import wire
 from meshcast.crypto import Crypto, SigningKey
 from meshcast.net.quic import ConnectError, QuicLink, open_endpoint
@@ -117,12 +117,7 @@ async def one_run(fronts: int, joins: int, concurrency: int, sockets: int, rate:
             for link in links:
                 link.close("done")
     finally:
-        if proc.returncode is None:
-            proc.terminate()
-        with anyio.move_on_after(10):
-            await proc.wait()
-        if proc.returncode is None:
-            proc.kill()
+        await _stop(proc)
         await proc.aclose()
     return {"state_us": spent[0] / joins * 1e6, "fronts_us": sum(spent[1:]) / joins * 1e6,
             "joins_per_s": joins / wall}

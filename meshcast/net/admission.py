@@ -71,6 +71,11 @@ class Admission:
         self._buckets.pop(source, None)  # re-inserted: now the newest
         self._buckets[source] = (0.0, now)
 
+    def refusal(self, source: str) -> str:
+        """The log line for refusing `source` (when `report` says to log one)."""
+        return (f"refusing new connections from {source}: more than {self.burst} at once or "
+                f"{self.rate:g} a second ({self.refused} refused in all)")
+
     def report(self, source: str, now: float) -> bool:
         """Should a refusal of `source` at `now` be logged (once per `LOG_EVERY_S` each)?"""
         last = self._reported.get(source)

@@ -347,9 +347,7 @@ class FrontEndpoint:
         if admission.admit(host, now):
             return True
         if admission.report(host, now):
-            log.warning("refusing new connections from %s over all fronts: more than %d at once "
-                        "or %g a second (%d refused in all)", host, admission.burst,
-                        admission.rate, admission.refused)
+            log.warning("%s (counted over all fronts)", admission.refusal(host))
         for front in self.fronts:
             if front is not None:
                 front.writer.put(encode(BLOCK, 0, host))

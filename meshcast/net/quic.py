@@ -518,9 +518,7 @@ class QuicEndpoint:
             # Before any handshake work: the client's connect times out (or its retransmitted
             # Initial gets in once its address has a token again).
             if admission.report(address[0], now):
-                log.warning("refusing new connections from %s: more than %d at once or %g a "
-                            "second (%d refused in all)", address[0], admission.burst,
-                            admission.rate, admission.refused)
+                log.warning("%s", admission.refusal(address[0]))
             return None
         conn = Connection(
             configuration=self._server_config,

@@ -144,12 +144,16 @@ class Deliver:
     """Seconds from the seed's `head.ts` to verification here (same clock in sim and on one host)."""
     from_seed: bool
     """The chunk came straight from the seed (not relayed by a peer)."""
+    on_time: bool = True
+    """Handed over by its playback deadline (a chunk held up behind an earlier one may not be)."""
 
-    def __init__(self, head: ChunkHead, payload: bytes, latency: float, from_seed: bool) -> None:
+    def __init__(self, head: ChunkHead, payload: bytes, latency: float, from_seed: bool,
+                 on_time: bool = True) -> None:
         self.head = head
         self.payload = payload
         self.latency = latency
         self.from_seed = from_seed
+        self.on_time = on_time
 
 
 @dataclass(slots=True)

@@ -55,10 +55,12 @@ import gc
 import math
 import random
 import time
-from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
+
+from librt.vecs import extend, vec
+from mypy_extensions import i32, i64
 
 from meshcast import effects as fx
 from meshcast import messages as m
@@ -160,26 +162,31 @@ class Simulation:
         """Front processes per tracker process (`[tracker] fronts`; 0: it does its own QUIC)."""
         self.tracker_crypto = [SimCrypto() for _ in range(P)]
         """Each tracker's own, counting its signatures."""
-        self.tracker_free = array("d", [0.0]) * P
+        # Per-node and per-link columns are `vec`s: compact like an `array`, and a compiled build
+        # (mypyc) reads and writes their items natively (an array's go through Python's item
+        # protocol, with each index and value boxed).
+        self.tracker_free = vec[float]([0.0] * P)
         """When each tracker's CPU has got through the work given it so far."""
-        self.front_free = array("d", [0.0]) * (P * self.fronts)
+        self.front_free = vec[float]([0.0] * (P * self.fronts))
         """... and each front's (tracker t's fronts are t·F … t·F + F − 1)."""
-        self.tracker_gen = array("q", [0]) * P
+        self.tracker_gen = vec[i64]([0] * P)
         """Which process at each tracker's address (a restart starts another): its queued
         answers die with it."""
         self._tracker_us = 0.0
         """CPU (µs) of the event a tracker is handling, before its signatures and sends."""
         self.nodes: list[Any] = [None] * n
-        self.alive = bytearray(n)
-        self.timer_at = array("d", [math.inf]) * n
-        self.owner = array("i", [-1, -1])
-        """Link → the node at that end, -1 once closed (links are indexes, from 2 on)."""
-        self.first_link = array("q", [-1]) * n
-        self.next_link = array("q", [-1, -1])
+        self.alive = vec[bool]([False] * n)
+        self.timer_at = vec[float]([math.inf] * n)
+        self.owner = vec[i32]([-1, -1])
+        """Link → the node at that end, -1 once closed (links are indexes, from 2 on). It and
+        the other per-link columns grow in `_new_link`, which replaces them (`extend` returns
+        a new `vec`): a local alias is stale after it."""
+        self.first_link = vec[i64]([-1] * n)
+        self.next_link = vec[i64]([-1, -1])
         """Each node's link ends, newest first, as a chain: node → its newest end
         (`first_link`), end → the node's end registered before it (`next_link`); -1 ends it.
         Closed ends stay in the chain (their `owner` is -1)."""
-        self.delay = array("d", [0.0, 0.0])
+        self.delay = vec[float]([0.0, 0.0])
         """Link → the one-way delay between its ends (the latency model's, kept at open: a
         chunk sent on the link then reads one number, not both ends' coordinates)."""
         self._ctx_node = -1
@@ -190,14 +197,14 @@ class Simulation:
         chunk_bytes = int(sc.stream.bitrate_kbps * sc.stream.chunk_ms / 8)
         self.payload = bytes(chunk_bytes)
         self.rap_every = max(1, round(sc.stream.gop_ms / sc.stream.chunk_ms))
-        self.joined = array("d", [math.nan]) * n
+        self.joined = vec[float]([math.nan] * n)
         self.peer_rng = random.Random(self.rng.random())
         """One generator for all peers: a Mersenne Twister is 2.5 KB, and one timeline keeps
         the draws in a deterministic order anyway."""
         self.live_at = sc.seed.start_s
         """When the seeds go live (`[seed] start_s`)."""
-        self.started = bytearray(n)
-        """1 once a peer has played its first chunk."""
+        self.started = vec[bool]([False] * n)
+        """True once a peer has played its first chunk."""
         self.refused: set[int] = set()
         self.back_at: dict[int, float] = {}
         """Nodes that are down but will answer again at their address (the tracker during a
@@ -244,7 +251,7 @@ class Simulation:
                             bitrate_kbps=int(sc.stream.bitrate_kbps), substreams=sc.stream.substreams,
                             chunk_ms=sc.stream.chunk_ms)
             self.nodes[index] = seed
-            self.alive[index] = 1
+            self.alive[index] = True
             self.sched.at(max(0.0, sc.seed.start_s - sc.seed.lead_s), self._seed_up, index)
         for spec in self.specs:
             if spec.join_at < sc.stream.duration_s:
@@ -252,9 +259,14 @@ class Simulation:
         events = self.sched.run(sc.stream.duration_s, progress=self.progress)
         for spec in self.specs:
             node = self.nodes[spec.id]
-            if node is not None and self.alive[spec.id] and node.id >= 0:
+            if node is None:
+                continue
+            peer: PeerNode = node
+            self.metrics.peer_played(spec.id, peer.delivered, peer.delivered - peer.late,
+                                     peer.latency_sum, peer.bytes_from_peers, peer.bytes_from_seed)
+            if self.alive[spec.id] and peer.id >= 0:
                 tracker: TrackerNode = self.nodes[spec.channel % self.trackers]
-                self.metrics.depth(spec.id, tracker.depth_of(node.channel, node.id))
+                self.metrics.depth(spec.id, tracker.depth_of(peer.channel, peer.id))
         return RunResult(self.metrics, events, time.perf_counter() - wall, len(self.specs),
                          self.nodes[TRACKER])
 
@@ -266,7 +278,7 @@ class Simulation:
         self.nodes[t] = TrackerNode(key=key, crypto=self.tracker_crypto[t],
                                     rng=random.Random(self.rng.random()),
                                     strategy=self.scenario.run.strategy)
-        self.alive[t] = 1
+        self.alive[t] = True
 
     def _keepalives(self, t: int) -> None:
         """Tracker t's CPU (or its fronts', evenly) for its open links' heartbeats over the
@@ -331,7 +343,7 @@ class Simulation:
                         coords=self.coords[i] if self.coords else (),
                         playout_delay=self.playout_delay)
         self.nodes[i] = node
-        self.alive[i] = 1
+        self.alive[i] = True
         self.joined[i] = self.sched.now
         self.metrics.peer_joined(i, now=self.sched.now)
         self._call(i, lambda now: node.start(now=now))
@@ -346,7 +358,7 @@ class Simulation:
         self.metrics.peer_left(i, now=self.sched.now)
         if graceful:
             self._call(i, lambda now: node.leave(now=now))
-            self.alive[i] = 0
+            self.alive[i] = False
             return
         self._stop(i, "idle timeout", killed=True)
 
@@ -354,7 +366,7 @@ class Simulation:
         """Node i's process ends and sends nothing more. Each remote end of its links learns so
         at its idle time-out if it was killed (kill -9), else one one-way delay later (the
         process closed its connections on the way out). Its index is free for a new node."""
-        self.alive[i] = 0
+        self.alive[i] = False
         self.nodes[i].drain()
         self.timer_at[i] = math.inf
         owner = self.owner
@@ -499,12 +511,10 @@ class Simulation:
             elif isinstance(eff, fx.Deliver):
                 seq = eff.head.seq
                 if not self.started[i]:
-                    self.started[i] = 1
+                    self.started[i] = True
                     # From the join, or from the broadcast's start for a viewer who came before.
                     metrics.startup(i, now - max(self.joined[i], self.live_at))
-                peer: PeerNode = self.nodes[i]
-                on_time = now <= peer.deadline(seq) + 1e-9
-                metrics.chunk_verified(i, seq, eff.latency, on_time, not eff.from_seed,
+                metrics.chunk_verified(i, seq, eff.latency, eff.on_time, not eff.from_seed,
                                        eff.head.size, now=now)
             elif isinstance(eff, fx.Send):
                 link = eff.link
@@ -518,6 +528,7 @@ class Simulation:
                 metrics.chunk_missed(i, eff.seq, now=now)
             elif isinstance(eff, fx.Open):
                 self._open(i, eff.address, eff.ref)
+                owner = self.owner  # (it may have grown: `_new_link`)
             elif isinstance(eff, fx.Notice):
                 node = self.nodes[i]
                 if i >= self.first_peer and node.rejected and i not in self.refused:
@@ -550,18 +561,22 @@ class Simulation:
             else:
                 self.sched.at(now + CONNECT_TIMEOUT, self._open_failed, i, ref)
             return
-        owner = self.owner
-        a = len(owner)
-        b = a ^ 1
-        owner.extend((-1, -1))
-        self.next_link.extend((-1, -1))
         one_way = self.net.latency.one_way(i, dst)
-        self.delay.extend((one_way, one_way))
+        a = self._new_link(one_way)
+        b = a ^ 1
         if dst < self.trackers and self.cpu_on:
             self.sched.at(now + one_way, self._handshake, dst, i, a, ref, now, 0)
             return
         self.sched.at(now + one_way, self._accepted, dst, b, a, i)
         self.sched.at(now + 2 * one_way, self._opened, i, a, ref)
+
+    def _new_link(self, one_way: float) -> int:
+        """Register a link: two ends, `a` and `a ^ 1`, closed until opened; return `a`."""
+        a = len(self.owner)
+        self.owner = extend(self.owner, (-1, -1))
+        self.next_link = extend(self.next_link, (-1, -1))
+        self.delay = extend(self.delay, (one_way, one_way))
+        return a
 
     def _handshake(self, t: int, i: int, link: int, ref: Any, sent: float, copy: int) -> None:
         """Node i's first packet (sent at `sent`; copy 0, or the client's resend number `copy`)
@@ -629,7 +644,7 @@ class Simulation:
     # closed): one boxed int less in each of the ~3 events pending per peer.
 
     def _message(self, link: int, msg: m.Message) -> None:
-        dst = self.owner[link]
+        dst: int = self.owner[link]
         if dst < 0 or not self.alive[dst]:
             return
         node: RelayNode | TrackerNode = self.nodes[dst]
@@ -650,7 +665,7 @@ class Simulation:
             self._tracker_us += cpu.event_us + cpu.receive_us
 
     def _closed(self, link: int, reason: str) -> None:
-        dst = self.owner[link]
+        dst: int = self.owner[link]
         self.owner[link] = -1
         if dst < 0 or not self.alive[dst]:
             return
@@ -660,7 +675,7 @@ class Simulation:
         self._call(dst, lambda now: node.link_closed(link, now=now, reason=reason))
 
     def _chunk_arrives(self, link: int, chunk: fx.Chunk, ok: bool, t_head: float) -> None:
-        dst = self.owner[link]
+        dst: int = self.owner[link]
         if dst < 0 or not self.alive[dst]:
             return
         node: PeerNode = self.nodes[dst]  # only peers receive chunks

@@ -13,6 +13,11 @@ heap's, since a bucket holds a span of time, but a pop sifts through the ~10³ e
 millisecond rather than the ~10⁵–10⁶ pending in a 100k-peer run, whose scattered tuples made
 `heappop` the largest single cost of the run (3.4 µs a pop at 40k peers).
 
+The current bucket's heap is an `EventHeap` from the optional C module `sim._eventheap` (built
+into the compiled copy by `bench/build_compiled.sh`), which keeps each entry's (time, seq) as C
+numbers: `heapq` compares tuples through Python's rich comparison, an eighth of a compiled run.
+Without it, `ListHeap` does the same with `heapq`; both pop in exactly the same order.
+
 Cancelling records the entry's ``seq`` as a tombstone in O(1); the entry is discarded when it
 comes up, and the loop only looks the tombstones up when there are any. A handle cancelled after
 it ran (legal, and common for timers) leaves a stale tombstone; stale ones are purged, amortised
@@ -26,7 +31,7 @@ from heapq import heapify, heappop, heappush
 from itertools import chain
 from typing import Any, Callable, Final
 
-__all__ = ["Scheduler", "Handle", "PROGRESS_EVERY", "BUCKET_S"]
+__all__ = ["Scheduler", "Handle", "PROGRESS_EVERY", "BUCKET_S", "ListHeap", "EventHeap"]
 
 # An entry of the heap, returned as the cancellation handle: (time, seq, fn, *args) — flat, so
 # a pending event is one tuple, not two (~170 bytes less per simulated peer).
@@ -42,16 +47,59 @@ _NEVER: Final = 1 << 62
 """The bucket of events at infinity (or beyond any run): the last."""
 
 
+class ListHeap:
+    """Entries ``(time, seq, fn, *args)`` ordered by (time, seq): a list and `heapq`. The
+    interface of the C module's `EventHeap`, which replaces it when built."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self) -> None:
+        self._items: list[Handle] = []
+
+    def push(self, entry: Handle) -> None:
+        heappush(self._items, entry)
+
+    def pop(self) -> Handle:
+        return heappop(self._items)
+
+    def first(self) -> Handle | None:
+        items = self._items
+        return items[0] if items else None
+
+    def pop_until(self, until: float) -> Handle | None:
+        """Remove and return the first entry if its time is at most `until`, else None."""
+        items = self._items
+        return heappop(items) if items and items[0][0] <= until else None
+
+    def extend(self, entries: list[Handle]) -> None:
+        items = self._items
+        items.extend(entries)
+        heapify(items)
+
+    def entries(self) -> list[Handle]:
+        return list(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+try:
+    from sim._eventheap import EventHeap
+except ImportError:  # not built: the pure-Python heap, same order
+    EventHeap = ListHeap  # type: ignore[misc,assignment]
+
+
 class Scheduler:
     """A discrete-event loop on a virtual clock (seconds, plain floats)."""
 
     __slots__ = ("now", "_heap", "_bucket", "_later", "_pending", "_seq", "_stopped", "_cancelled",
                  "_purge_at")
 
-    def __init__(self, now: float = 0.0) -> None:
+    def __init__(self, now: float = 0.0, *, heap: Callable[[], Any] | None = None) -> None:
+        """`heap`: the current bucket's heap type (default `EventHeap`, the C one if built)."""
         self.now = float(now)
-        self._heap: list[Handle] = []
-        """The entries of bucket `_bucket` and earlier (a heap)."""
+        self._heap: Any = EventHeap() if heap is None else heap()
+        """The entries of bucket `_bucket` and earlier (`EventHeap` or `ListHeap`)."""
         self._bucket = -1
         self._later: dict[int, list[Handle]] = {}
         """Bucket → its entries, unsorted; every bucket here is after `_bucket`."""
@@ -67,7 +115,7 @@ class Scheduler:
         if not time >= self.now:  # also refuses NaN
             raise ValueError(f"cannot schedule in the past: {time} < now {self.now}")
         self._seq = seq = self._seq + 1
-        entry = (time, seq, fn, *args)
+        entry = (time, seq, fn) + args  # (one tuple built, no list)
         self._put(entry, time)
         return entry
 
@@ -77,7 +125,7 @@ class Scheduler:
             raise ValueError(f"negative delay: {delay}")
         self._seq = seq = self._seq + 1
         time = self.now + delay
-        entry = (time, seq, fn, *args)
+        entry = (time, seq, fn) + args  # (one tuple built, no list)
         self._put(entry, time)
         return entry
 
@@ -85,7 +133,7 @@ class Scheduler:
         # The bucket: monotone in time, so the calendar keeps one heap's order.
         b = int(time * _PER_S) if time < 1e15 else _NEVER
         if b <= self._bucket:
-            heappush(self._heap, entry)
+            self._heap.push(entry)
             return
         later = self._later.get(b)
         if later is None:
@@ -100,9 +148,7 @@ class Scheduler:
         if not pending:
             return False
         b = heappop(pending)
-        heap = self._heap
-        heap.extend(self._later.pop(b))
-        heapify(heap)
+        self._heap.extend(self._later.pop(b))
         self._bucket = b
         return True
 
@@ -119,7 +165,8 @@ class Scheduler:
             # wait in a later bucket (after `run(until)` moved the clock past the heap's), so
             # every pending entry is looked at, as with one heap.
             now = self.now
-            pending_now = {e[1] for e in chain(self._heap, *self._later.values()) if e[0] == now}
+            pending_now = {e[1] for e in chain(self._heap.entries(), *self._later.values())
+                           if e[0] == now}
             for s, t in list(cancelled.items()):
                 if t < now or (t == now and s not in pending_now):
                     del cancelled[s]
@@ -133,10 +180,12 @@ class Scheduler:
         """Time of the next live event, or None when nothing is pending."""
         heap, cancelled = self._heap, self._cancelled
         while True:
-            while heap and heap[0][1] in cancelled:
-                del cancelled[heappop(heap)[1]]
-            if heap:
-                return heap[0][0]
+            first = heap.first()
+            while first is not None and first[1] in cancelled:
+                del cancelled[heap.pop()[1]]
+                first = heap.first()
+            if first is not None:
+                return first[0]
             if not self._advance():
                 return None
 
@@ -157,16 +206,16 @@ class Scheduler:
         events and once at the end.
         """
         heap, cancelled = self._heap, self._cancelled
-        pop = heappop
         count = 0
         self._stopped = False
         # One loop for both cases: without a callback the report threshold is never reached.
         next_report = PROGRESS_EVERY if progress is not None else -1
-        while heap or self._advance():
-            entry = heap[0]
-            if entry[0] > until:
-                break
-            pop(heap)
+        while True:
+            entry: Handle | None = heap.pop_until(until)  # (typed: a compiled build indexes it
+            if entry is None:                             # as a tuple, not through Python)
+                if heap.first() is not None or not self._advance():
+                    break  # the next event is after `until`, or there is none
+                continue
             if cancelled and entry[1] in cancelled:
                 del cancelled[entry[1]]
                 continue

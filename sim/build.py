@@ -53,6 +53,9 @@ def build_eventheap(dest: Path) -> Path:
     cfg = sysconfig.get_config_vars()
     out = Path(dest) / f"_eventheap{cfg['EXT_SUFFIX']}"
     cc = str(cfg.get("CC") or "gcc").split()[0]
-    subprocess.run([cc, "-O2", "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}",
-                    str(Path(__file__).with_name("_eventheap.c")), "-o", str(out)], check=True)
+    try:
+        subprocess.run([cc, "-O2", "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}",
+                        str(Path(__file__).with_name("_eventheap.c")), "-o", str(out)], check=True)
+    except FileNotFoundError:
+        raise RuntimeError(f"no C compiler {cc!r} to build the event heap (apt install gcc)") from None
     return out

@@ -263,7 +263,8 @@ class Simulation:
                 continue
             peer: PeerNode = node
             self.metrics.peer_played(spec.id, peer.delivered, peer.delivered - peer.late,
-                                     peer.latency_sum, peer.bytes_from_peers, peer.bytes_from_seed)
+                                     peer.skipped, peer.latency_sum, peer.bytes_from_peers,
+                                     peer.bytes_from_seed)
             if self.alive[spec.id] and peer.id >= 0:
                 tracker: TrackerNode = self.nodes[spec.channel % self.trackers]
                 self.metrics.depth(spec.id, tracker.depth_of(peer.channel, peer.id))

@@ -3,9 +3,10 @@
 The driver calls the collector as things happen; nothing here reads a clock (times are
 arguments). Memory stays flat in run length and in samples: latencies go into fixed-width
 histograms (1 ms bins up to ``latency_max_s``; quantiles are exact to half a bin), per-peer
-aggregates live in ``vec`` columns (compact arrays) indexed by node id, and the time series keep a few counters
-plus a coarse (10 ms) latency histogram per bucket. The run's totals are the buckets' sums; what
-each peer played is its node's own count, given at the end (`peer_played`).
+aggregates live in ``vec`` columns (compact arrays) indexed by node id, and the time series keep
+a few counters plus a coarse (10 ms) latency histogram per bucket. The run's totals are the
+buckets' sums; what each peer played and missed is its node's own count, given at the end
+(`peer_played`).
 
 Definitions (what the summary means):
     latency     source-to-play latency of each verified chunk (p50/p95/p99, ms).
@@ -255,19 +256,21 @@ class MetricsCollector:
         if from_peer:
             b.peer_bytes += nbytes
 
-    def peer_played(self, peer: int, verified: int, on_time: int, latency_sum: float,
-                    from_peers: int, from_seed: int) -> None:
-        """What ``peer`` played in the whole run (its node's counters), for its columns."""
+    def peer_played(self, peer: int, verified: int, on_time: int, missed: int,
+                    latency_sum: float, from_peers: int, from_seed: int) -> None:
+        """What ``peer`` played and missed in the whole run (its node's counters), for its
+        columns."""
         self.verified[peer] = verified
         self.on_time[peer] = on_time
+        self.missed[peer] = missed
         self.latency_sum[peer] = latency_sum
         self.bytes_from_peers[peer] = from_peers
         self.bytes_from_seed[peer] = from_seed
 
     def chunk_missed(self, peer: int, seq: int, *, now: float) -> None:
-        """A chunk due for playback at ``peer`` never arrived."""
+        """A chunk due for playback at ``peer`` never arrived (the run's totals and series; the
+        peer's column is its node's count, given by `peer_played`)."""
         self.seen[peer] = 1
-        self.missed[peer] += 1
         self._bucket(now).missed += 1
 
     def startup(self, peer: int, delay_s: float) -> None:

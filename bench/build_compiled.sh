@@ -24,7 +24,7 @@ python="${PYTHON:-python}"
 # interpreted one, so every subclass of a compiled node class is compiled too (seed, tracker).
 MODULES=(
     meshcast/node.py meshcast/window.py meshcast/effects.py meshcast/messages.py meshcast/policy.py
-    meshcast/crypto.py
+    meshcast/crypto.py meshcast/wire.py
     peer/node.py seed/node.py
     tracker/node.py tracker/forest.py tracker/placement.py
     sim/driver.py sim/scheduler.py sim/network.py sim/metrics.py
@@ -54,7 +54,7 @@ if ! MYPYC_OPT_LEVEL="${MYPYC_OPT_LEVEL:-3}" "$python" -m mypyc "${MODULES[@]}" 
     tail -30 build.log >&2
     exit 1
 fi
-rm -rf build  # mypyc's C sources and objects
+[ -n "${KEEP_C:-}" ] || rm -rf build  # mypyc's C sources and objects (KEEP_C=1: keep, to read)
 # The scheduler's event heap in C (sim/_eventheap.c; sim/scheduler.py falls back to heapq).
 "$python" -c "import sys; from sim.build import build_eventheap; build_eventheap(sys.argv[1])" sim
 echo "built: $(find . -name '*.so' | wc -l) extension modules"

@@ -9,7 +9,8 @@ window of recent chunks, and exchanging have-maps. `SeedNode` and `PeerNode` are
 Drivers call, always with the time: `handle(link, msg, now=)`, `link_opened(link, now=, ref=)`,
 `open_failed(ref, now=, reason=)`, `link_closed(link, now=, reason=)`, `chunk_begin/
 chunk_data/chunk_end(...)` (or `chunk_received(...)` for a chunk that arrived whole),
-`chunk_dropped(link, seq, now=)`, `handle_timer(now=)`; then pull `drain()` and `next_timer()`.
+`chunk_dropped(link, seq, now=)`, `handle_timer(now=)`; then pull `drain()` and `next_timer()`
+(or `next_due()`, the same as a plain float: inf for no timer).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import math
 from array import array
 from collections.abc import Hashable, Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from meshcast import messages as m
 from meshcast.crypto import Crypto
@@ -65,11 +66,20 @@ class NodeBase:
         return out
 
     def next_timer(self) -> float | None:
+        first = self.next_due()
+        return None if first == math.inf else first
+
+    def next_due(self) -> float:
+        """`next_timer()`, inf for none: a plain float, which a compiled build returns unboxed
+        (the simulator asks after every event)."""
         first = self._first
         if first == _STALE:
-            timers = self._timers
-            self._first = first = min(timers.values()) if timers else math.inf
-        return None if first == math.inf else first
+            first = math.inf
+            for when in self._timers.values():  # (a loop a compiled build runs natively)
+                if when < first:
+                    first = when
+            self._first = first
+        return first
 
     def handle_timer(self, *, now: float) -> None:
         """Fire every timer due at `now` (including any a firing one sets for `now` or before)."""
@@ -90,21 +100,28 @@ class NodeBase:
 
     def _set_timer(self, key: Hashable, when: float) -> None:
         timers = self._timers
-        old = timers.get(key)
-        if old == when:
-            return
-        if old is not None:
-            del timers[key]  # re-set: now the last set
-        timers[key] = when
         first = self._first
-        if when <= first:
-            self._first = when
-        elif old == first:
-            self._first = _STALE  # the earliest moved later (or `first` was already stale)
+        if key in timers:  # (`in`, then a float: compiled, `get` compares boxed Optionals)
+            old: float = timers[key]
+            if old == when:
+                return
+            del timers[key]  # re-set: now the last set
+            timers[key] = when
+            if when <= first:
+                self._first = when
+            elif old == first:
+                self._first = _STALE  # the earliest moved later (or `first` was already stale)
+        else:
+            timers[key] = when
+            if when <= first:
+                self._first = when
 
     def _cancel_timer(self, key: Hashable) -> None:
-        if self._timers.pop(key, None) == self._first:
-            self._first = _STALE
+        timers = self._timers
+        if key in timers:  # (not `pop(key, None)`: a method call through Python when compiled)
+            if timers[key] == self._first:
+                self._first = _STALE
+            del timers[key]
 
     def _clear_timers(self) -> None:
         self._timers.clear()
@@ -494,11 +511,18 @@ class RelayNode(NodeBase):
         self._out.append(SendChunk(link, chunk, push))
         self.bytes_up += chunk.head.size
 
-    def _push_targets(self, seq: int, but: Link | None = None) -> list[Link]:
+    def _push_targets(self, seq: int, but: Link = -1) -> list[Link]:
         """Children that get chunk `seq` pushed (sub-stream subscribers, relaying ones first),
-        except link `but`."""
-        k = seq % self.substreams
-        return [c.link for c, first in self._subscribers[k] if first <= seq and c.link != but]
+        except link `but` (links are never negative: -1 excepts none)."""
+        targets: list[Link] = []
+        subs = self._subscribers[seq % self.substreams]
+        if isinstance(subs, list):  # (a typed list, compiled, is iterated natively)
+            lst = cast("list[tuple[Conn, int]]", subs)
+            for c, first in lst:
+                link = c.link
+                if first <= seq and link != but:
+                    targets.append(link)
+        return targets
 
     def _start_haves(self, now: float) -> None:
         """Mesh mode: advertise have-maps to neighbours every other chunk period."""

@@ -175,8 +175,10 @@ def _build(cls: type, raw: Any, where: Any) -> Any:
 
 
 def _getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
-    get = attrgetter(*names)
-    return get if len(names) > 1 else lambda obj: (get(obj),)
+    if len(names) > 1:
+        return attrgetter(*names)
+    name = names[0]
+    return lambda obj: (getattr(obj, name),)
 
 
 _VALUES = {cls: _getter(names) for cls, names in _NAMES.items()}

@@ -606,10 +606,12 @@ class PeerNode(RelayNode):
         previous_k: int = newest_in[k]
         self._store(chunk)
         buffer, gaps, window = self.buffer, self.gaps, self.window
-        if gaps:  # (mostly empty: skip the lookups)
-            gaps.pop(seq, None)
-        if self.requested:
-            self.requested.pop(seq, None)
+        # (`in` and `del`, not `pop(seq, None)`: a method call through Python when compiled)
+        if gaps and seq in gaps:  # (mostly empty: skip the lookup)
+            del gaps[seq]
+        requested = self.requested
+        if requested and seq in requested:
+            del requested[seq]
         if seq > previous_k:
             newest_in[k] = seq
             if previous_k >= 0:
@@ -671,9 +673,10 @@ class PeerNode(RelayNode):
         return self.play_t0 + (seq - self.play_s0) * self.chunk_s + self.playout_delay
 
     def _release(self, now: float) -> None:
-        seq = self.play_next
-        if seq is None:
+        play_next = self.play_next
+        if play_next is None:
             return
+        seq: int = play_next  # (an int, not an Optional: compiled, its arithmetic is native)
         out, buffer, from_seed_set = self._out, self.buffer, self._from_seed
         while True:
             entry = buffer.get(seq)
@@ -727,14 +730,14 @@ class PeerNode(RelayNode):
         # Deadlines grow with seq, so the earliest due time is the earliest explicit one or the
         # lowest seq's deadline-based one.
         requested, receiving = self.requested, self.receiving
-        explicit, first = math.inf, None
+        explicit, first = math.inf, -1  # (-1: none; an int, not an Optional, is native compiled)
         for seq, t in gaps.items():
             if seq not in requested and seq not in receiving:
                 if t < explicit:
                     explicit = t
-                if first is None or seq < first:
+                if first < 0 or seq < first:
                     first = seq
-        if first is None:
+        if first < 0:
             return
         due = self._due(first, explicit)
         if due < math.inf:
@@ -877,16 +880,18 @@ class PeerNode(RelayNode):
         self._set_timer("rejoin", now + delay * self.rng.uniform(0.5, 1.5))
 
     def _on_timer(self, key: Any, now: float) -> None:
-        if key == "rejoin":
+        if not isinstance(key, str):  # (then compiled, the comparisons below are str ones)
+            super()._on_timer(key, now)
+        elif key == "play":
+            self._release(now)
+            self._schedule_repair(now)
+        elif key == "rejoin":
             if self.tracker_link is None and not self.rejected and not self.leaving:
                 self._out.append(Open(self.tracker, TRACKER))
         elif key == "start":
             self._try_start(now)
             self._release(now)
-        elif key == "play":
-            self._release(now)
-            self._schedule_repair(now)
-        elif key in ("repair", "timeout"):
+        elif key == "repair" or key == "timeout":
             self._repair(now)
             if self.mode == "mesh":
                 self._mesh_schedule(now)
@@ -906,15 +911,35 @@ class PeerNode(RelayNode):
 
         Each end frees its side; in the runtime an idle QUIC link would otherwise exchange
         keep-alive PINGs for the rest of the session. The seed and mesh neighbours stay."""
-        keep = {s.ref.id for s in self.primary if s is not None}
-        keep.update(s.ref.id for s in self.backup if s is not None)
-        busy = {r[0] for r in self.requested.values()}
-        busy.update(key[0] for key in self.rx)
-        for conn in [c for c in self.conns.values() if c.ours]:
+        # (Loops, not set and list comprehensions: every peer does this every few seconds,
+        # and nearly always finds nothing to close.)
+        unused: list[Conn] = []
+        seed_id, neighbours = self.seed_id, self.neighbours
+        for conn in self.conns.values():
             node_id = conn.node_id
-            if (node_id not in keep and node_id != self.seed_id and node_id not in self.neighbours
-                    and conn.link not in busy):
+            if (conn.ours and node_id != seed_id and node_id not in neighbours
+                    and not self._is_parent(node_id)):
+                unused.append(conn)
+        if not unused:
+            return
+        busy: set[Link] = set()
+        for r in self.requested.values():
+            busy.add(r[0])
+        for key in self.rx:
+            busy.add(key[0])
+        for conn in unused:
+            if conn.link not in busy:
                 self._close(conn.link, "no longer a parent", now)
+
+    def _is_parent(self, node_id: int) -> bool:
+        """`node_id` is a parent or a backup of ours, for some sub-stream."""
+        for slot in self.primary:
+            if slot is not None and slot.ref.id == node_id:
+                return True
+        for slot in self.backup:
+            if slot is not None and slot.ref.id == node_id:
+                return True
+        return False
 
     def _check_stalls(self, now: float) -> None:
         """A parent that stopped sending while the stream went on is as good as gone.

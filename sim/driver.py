@@ -405,10 +405,10 @@ class Simulation:
             effects = self._tracker_busy(i, effects)
         if effects:
             self._apply(i, effects)
-        t = node.next_timer()
-        if t is not None and t < self.timer_at[i]:
+        t = node.next_due()
+        if t < self.timer_at[i]:
             self.timer_at[i] = t
-            self.sched.at(max(t, self.sched.now), self._timer_cb, i, t)
+            self.sched.at2(max(t, self.sched.now), self._timer_cb, i, t)
 
     def _timer(self, i: int, when: float) -> None:
         if not self.alive[i] or self.timer_at[i] != when:
@@ -416,10 +416,9 @@ class Simulation:
         self.timer_at[i] = math.inf
         node: NodeBase = self.nodes[i]
         now = self.sched.now
-        t = node.next_timer()
         # Half the wakes that find their time still set come after the node's first timer
         # moved later: nothing is due, and `_pump` re-arms the wake.
-        if t is None or t <= now:
+        if node.next_due() <= now:
             if i < self.trackers:
                 self._tracker_us += self.cpu.event_us
             node.handle_timer(now=now)
@@ -508,7 +507,7 @@ class Simulation:
                                          self.delay[link])
                 metrics.bytes_sent(i, size, "media", by_seed, now=now)
                 if arrival is not None:
-                    sched.at(arrival[1], self._chunk_arrives_cb, remote, chunk, eff.ok, arrival[0])
+                    sched.at4(arrival[1], self._chunk_arrives_cb, remote, chunk, eff.ok, arrival[0])
             elif isinstance(eff, fx.Deliver):
                 seq = eff.head.seq
                 if not self.started[i]:
@@ -523,7 +522,7 @@ class Simulation:
                 dst = owner[remote]
                 if owner[link] >= 0 and dst >= 0:
                     metrics.bytes_sent(i, _control_size(eff.msg), "control", by_seed, now=now)
-                    sched.at(net.send_control(i, dst, now, self.delay[link]), self._message_cb,
+                    sched.at2(net.send_control(i, dst, now, self.delay[link]), self._message_cb,
                              remote, eff.msg)
             elif isinstance(eff, fx.Skip):
                 metrics.chunk_missed(i, eff.seq, now=now)
@@ -541,7 +540,7 @@ class Simulation:
                 owner[link] = -1
                 dst = owner[remote]
                 if dst >= 0:
-                    sched.at(net.send_control(i, dst, now, self.delay[link]), self._closed_cb, remote,
+                    sched.at2(net.send_control(i, dst, now, self.delay[link]), self._closed_cb, remote,
                              eff.reason)
         if dropped:
             relay: RelayNode = self.nodes[i]

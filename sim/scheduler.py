@@ -8,7 +8,9 @@ entries never compare callbacks.
 
 The timeline is a calendar of `BUCKET_S`-wide buckets (Brown's calendar queue, simplified):
 entries of the bucket being run are a heap; entries of later buckets wait unsorted in a list per
-bucket, and a bucket's list is heapified when the run reaches it. The order is exactly the one
+bucket, and a bucket's list is heapified when the run reaches it. The next `RING` buckets' lists
+are a ring indexed by bucket number (nearly every event is due within a second); later ones are
+in a dict, with a heap of their bucket numbers. The order is exactly the one
 heap's, since a bucket holds a span of time, but a pop sifts through the ~10³ entries of one
 millisecond rather than the ~10⁵–10⁶ pending in a 100k-peer run, whose scattered tuples made
 `heappop` the largest single cost of the run (3.4 µs a pop at 40k peers).
@@ -31,7 +33,7 @@ from heapq import heapify, heappop, heappush
 from itertools import chain
 from typing import Any, Callable, Final
 
-__all__ = ["Scheduler", "Handle", "PROGRESS_EVERY", "BUCKET_S", "ListHeap", "EventHeap"]
+__all__ = ["Scheduler", "Handle", "PROGRESS_EVERY", "BUCKET_S", "RING", "ListHeap", "EventHeap"]
 
 # An entry of the heap, returned as the cancellation handle: (time, seq, fn, *args) — flat, so
 # a pending event is one tuple, not two (~170 bytes less per simulated peer).
@@ -43,6 +45,8 @@ PROGRESS_EVERY: Final = 8192
 BUCKET_S: Final = 0.001
 """Calendar bucket width: a 100k-peer run has ~1,400 events per simulated millisecond."""
 _PER_S: Final = 1.0 / BUCKET_S
+RING: Final = 1024
+"""Buckets held in the ring (a power of two): those of the next ~1 s."""
 _NEVER: Final = 1 << 62
 """The bucket of events at infinity (or beyond any run): the last."""
 
@@ -92,17 +96,24 @@ except ImportError:  # not built: the pure-Python heap, same order
 class Scheduler:
     """A discrete-event loop on a virtual clock (seconds, plain floats)."""
 
-    __slots__ = ("now", "_heap", "_bucket", "_later", "_pending", "_seq", "_stopped", "_cancelled",
-                 "_purge_at")
+    __slots__ = ("now", "_heap", "_push", "_bucket", "_ring", "_in_ring", "_later", "_pending",
+                 "_seq", "_stopped", "_cancelled", "_purge_at")
 
     def __init__(self, now: float = 0.0, *, heap: Callable[[], Any] | None = None) -> None:
         """`heap`: the current bucket's heap type (default `EventHeap`, the C one if built)."""
         self.now = float(now)
         self._heap: Any = EventHeap() if heap is None else heap()
         """The entries of bucket `_bucket` and earlier (`EventHeap` or `ListHeap`)."""
+        self._push: Callable[[Handle], None] = self._heap.push
+        """(Its `push`, looked up once: compiled, `self._heap.push(...)` looks it up each call.)"""
         self._bucket = -1
+        self._ring: list[list[Handle] | None] = [None] * RING
+        """Bucket b's entries, unsorted, at b % RING, for `_bucket` < b < `_bucket` + RING (a
+        list index, where a dict needs the bucket number as a Python int and a lookup)."""
+        self._in_ring = 0
+        """Entries in `_ring`."""
         self._later: dict[int, list[Handle]] = {}
-        """Bucket → its entries, unsorted; every bucket here is after `_bucket`."""
+        """Bucket → its entries, unsorted, for buckets from `_bucket` + RING on."""
         self._pending: list[int] = []
         """The buckets in `_later` (a heap)."""
         self._cancelled: dict[int, float] = {}  # seq -> time, tombstones
@@ -119,6 +130,26 @@ class Scheduler:
         self._put(entry, time)
         return entry
 
+    def at2(self, time: float, fn: Callable[[Any, Any], Any], a: Any, b: Any) -> Handle:
+        """`at(time, fn, a, b)`, building one tuple (`at` builds three: its arguments', the
+        head's and their sum); the driver's frequent events take two or four arguments."""
+        if not time >= self.now:
+            raise ValueError(f"cannot schedule in the past: {time} < now {self.now}")
+        self._seq = seq = self._seq + 1
+        entry: Handle = (time, seq, fn, a, b)  # (typed: boxed once, not at each use)
+        self._put(entry, time)
+        return entry
+
+    def at4(self, time: float, fn: Callable[[Any, Any, Any, Any], Any], a: Any, b: Any, c: Any,
+            d: Any) -> Handle:
+        """`at(time, fn, a, b, c, d)`, building one tuple (see `at2`)."""
+        if not time >= self.now:
+            raise ValueError(f"cannot schedule in the past: {time} < now {self.now}")
+        self._seq = seq = self._seq + 1
+        entry: Handle = (time, seq, fn, a, b, c, d)
+        self._put(entry, time)
+        return entry
+
     def after(self, delay: float, fn: Callable[..., Any], *args: Any) -> Handle:
         """Run ``fn(*args)`` ``delay`` seconds from now."""
         if not delay >= 0:
@@ -132,8 +163,18 @@ class Scheduler:
     def _put(self, entry: Handle, time: float) -> None:
         # The bucket: monotone in time, so the calendar keeps one heap's order.
         b = int(time * _PER_S) if time < 1e15 else _NEVER
-        if b <= self._bucket:
-            self._heap.push(entry)
+        current = self._bucket
+        if b <= current:
+            self._push(entry)
+            return
+        if b - current < RING:
+            ring = self._ring
+            slot = ring[b & (RING - 1)]
+            if slot is None:
+                ring[b & (RING - 1)] = [entry]
+            else:
+                slot.append(entry)
+            self._in_ring += 1
             return
         later = self._later.get(b)
         if later is None:
@@ -144,13 +185,39 @@ class Scheduler:
 
     def _advance(self) -> bool:
         """The current bucket is empty: make the next non-empty one current (False: none)."""
-        pending = self._pending
+        pending, current = self._pending, self._bucket
+        if self._in_ring:
+            ring = self._ring
+            b = current + 1
+            while ring[b & (RING - 1)] is None:  # (within RING steps: the ring holds one)
+                b += 1
+            if pending and pending[0] <= b:
+                # A bucket put in `_later` may since have come within the ring's reach and
+                # got entries there too: take both.
+                if pending[0] < b:
+                    b = heappop(pending)
+                    self._heap.extend(self._later.pop(b))
+                    self._bucket = b
+                    return True
+                heappop(pending)
+                self._heap.extend(self._later.pop(b))
+            entries = ring[b & (RING - 1)]
+            assert entries is not None
+            ring[b & (RING - 1)] = None
+            self._in_ring -= len(entries)
+            self._heap.extend(entries)
+            self._bucket = b
+            return True
         if not pending:
             return False
         b = heappop(pending)
         self._heap.extend(self._later.pop(b))
         self._bucket = b
         return True
+
+    def _waiting(self) -> list[list[Handle]]:
+        """The unsorted lists of the buckets after the current one."""
+        return [e for e in self._ring if e is not None] + list(self._later.values())
 
     def cancel(self, handle: Handle) -> None:
         """Cancel a scheduled callback (no-op if it already ran or was cancelled)."""
@@ -165,7 +232,7 @@ class Scheduler:
             # wait in a later bucket (after `run(until)` moved the clock past the heap's), so
             # every pending entry is looked at, as with one heap.
             now = self.now
-            pending_now = {e[1] for e in chain(self._heap.entries(), *self._later.values())
+            pending_now = {e[1] for e in chain(self._heap.entries(), *self._waiting())
                            if e[0] == now}
             for s, t in list(cancelled.items()):
                 if t < now or (t == now and s not in pending_now):
@@ -191,7 +258,7 @@ class Scheduler:
 
     def __len__(self) -> int:
         """Number of pending entries, tombstones included (an upper bound on pending events)."""
-        return len(self._heap) + sum(len(v) for v in self._later.values())
+        return len(self._heap) + sum(len(v) for v in self._waiting())
 
     def run(
         self,
@@ -206,13 +273,16 @@ class Scheduler:
         events and once at the end.
         """
         heap, cancelled = self._heap, self._cancelled
+        # (Looked up once, and `until` boxed once: compiled, each would be done every event.)
+        pop_until: Callable[[object], Handle | None] = heap.pop_until
+        until_obj: object = until
         count = 0
         self._stopped = False
         # One loop for both cases: without a callback the report threshold is never reached.
         next_report = PROGRESS_EVERY if progress is not None else -1
         while True:
-            entry: Handle | None = heap.pop_until(until)  # (typed: a compiled build indexes it
-            if entry is None:                             # as a tuple, not through Python)
+            entry: Handle | None = pop_until(until_obj)  # (typed: a compiled build indexes it
+            if entry is None:                                 # as a tuple, not through Python)
                 if heap.first() is not None or not self._advance():
                     break  # the next event is after `until`, or there is none
                 continue

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sim.progress import MultiProgress, Progress
-from sim.scheduler import BUCKET_S, PROGRESS_EVERY, Scheduler
+from sim.scheduler import BUCKET_S, PROGRESS_EVERY, RING, Scheduler
 
 
 @given(st.lists(
@@ -40,8 +40,9 @@ def test_cancelled_events_never_run(times, data):
 
 
 # Delays an event's callback schedules more events at: 0 (a tie at `now`), within a calendar
-# bucket, across one, far ahead, and at infinity.
-_DELAYS = [0.0, BUCKET_S / 3, BUCKET_S, 2.5 * BUCKET_S, 0.0371, 7.0, math.inf]
+# bucket, across one, at the ring's far end and just beyond it, far ahead, and at infinity.
+_DELAYS = [0.0, BUCKET_S / 3, BUCKET_S, 2.5 * BUCKET_S, 0.0371, (RING - 1.5) * BUCKET_S,
+           (RING + 0.5) * BUCKET_S, 7.0, math.inf]
 
 
 @given(

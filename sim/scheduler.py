@@ -113,7 +113,8 @@ class Scheduler:
         self._in_ring = 0
         """Entries in `_ring`."""
         self._later: dict[int, list[Handle]] = {}
-        """Bucket → its entries, unsorted, for buckets from `_bucket` + RING on."""
+        """Bucket → its entries, unsorted, for buckets RING or more after the current one when
+        put (the ring may since have reached them and hold entries of theirs too)."""
         self._pending: list[int] = []
         """The buckets in `_later` (a heap)."""
         self._cancelled: dict[int, float] = {}  # seq -> time, tombstones

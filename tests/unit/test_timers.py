@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from hypothesis import given
@@ -66,4 +67,5 @@ def test_next_timer_is_always_the_earliest_deadline_set(steps: list[tuple[str, s
             n._cancel_timer(key)
         elif op == "fire":
             n.handle_timer(now=t)
+        assert n.next_due() == (min(n._timers.values()) if n._timers else math.inf)
         assert n.next_timer() == (min(n._timers.values()) if n._timers else None)

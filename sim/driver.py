@@ -523,7 +523,7 @@ class Simulation:
                 if owner[link] >= 0 and dst >= 0:
                     metrics.bytes_sent(i, _control_size(eff.msg), "control", by_seed, now=now)
                     sched.at2(net.send_control(i, dst, now, self.delay[link]), self._message_cb,
-                             remote, eff.msg)
+                              remote, eff.msg)
             elif isinstance(eff, fx.Skip):
                 metrics.chunk_missed(i, eff.seq, now=now)
             elif isinstance(eff, fx.Open):
@@ -540,8 +540,8 @@ class Simulation:
                 owner[link] = -1
                 dst = owner[remote]
                 if dst >= 0:
-                    sched.at2(net.send_control(i, dst, now, self.delay[link]), self._closed_cb, remote,
-                             eff.reason)
+                    sched.at2(net.send_control(i, dst, now, self.delay[link]), self._closed_cb,
+                              remote, eff.reason)
         if dropped:
             relay: RelayNode = self.nodes[i]
             for link, seq, push in dropped:

@@ -124,30 +124,21 @@ class Scheduler:
 
     def at(self, time: float, fn: Callable[..., Any], *args: Any) -> Handle:
         """Run ``fn(*args)`` at absolute virtual ``time``; return a handle for `cancel`."""
-        if not time >= self.now:  # also refuses NaN
-            raise ValueError(f"cannot schedule in the past: {time} < now {self.now}")
-        self._seq = seq = self._seq + 1
-        entry = (time, seq, fn) + args  # (one tuple built, no list)
+        entry = (time, self._next_seq(time), fn) + args
         self._put(entry, time)
         return entry
 
     def at2(self, time: float, fn: Callable[[Any, Any], Any], a: Any, b: Any) -> Handle:
         """`at(time, fn, a, b)`, building one tuple (`at` builds three: its arguments', the
         head's and their sum); the driver's frequent events take two or four arguments."""
-        if not time >= self.now:
-            raise ValueError(f"cannot schedule in the past: {time} < now {self.now}")
-        self._seq = seq = self._seq + 1
-        entry: Handle = (time, seq, fn, a, b)  # (typed: boxed once, not at each use)
-        self._put(entry, time)
+        entry: Handle = (time, self._next_seq(time), fn, a, b)  # (typed: boxed once, not at
+        self._put(entry, time)                                  # each use)
         return entry
 
     def at4(self, time: float, fn: Callable[[Any, Any, Any, Any], Any], a: Any, b: Any, c: Any,
             d: Any) -> Handle:
         """`at(time, fn, a, b, c, d)`, building one tuple (see `at2`)."""
-        if not time >= self.now:
-            raise ValueError(f"cannot schedule in the past: {time} < now {self.now}")
-        self._seq = seq = self._seq + 1
-        entry: Handle = (time, seq, fn, a, b, c, d)
+        entry: Handle = (time, self._next_seq(time), fn, a, b, c, d)
         self._put(entry, time)
         return entry
 
@@ -155,11 +146,14 @@ class Scheduler:
         """Run ``fn(*args)`` ``delay`` seconds from now."""
         if not delay >= 0:
             raise ValueError(f"negative delay: {delay}")
-        self._seq = seq = self._seq + 1
-        time = self.now + delay
-        entry = (time, seq, fn) + args  # (one tuple built, no list)
-        self._put(entry, time)
-        return entry
+        return self.at(self.now + delay, fn, *args)
+
+    def _next_seq(self, time: float) -> int:
+        """The next entry's sequence number, for an event at `time` (not in the past)."""
+        if not time >= self.now:  # also refuses NaN
+            raise ValueError(f"cannot schedule in the past: {time} < now {self.now}")
+        self._seq += 1
+        return self._seq
 
     def _put(self, entry: Handle, time: float) -> None:
         # The bucket: monotone in time, so the calendar keeps one heap's order.

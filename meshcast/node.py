@@ -100,21 +100,18 @@ class NodeBase:
 
     def _set_timer(self, key: Hashable, when: float) -> None:
         timers = self._timers
-        first = self._first
-        if key in timers:  # (`in`, then a float: compiled, `get` compares boxed Optionals)
-            old: float = timers[key]
+        old = math.nan  # (not set: NaN equals nothing; a float, where `get` gives an Optional
+        if key in timers:  # that a compiled build compares boxed)
+            old = timers[key]
             if old == when:
                 return
             del timers[key]  # re-set: now the last set
-            timers[key] = when
-            if when <= first:
-                self._first = when
-            elif old == first:
-                self._first = _STALE  # the earliest moved later (or `first` was already stale)
-        else:
-            timers[key] = when
-            if when <= first:
-                self._first = when
+        timers[key] = when
+        first = self._first
+        if when <= first:
+            self._first = when
+        elif old == first:
+            self._first = _STALE  # the earliest moved later (or `first` was already stale)
 
     def _cancel_timer(self, key: Hashable) -> None:
         timers = self._timers

@@ -8,12 +8,12 @@ entries never compare callbacks.
 
 The timeline is a calendar of `BUCKET_S`-wide buckets (Brown's calendar queue, simplified):
 entries of the bucket being run are a heap; entries of later buckets wait unsorted in a list per
-bucket, and a bucket's list is heapified when the run reaches it. The next `RING` buckets' lists
-are a ring indexed by bucket number (nearly every event is due within a second); later ones are
-in a dict, with a heap of their bucket numbers. The order is exactly the one
+bucket, and a bucket's list is heapified when the run reaches it. The order is exactly the one
 heap's, since a bucket holds a span of time, but a pop sifts through the ~10³ entries of one
 millisecond rather than the ~10⁵–10⁶ pending in a 100k-peer run, whose scattered tuples made
-`heappop` the largest single cost of the run (3.4 µs a pop at 40k peers).
+`heappop` the largest single cost of the run (3.4 µs a pop at 40k peers). The next `RING`
+buckets' lists are a ring indexed by bucket number (nearly every event is due within a second);
+later ones are in a dict, with a heap of their bucket numbers.
 
 The current bucket's heap is an `EventHeap` from the optional C module `sim._eventheap` (built
 into the compiled copy by `bench/build_compiled.sh`), which keeps each entry's (time, seq) as C
@@ -187,15 +187,13 @@ class Scheduler:
             while ring[b & (RING - 1)] is None:  # (within RING steps: the ring holds one)
                 b += 1
             if pending and pending[0] <= b:
-                # A bucket put in `_later` may since have come within the ring's reach and
-                # got entries there too: take both.
-                if pending[0] < b:
-                    b = heappop(pending)
-                    self._heap.extend(self._later.pop(b))
-                    self._bucket = b
+                # A bucket in `_later` comes first, or is the same one: a bucket put there may
+                # since have come within the ring's reach and got entries there too.
+                first = heappop(pending)
+                self._heap.extend(self._later.pop(first))
+                if first < b:
+                    self._bucket = first
                     return True
-                heappop(pending)
-                self._heap.extend(self._later.pop(b))
             entries = ring[b & (RING - 1)]
             assert entries is not None
             ring[b & (RING - 1)] = None

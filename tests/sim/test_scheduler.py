@@ -125,6 +125,40 @@ def test_past_and_negative_are_errors():
         s.after(-1, print)
 
 
+def test_at2_and_at4_are_at_with_two_and_four_arguments():
+    """The driver's one-tuple forms give `at`'s handles, run in its order, cancel and refuse the
+    past as it does."""
+    ran: list[tuple[float, tuple]] = []
+
+    def record(*args):
+        ran.append((args[0], args))
+
+    def schedule(s: Scheduler, short: bool) -> list:
+        handles = []
+        for i, t in enumerate([0.3, 0.1, 0.3, 2.5, 0.1, 0.0]):
+            if i % 2:
+                h = s.at2(t, record, t, i) if short else s.at(t, record, t, i)
+            else:
+                h = (s.at4(t, record, t, i, "c", None) if short
+                     else s.at(t, record, t, i, "c", None))
+            handles.append(h)
+        s.cancel(handles[2])
+        return handles
+
+    plain, short = Scheduler(), Scheduler()
+    handles = schedule(plain, False)
+    assert schedule(short, True) == handles
+    plain.run()
+    by_at, ran[:] = list(ran), []
+    short.run()
+    assert ran == by_at and len(ran) == 5
+    for bad in (-1.0, math.nan):
+        with pytest.raises(ValueError):
+            short.at2(bad, record, 1, 2)
+        with pytest.raises(ValueError):
+            short.at4(bad, record, 1, 2, 3, 4)
+
+
 def test_cancel_after_run_is_harmless_and_tombstones_are_purged():
     s = Scheduler()
     handles = [s.at(0.0, lambda: None) for _ in range(5000)]

@@ -81,6 +81,11 @@ MESH_OUTSTANDING: Final = 8
 """Pulls in flight per neighbour in mesh mode."""
 
 
+_NO_PARENT: Final = -2
+"""`PeerNode.primary_id` of a sub-stream without a parent: no node's id, and not the `NO_PEER`
+of a link whose remote has not said who it is."""
+
+
 class Slot:
     """A parent (or backup) for one sub-stream, and the token that lets us use it: None once
     it has been used (`_subscribe`). A subscription outlives its token's check, and a lost
@@ -108,12 +113,13 @@ class Rx:
 class PeerNode(RelayNode):
     """A viewer peer (and relay)."""
 
-    __slots__ = ("rng", "tracker", "address", "coords", "pinned_key", "playout_delay", "_rejoin_delay",
-                 "_contact", "rejected", "leaving", "joined_at", "primary", "backup", "relays",
-                 "last_rx", "newest_in", "opening", "neighbours", "seed_id",
-                 "blocked", "rx", "receiving", "gaps", "requested", "_from_seed", "_start_rap",
-                 "_lat", "play_next", "play_s0", "play_t0", "delivered", "skipped", "late",
-                 "latency_sum", "bytes_from_seed", "bytes_from_peers", "forged", "first_play")
+    __slots__ = ("primary", "primary_id", "last_rx", "newest_in", "seed_id", "rx", "receiving", "gaps",
+                 "requested", "_from_seed", "_lat", "play_next", "play_s0", "play_t0",
+                 "playout_delay", "delivered", "late", "latency_sum", "bytes_from_seed",
+                 "bytes_from_peers", "skipped", "rng", "tracker", "address", "coords",
+                 "pinned_key", "rejected", "leaving", "_rejoin_delay", "_contact", "joined_at",
+                 "backup", "relays", "opening", "neighbours", "blocked", "_start_rap", "forged",
+                 "first_play")
 
     def __init__(self, *, channel: str, crypto: Crypto, rng: random.Random, tracker: str,
                  address: str = "", upload_kbps: int = 0, coords: tuple[float, ...] = (),
@@ -122,45 +128,30 @@ class PeerNode(RelayNode):
         super().__init__(crypto=crypto, upload_kbps=upload_kbps,
                          buffer_s=max(buffer_s, playout_delay + BUFFER_MARGIN_S))
         self.channel = channel
-        self.rng = rng
-        self.tracker = tracker
-        self.address = address
-        self.coords = coords
-        self.pinned_key = public_key
-        self.playout_delay = playout_delay
-        self.rejected = ""
-        self.leaving = False
-        self._rejoin_delay = 0.0
-        """The wait before the last try of the tracker since we lost it (0: never lost it)."""
-        self._contact = 0
-        """Failed first contacts with the tracker; -1 once it answered."""
-        self.joined_at: float | None = None
+        # (First the fields an arriving chunk reads: see `RelayNode.__init__`.)
         self.primary: list[Slot | None] = []
-        self.backup: list[Slot | None] = []
-        self.relays = 0
-        """Bit k set: the tracker has us relay sub-stream k (we tell our parent so)."""
+        self.primary_id: vec[i64] = vec[i64]()
+        """Per sub-stream: its parent's node id, `_NO_PARENT` for none (`primary[k].ref.id`,
+        kept by `_set_primary`: an arriving chunk's check reads one number, not three objects
+        cold in memory)."""
         self.last_rx: vec[float] = vec[float]()
         self.newest_in: vec[i64] = vec[i64]()
-        self.opening: dict[int, m.Token | None] = {}
-        self.neighbours: dict[int, tuple[m.PeerRef, m.Token]] = {}
         self.seed_id = m.NO_PEER
         # Sets that are nearly always empty are dicts (→ None): 64 bytes empty, not 216.
-        self.blocked: dict[int, None] = {}
         self.rx: dict[tuple[Link, int], Rx | None] = {}
         self.receiving: dict[int, Link] = {}
         self.gaps: dict[int, float] = {}
         self.requested: dict[int, tuple[Link, float, set[Link]]] = {}
         self._from_seed: dict[int, None] = {}
-        self._start_rap: tuple[int, float, float] | None = None
         self._lat: vec[float] = vec[float]()
         """Per sub-stream: its path's latest delay (`_accept`), NaN until it has delivered."""
         self.play_next: int | None = None
         self.play_s0 = 0
         self.play_t0 = 0.0
+        self.playout_delay = playout_delay
         # What the player got, for the operator and the simulator's per-peer metrics (which
         # read them once, at the end, rather than counting each chunk again).
         self.delivered = 0
-        self.skipped = 0
         self.late = 0
         """Chunks handed to the player after their deadline (counted in `delivered` too)."""
         self.latency_sum = 0.0
@@ -168,6 +159,26 @@ class PeerNode(RelayNode):
         self.bytes_from_seed = 0
         self.bytes_from_peers = 0
         """Bytes of the delivered chunks, by where they came from."""
+        self.skipped = 0
+        self.rng = rng
+        self.tracker = tracker
+        self.address = address
+        self.coords = coords
+        self.pinned_key = public_key
+        self.rejected = ""
+        self.leaving = False
+        self._rejoin_delay = 0.0
+        """The wait before the last try of the tracker since we lost it (0: never lost it)."""
+        self._contact = 0
+        """Failed first contacts with the tracker; -1 once it answered."""
+        self.joined_at: float | None = None
+        self.backup: list[Slot | None] = []
+        self.relays = 0
+        """Bit k set: the tracker has us relay sub-stream k (we tell our parent so)."""
+        self.opening: dict[int, m.Token | None] = {}
+        self.neighbours: dict[int, tuple[m.PeerRef, m.Token]] = {}
+        self.blocked: dict[int, None] = {}
+        self._start_rap: tuple[int, float, float] | None = None
         self.forged = 0
         self.first_play: float | None = None
 
@@ -193,6 +204,7 @@ class PeerNode(RelayNode):
         every parent, so that no link still opening subscribes to one (`link_opened`); and stop
         every timer (a refused viewer's stall checks woke it every 1.8 s for nothing)."""
         self.primary = [None] * len(self.primary)
+        self.primary_id = vec[i64]([_NO_PARENT] * len(self.primary))
         self.backup = [None] * len(self.backup)
         self._clear_timers()
         for link in list(self.conns):
@@ -376,6 +388,7 @@ class PeerNode(RelayNode):
                         msg.bitrate_kbps, msg.mode)
         k = msg.substreams
         self.primary, self.backup = [None] * k, [None] * k
+        self.primary_id = vec[i64]([_NO_PARENT] * k)
         self.relays = 0
         # Per-sub-stream numbers as `vec`s: unboxed like an `array` (and smaller), and a
         # compiled build (mypyc) reads and writes their items natively, not through Python.
@@ -403,7 +416,8 @@ class PeerNode(RelayNode):
         old_link = self._link_to(old.ref.id) if old is not None else None
         if old_link is not None:
             self._out.append(Send(old_link, m.Unsubscribe(k)))
-        slot = self.primary[k] = Slot(msg.parent, msg.token)
+        slot = Slot(msg.parent, msg.token)
+        self._set_primary(k, slot)
         self.last_rx[k] = now
         if msg.parent.id in self.blocked:
             self._switch(k, now, "assigned a parent that sent forged data")
@@ -440,6 +454,11 @@ class PeerNode(RelayNode):
         if slot is not None and slot.ref.id == conn.node_id:
             self._switch(msg.substream, now, f"refused: {msg.reason}")
 
+    def _set_primary(self, k: int, slot: Slot | None) -> None:
+        """Sub-stream k's parent is now `slot`'s (None: none)."""
+        self.primary[k] = slot
+        self.primary_id[k] = slot.ref.id if slot is not None else _NO_PARENT
+
     def _switch(self, k: int, now: float, reason: str) -> None:
         """Parent of sub-stream k is gone: move to the backup now, then tell the tracker."""
         old = self.primary[k]
@@ -449,13 +468,13 @@ class PeerNode(RelayNode):
         self.backup[k] = None
         self.last_rx[k] = now
         if backup is not None and backup.ref.id != old.ref.id and backup.ref.id not in self.blocked:
-            self.primary[k] = backup
+            self._set_primary(k, backup)
             link = self._connect(backup.ref, backup.token)
             if link is not None:
                 self._subscribe(link, k, backup)
             switched = backup.ref.id
         else:
-            self.primary[k] = None
+            self._set_primary(k, None)
             switched = m.NO_PEER
         if self.tracker_link is not None:
             self._out.append(Send(self.tracker_link, m.ParentLost(k, old.ref.id, switched)))
@@ -544,8 +563,8 @@ class PeerNode(RelayNode):
                 or (self.play_next is not None and seq < self.play_next)):
             return None
         k = seq % self.substreams
-        slot = self.primary[k] if self.primary else None
-        if slot is not None and slot.ref.id == conn.node_id:
+        parents = self.primary_id
+        if k < len(parents) and parents[k] == conn.node_id:
             self.last_rx[k] = now
         return self._push_targets(seq, but=link)
 
@@ -621,8 +640,7 @@ class PeerNode(RelayNode):
                     if s not in buffer:
                         gaps[s] = now
                     s += K
-        slot = self.primary[k]
-        if self.play_next is None or (slot is not None and conn.node_id == slot.ref.id):
+        if self.play_next is None or self.primary_id[k] == conn.node_id:
             self._lat[k] = now - head.ts  # how late sub-stream k's own path delivers
         if previous >= 0 and seq > previous + 1:
             # Other sub-streams' chunks may just be slower: pull them once they are later than

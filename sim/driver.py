@@ -130,6 +130,10 @@ class Simulation:
         self.rng = random.Random(sc.run.seed)
         self.sched = Scheduler()
         self.channels = sc.channels.count
+        self.channel_names = [f"ch{c}" for c in range(self.channels)]
+        """One string per channel, shared by its seed and peers (and so by every chunk head and
+        message naming it): a node compares a chunk's channel with its own by identity first,
+        without reading a string of its own (~50 bytes a peer, cold in a large run)."""
         self.trackers = P = sc.tracker.processes
         self.first_peer = P + self.channels
         """Node indexes: trackers below `trackers`, seeds below `first_peer`, then peers."""
@@ -219,7 +223,7 @@ class Simulation:
     # -- set-up --------------------------------------------------------------------------------
 
     def _channel(self, c: int) -> str:
-        return f"ch{c}"
+        return self.channel_names[c]
 
     def run(self) -> RunResult:
         # No cyclic garbage collection during a run: it allocates millions of short-lived

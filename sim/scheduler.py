@@ -15,12 +15,13 @@ millisecond rather than the ~10⁵–10⁶ pending in a 100k-peer run, whose sca
 buckets' lists are a ring indexed by bucket number (nearly every event is due within a second);
 later ones are in a dict, with a heap of their bucket numbers.
 
-The current bucket's heap is an `EventHeap` from the optional C module `sim._eventheap` (built
-into the compiled copy by `bench/build_compiled.sh`), which keeps each entry's (time, seq) as C
-numbers: `heapq` compares tuples through Python's rich comparison, an eighth of a compiled run.
-Without it, `ListHeap` does the same with `heapq`; both pop in exactly the same order.
+The calendar is an `EventCalendar` from the optional C module `sim._calendar` (built into the
+compiled copy by `bench/build_compiled.sh`): the same structure, holding each event in a slot of
+C numbers (its time, seq and numeric arguments) rather than a tuple of objects that would be cold
+in memory when it comes up (see the module). Without it, `Calendar` is the structure in Python;
+both pop in exactly the same order. `at` returns ``(time, seq)`` as the event's handle.
 
-Cancelling records the entry's ``seq`` as a tombstone in O(1); the entry is discarded when it
+Cancelling records the event's ``seq`` as a tombstone in O(1); the entry is discarded when it
 comes up, and the loop only looks the tombstones up when there are any. A handle cancelled after
 it ran (legal, and common for timers) leaves a stale tombstone; stale ones are purged, amortised
 O(1), each time the tombstones double in number. The hot loop binds what it can to locals: it is
@@ -33,11 +34,12 @@ from heapq import heapify, heappop, heappush
 from itertools import chain
 from typing import Any, Callable, Final
 
-__all__ = ["Scheduler", "Handle", "PROGRESS_EVERY", "BUCKET_S", "RING", "ListHeap", "EventHeap"]
+__all__ = ["Scheduler", "Handle", "PROGRESS_EVERY", "BUCKET_S", "RING", "Calendar", "EventCalendar"]
 
-# An entry of the heap, returned as the cancellation handle: (time, seq, fn, *args) — flat, so
-# a pending event is one tuple, not two (~170 bytes less per simulated peer).
+Entry = tuple
+"""An event as the calendar gives it back: (time, seq, fn, *args)."""
 Handle = tuple
+"""What `Scheduler.at` returns, for `cancel`: (time, seq)."""
 
 # How many events run between two progress callbacks: rare enough to cost nothing per event.
 PROGRESS_EVERY: Final = 8192
@@ -51,122 +53,49 @@ _NEVER: Final = 1 << 62
 """The bucket of events at infinity (or beyond any run): the last."""
 
 
-class ListHeap:
-    """Entries ``(time, seq, fn, *args)`` ordered by (time, seq): a list and `heapq`. The
-    interface of the C module's `EventHeap`, which replaces it when built."""
+class Calendar:
+    """Entries ``(time, seq, fn, *args)`` in (time, seq) order, as a calendar: `per_s` buckets
+    a second, the next `ring` of them in a ring (see the module). The interface and order of the
+    C module's `EventCalendar`, which replaces it when built."""
 
-    __slots__ = ("_items",)
+    __slots__ = ("_per_s", "_ring_size", "_heap", "_bucket", "_ring", "_in_ring", "_later",
+                 "_pending")
 
-    def __init__(self) -> None:
-        self._items: list[Handle] = []
-
-    def push(self, entry: Handle) -> None:
-        heappush(self._items, entry)
-
-    def pop(self) -> Handle:
-        return heappop(self._items)
-
-    def first(self) -> Handle | None:
-        items = self._items
-        return items[0] if items else None
-
-    def pop_until(self, until: float) -> Handle | None:
-        """Remove and return the first entry if its time is at most `until`, else None."""
-        items = self._items
-        return heappop(items) if items and items[0][0] <= until else None
-
-    def extend(self, entries: list[Handle]) -> None:
-        items = self._items
-        items.extend(entries)
-        heapify(items)
-
-    def entries(self) -> list[Handle]:
-        return list(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
-try:
-    from sim._eventheap import EventHeap
-except ImportError:  # not built: the pure-Python heap, same order
-    EventHeap = ListHeap  # type: ignore[misc,assignment]
-
-
-class Scheduler:
-    """A discrete-event loop on a virtual clock (seconds, plain floats)."""
-
-    __slots__ = ("now", "_heap", "_push", "_bucket", "_ring", "_in_ring", "_later", "_pending",
-                 "_seq", "_stopped", "_cancelled", "_purge_at")
-
-    def __init__(self, now: float = 0.0, *, heap: Callable[[], Any] | None = None) -> None:
-        """`heap`: the current bucket's heap type (default `EventHeap`, the C one if built)."""
-        self.now = float(now)
-        self._heap: Any = EventHeap() if heap is None else heap()
-        """The entries of bucket `_bucket` and earlier (`EventHeap` or `ListHeap`)."""
-        self._push: Callable[[Handle], None] = self._heap.push
-        """(Its `push`, looked up once: compiled, `self._heap.push(...)` looks it up each call.)"""
+    def __init__(self, per_s: float, ring: int) -> None:
+        if not per_s > 0 or ring < 1 or ring & (ring - 1):
+            raise ValueError("per_s must be positive and ring a power of two")
+        self._per_s = per_s
+        self._ring_size = ring
+        self._heap: list[Entry] = []
+        """The entries of bucket `_bucket` and earlier: a heap (`heapq`)."""
         self._bucket = -1
-        self._ring: list[list[Handle] | None] = [None] * RING
-        """Bucket b's entries, unsorted, at b % RING, for `_bucket` < b < `_bucket` + RING (a
+        self._ring: list[list[Entry] | None] = [None] * ring
+        """Bucket b's entries, unsorted, at b % ring, for `_bucket` < b < `_bucket` + ring (a
         list index, where a dict needs the bucket number as a Python int and a lookup)."""
         self._in_ring = 0
         """Entries in `_ring`."""
-        self._later: dict[int, list[Handle]] = {}
-        """Bucket → its entries, unsorted, for buckets RING or more after the current one when
-        put (the ring may since have reached them and hold entries of theirs too)."""
+        self._later: dict[int, list[Entry]] = {}
+        """Bucket → its entries, unsorted, for buckets `ring` or more after the current one
+        when put (the ring may since have reached them and hold entries of theirs too)."""
         self._pending: list[int] = []
         """The buckets in `_later` (a heap)."""
-        self._cancelled: dict[int, float] = {}  # seq -> time, tombstones
-        self._purge_at = 1024
-        self._seq = 0
-        self._stopped = False
 
-    def at(self, time: float, fn: Callable[..., Any], *args: Any) -> Handle:
-        """Run ``fn(*args)`` at absolute virtual ``time``; return a handle for `cancel`."""
-        entry = (time, self._next_seq(time), fn) + args
-        self._put(entry, time)
-        return entry
-
-    def at2(self, time: float, fn: Callable[[Any, Any], Any], a: Any, b: Any) -> Handle:
-        """`at(time, fn, a, b)`, building one tuple (`at` builds three: its arguments', the
-        head's and their sum); the driver's frequent events take two or four arguments."""
-        entry: Handle = (time, self._next_seq(time), fn, a, b)  # (typed: boxed once, not at
-        self._put(entry, time)                                  # each use)
-        return entry
-
-    def at4(self, time: float, fn: Callable[[Any, Any, Any, Any], Any], a: Any, b: Any, c: Any,
-            d: Any) -> Handle:
-        """`at(time, fn, a, b, c, d)`, building one tuple (see `at2`)."""
-        entry: Handle = (time, self._next_seq(time), fn, a, b, c, d)
-        self._put(entry, time)
-        return entry
-
-    def after(self, delay: float, fn: Callable[..., Any], *args: Any) -> Handle:
-        """Run ``fn(*args)`` ``delay`` seconds from now."""
-        if not delay >= 0:
-            raise ValueError(f"negative delay: {delay}")
-        return self.at(self.now + delay, fn, *args)
-
-    def _next_seq(self, time: float) -> int:
-        """The next entry's sequence number, for an event at `time` (not in the past)."""
-        if not time >= self.now:  # also refuses NaN
-            raise ValueError(f"cannot schedule in the past: {time} < now {self.now}")
-        self._seq += 1
-        return self._seq
-
-    def _put(self, entry: Handle, time: float) -> None:
+    def push(self, time: float, seq: int, fn: Callable[..., Any], *args: Any) -> None:
+        """Add the event ``fn(*args)`` at `time`, `seq` (unique)."""
+        if time != time:
+            raise ValueError("an event's time is NaN")
+        entry = (time, seq, fn, *args)
         # The bucket: monotone in time, so the calendar keeps one heap's order.
-        b = int(time * _PER_S) if time < 1e15 else _NEVER
+        b = int(time * self._per_s) if time < 1e15 else _NEVER
         current = self._bucket
         if b <= current:
-            self._push(entry)
+            heappush(self._heap, entry)
             return
-        if b - current < RING:
-            ring = self._ring
-            slot = ring[b & (RING - 1)]
+        if b - current < self._ring_size:
+            ring, i = self._ring, b & (self._ring_size - 1)
+            slot = ring[i]
             if slot is None:
-                ring[b & (RING - 1)] = [entry]
+                ring[i] = [entry]
             else:
                 slot.append(entry)
             self._in_ring += 1
@@ -182,35 +111,115 @@ class Scheduler:
         """The current bucket is empty: make the next non-empty one current (False: none)."""
         pending, current = self._pending, self._bucket
         if self._in_ring:
-            ring = self._ring
+            ring, mask = self._ring, self._ring_size - 1
             b = current + 1
-            while ring[b & (RING - 1)] is None:  # (within RING steps: the ring holds one)
+            while ring[b & mask] is None:  # (within `ring` steps: the ring holds one)
                 b += 1
             if pending and pending[0] <= b:
                 # A bucket in `_later` comes first, or is the same one: a bucket put there may
                 # since have come within the ring's reach and got entries there too.
                 first = heappop(pending)
-                self._heap.extend(self._later.pop(first))
+                self._take(self._later.pop(first))
                 if first < b:
                     self._bucket = first
                     return True
-            entries = ring[b & (RING - 1)]
+            entries = ring[b & mask]
             assert entries is not None
-            ring[b & (RING - 1)] = None
+            ring[b & mask] = None
             self._in_ring -= len(entries)
-            self._heap.extend(entries)
+            self._take(entries)
             self._bucket = b
             return True
         if not pending:
             return False
         b = heappop(pending)
-        self._heap.extend(self._later.pop(b))
+        self._take(self._later.pop(b))
         self._bucket = b
         return True
 
-    def _waiting(self) -> list[list[Handle]]:
-        """The unsorted lists of the buckets after the current one."""
-        return [e for e in self._ring if e is not None] + list(self._later.values())
+    def _take(self, entries: list[Entry]) -> None:
+        heap = self._heap
+        heap.extend(entries)
+        heapify(heap)
+
+    def first(self) -> Entry | None:
+        """The first event (None: nothing pending)."""
+        heap = self._heap
+        while not heap:
+            if not self._advance():
+                return None
+        return heap[0]
+
+    def pop(self) -> Entry:
+        if self.first() is None:
+            raise IndexError("pop from an empty Calendar")
+        return heappop(self._heap)
+
+    def pop_until(self, until: float) -> Entry | None:
+        """Remove and return the first event if its time is at most `until`, else None."""
+        first = self.first()
+        return heappop(self._heap) if first is not None and first[0] <= until else None
+
+    def entries(self) -> list[Entry]:
+        """The events held, in no order."""
+        waiting = [e for e in self._ring if e is not None] + list(self._later.values())
+        return list(chain(self._heap, *waiting))
+
+    def __len__(self) -> int:
+        return len(self._heap) + self._in_ring + sum(len(v) for v in self._later.values())
+
+
+try:
+    from sim._calendar import EventCalendar
+except ImportError:  # not built: the pure-Python calendar, same order
+    EventCalendar = Calendar  # type: ignore[misc,assignment]
+
+
+class Scheduler:
+    """A discrete-event loop on a virtual clock (seconds, plain floats)."""
+
+    __slots__ = ("now", "_queue", "_push", "_seq", "_stopped", "_cancelled", "_purge_at")
+
+    def __init__(self, now: float = 0.0, *, calendar: Callable[[float, int], Any] | None = None) -> None:
+        """`calendar`: the timeline's type (default `EventCalendar`, the C one if built)."""
+        self.now = float(now)
+        self._queue: Any = (EventCalendar if calendar is None else calendar)(_PER_S, RING)
+        """The pending entries (`EventCalendar` or `Calendar`)."""
+        self._push: Callable[..., None] = self._queue.push
+        """(Its `push`, looked up once: compiled, `self._queue.push(...)` looks it up each call.)"""
+        self._cancelled: dict[int, float] = {}  # seq -> time, tombstones
+        self._purge_at = 1024
+        self._seq = 0
+        self._stopped = False
+
+    def at(self, time: float, fn: Callable[..., Any], *args: Any) -> Handle:
+        """Run ``fn(*args)`` at absolute virtual ``time``; return a handle for `cancel`."""
+        seq = self._next_seq(time)
+        self._push(time, seq, fn, *args)
+        return (time, seq)
+
+    def at2(self, time: float, fn: Callable[[Any, Any], Any], a: Any, b: Any) -> None:
+        """`at(time, fn, a, b)`, without a handle, nor a tuple of the arguments: the driver's
+        frequent events take two or four arguments, and are never cancelled."""
+        self._push(time, self._next_seq(time), fn, a, b)
+
+    def at4(self, time: float, fn: Callable[[Any, Any, Any, Any], Any], a: Any, b: Any, c: Any,
+            d: Any) -> None:
+        """`at(time, fn, a, b, c, d)`, without a handle (see `at2`)."""
+        self._push(time, self._next_seq(time), fn, a, b, c, d)
+
+    def after(self, delay: float, fn: Callable[..., Any], *args: Any) -> Handle:
+        """Run ``fn(*args)`` ``delay`` seconds from now."""
+        if not delay >= 0:
+            raise ValueError(f"negative delay: {delay}")
+        return self.at(self.now + delay, fn, *args)
+
+    def _next_seq(self, time: float) -> int:
+        """The next entry's sequence number, for an event at `time` (not in the past)."""
+        if not time >= self.now:  # also refuses NaN
+            raise ValueError(f"cannot schedule in the past: {time} < now {self.now}")
+        self._seq += 1
+        return self._seq
 
     def cancel(self, handle: Handle) -> None:
         """Cancel a scheduled callback (no-op if it already ran or was cancelled)."""
@@ -225,8 +234,7 @@ class Scheduler:
             # wait in a later bucket (after `run(until)` moved the clock past the heap's), so
             # every pending entry is looked at, as with one heap.
             now = self.now
-            pending_now = {e[1] for e in chain(self._heap.entries(), *self._waiting())
-                           if e[0] == now}
+            pending_now = {e[1] for e in self._queue.entries() if e[0] == now}
             for s, t in list(cancelled.items()):
                 if t < now or (t == now and s not in pending_now):
                     del cancelled[s]
@@ -238,20 +246,16 @@ class Scheduler:
 
     def next_time(self) -> float | None:
         """Time of the next live event, or None when nothing is pending."""
-        heap, cancelled = self._heap, self._cancelled
-        while True:
-            first = heap.first()
-            while first is not None and first[1] in cancelled:
-                del cancelled[heap.pop()[1]]
-                first = heap.first()
-            if first is not None:
-                return first[0]
-            if not self._advance():
-                return None
+        queue, cancelled = self._queue, self._cancelled
+        first = queue.first()
+        while first is not None and first[1] in cancelled:
+            del cancelled[queue.pop()[1]]
+            first = queue.first()
+        return None if first is None else first[0]
 
     def __len__(self) -> int:
         """Number of pending entries, tombstones included (an upper bound on pending events)."""
-        return len(self._heap) + sum(len(v) for v in self._waiting())
+        return len(self._queue)
 
     def run(
         self,
@@ -265,20 +269,18 @@ class Scheduler:
         continues from there. ``progress(now, events_so_far)`` is called every `PROGRESS_EVERY`
         events and once at the end.
         """
-        heap, cancelled = self._heap, self._cancelled
+        cancelled = self._cancelled
         # (Looked up once, and `until` boxed once: compiled, each would be done every event.)
-        pop_until: Callable[[object], Handle | None] = heap.pop_until
+        pop_until: Callable[[object], Entry | None] = self._queue.pop_until
         until_obj: object = until
         count = 0
         self._stopped = False
         # One loop for both cases: without a callback the report threshold is never reached.
         next_report = PROGRESS_EVERY if progress is not None else -1
         while True:
-            entry: Handle | None = pop_until(until_obj)  # (typed: a compiled build indexes it
+            entry: Entry | None = pop_until(until_obj)  # (typed: a compiled build indexes it
             if entry is None:                                 # as a tuple, not through Python)
-                if heap.first() is not None or not self._advance():
-                    break  # the next event is after `until`, or there is none
-                continue
+                break  # the next event is after `until`, or there is none
             if cancelled and entry[1] in cancelled:
                 del cancelled[entry[1]]
                 continue

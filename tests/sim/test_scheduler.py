@@ -126,32 +126,32 @@ def test_past_and_negative_are_errors():
 
 
 def test_at2_and_at4_are_at_with_two_and_four_arguments():
-    """The driver's one-tuple forms give `at`'s handles, run in its order, cancel and refuse the
-    past as it does."""
+    """The driver's short forms run their events as `at` does, in its order (one sequence
+    number each), and refuse the past as it does; they return no handle."""
     ran: list[tuple[float, tuple]] = []
 
     def record(*args):
         ran.append((args[0], args))
 
-    def schedule(s: Scheduler, short: bool) -> list:
-        handles = []
+    def schedule(s: Scheduler, short: bool) -> None:
         for i, t in enumerate([0.3, 0.1, 0.3, 2.5, 0.1, 0.0]):
             if i % 2:
                 h = s.at2(t, record, t, i) if short else s.at(t, record, t, i)
             else:
                 h = (s.at4(t, record, t, i, "c", None) if short
                      else s.at(t, record, t, i, "c", None))
-            handles.append(h)
-        s.cancel(handles[2])
-        return handles
+            assert h == (None if short else (t, i + 1))  # `at`'s handle: (time, seq)
+        s.cancel(s.at(0.3, record, 0.3, 6))  # (seq 7, never runs)
 
     plain, short = Scheduler(), Scheduler()
-    handles = schedule(plain, False)
-    assert schedule(short, True) == handles
+    schedule(plain, False)
+    schedule(short, True)
+    plain.at(0.3, record, 0.3, 7)
+    short.at(0.3, record, 0.3, 7)
     plain.run()
     by_at, ran[:] = list(ran), []
     short.run()
-    assert ran == by_at and len(ran) == 5
+    assert ran == by_at and [a[1] for _, a in ran] == [5, 1, 4, 0, 2, 7, 3]
     for bad in (-1.0, math.nan):
         with pytest.raises(ValueError):
             short.at2(bad, record, 1, 2)

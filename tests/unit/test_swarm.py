@@ -14,7 +14,7 @@ from meshcast.messages import (NO_PEER, Assign, Detach, Hello, PeerRef, Reject, 
 from meshcast.crypto import Crypto, SigningKey
 from meshcast.node import FORMER_KEY_S
 from meshcast.policy import HEADROOM, STRETCH_HEADROOM, child_slots
-from peer.node import LATE_SLACK, PeerNode
+from peer.node import _NO_PARENT, LATE_SLACK, PeerNode
 from seed.node import SeedNode, live_first_seq
 from tests.harness import Wiring
 from tracker import node as tracker_node
@@ -478,6 +478,8 @@ def test_killed_relay_descendants_keep_playing_via_backup_and_pull():
     stream(w, seed, 15)
     relay = max(peers, key=lambda p: p._children())
     assert relay._children() > 0
+    children = [(p, k) for p in peers for k in range(4) if p.primary_id[k] == relay.id]
+    assert children
     w.kill(relay)
     stream(w, seed, 25)
     w.advance(w.now + 3)
@@ -487,7 +489,13 @@ def test_killed_relay_descendants_keep_playing_via_backup_and_pull():
         seqs = played(w, p)
         assert seqs == list(range(seqs[0], seqs[-1] + 1))
         assert seqs[-1] == 39
+        # The parent ids a chunk's check reads follow the parents through the switches.
+        assert list(p.primary_id) == [s.ref.id if s is not None else _NO_PARENT
+                                      for s in p.primary]
+    assert all(p.primary_id[k] != relay.id for p, k in children)
     assert relay.id not in tracker.channels["ch"].forest.members
+    peers[0].leave(now=w.now)
+    assert list(peers[0].primary_id) == [_NO_PARENT] * 4
 
 
 def test_a_spent_token_is_let_go_and_a_backup_keeps_its_own():

@@ -1,0 +1,488 @@
+/* EventCalendar: the scheduler's timeline in C (the interface of `sim.scheduler.Calendar`).
+ *
+ * An event is (time, seq, fn, *args), ordered by (time, seq), which is unique per event: events
+ * pop in exactly the order one `heapq` heap of the same tuples gives. The structure is the
+ * Python `Calendar`'s: `per_s` buckets a second; the events of the bucket being run (and of
+ * earlier ones, put there late) are a binary heap, those of the next `ring` buckets wait
+ * unsorted in a ring of arrays indexed by bucket number, and later ones in a second heap.
+ *
+ * What C adds is where the memory traffic goes. A run pushes an event when it has just made it,
+ * and pops it up to a second later. A tuple of Python objects made at the push is cold by then
+ * (a 100k-peer run has ~1 GB of state): reading its time, its sequence number and a link number
+ * and a time among its arguments cost a cache miss each, and freeing it unlinked it from the
+ * cyclic collector's list, between neighbours as old and cold as it is. Here an event is one
+ * 64-byte slot: its time and sequence number, and each of up to four arguments that is an int
+ * (64-bit) or a float, are kept as C numbers, and `pop` makes the tuple anew (its numbers are
+ * new objects, from memory just freed). Other arguments are held as references. The slots of a
+ * bucket are one array, read in order when the run reaches it.
+ *
+ * Optional: bench/build_compiled.sh builds it into the compiled copy; without it the scheduler
+ * uses the Python `Calendar` (tests/sim/test_calendar.py checks both against each other).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+#define NEVER (1LL << 62) /* the bucket of times at or beyond 1e15 s (and infinity) */
+#define MAXA 4              /* arguments kept in the slot; more go in a tuple */
+
+enum { OBJ, INT, FLOAT };
+
+typedef union {
+    PyObject *o;
+    long long i;
+    double d;
+} Arg;
+
+typedef struct {
+    double time;
+    unsigned long long seq;
+    PyObject *fn;
+    signed char n;            /* arguments in `arg`, or -1: arg[0].o is a tuple of them all */
+    unsigned char kind[MAXA]; /* OBJ (a reference), INT or FLOAT */
+    Arg arg[MAXA];
+} Slot;
+
+typedef struct {
+    Slot *s;
+    Py_ssize_t n, cap;
+} Slots;
+
+typedef struct {
+    PyObject_HEAD
+    double per_s;
+    long long ring;    /* buckets in the ring (a power of two) */
+    long long current; /* the bucket being run (-1: none yet) */
+    Slots heap;        /* events of `current` and earlier: a binary heap */
+    Slots *ring_of;    /* bucket b's events at b & (ring - 1), for current < b < current + ring */
+    Py_ssize_t in_ring;
+    Slots far;         /* events of later buckets: a binary heap */
+} EventCalendar;
+
+static inline int before(const Slot *a, const Slot *b) {
+    return a->time < b->time || (a->time == b->time && a->seq < b->seq);
+}
+
+static inline long long bucket_of(const EventCalendar *c, double t) {
+    return t < 1e15 ? (long long)(t * c->per_s) : NEVER; /* as `int(t * per_s)` in Python */
+}
+
+static int reserve(Slots *v, Py_ssize_t more) {
+    if (v->n + more <= v->cap)
+        return 0;
+    Py_ssize_t cap = v->cap ? v->cap : 16;
+    while (cap < v->n + more)
+        cap *= 2;
+    Slot *s = PyMem_Realloc(v->s, (size_t)cap * sizeof(Slot));
+    if (s == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    v->s = s;
+    v->cap = cap;
+    return 0;
+}
+
+static void release(Slots *v) {
+    PyMem_Free(v->s);
+    v->s = NULL;
+    v->n = v->cap = 0;
+}
+
+static void sift_up(Slot *s, Py_ssize_t i) {
+    Slot x = s[i];
+    while (i > 0) {
+        Py_ssize_t parent = (i - 1) >> 1;
+        if (!before(&x, &s[parent]))
+            break;
+        s[i] = s[parent];
+        i = parent;
+    }
+    s[i] = x;
+}
+
+static void sift_down(Slot *s, Py_ssize_t n, Py_ssize_t i) {
+    Slot x = s[i];
+    for (;;) {
+        Py_ssize_t child = 2 * i + 1;
+        if (child >= n)
+            break;
+        if (child + 1 < n && before(&s[child + 1], &s[child]))
+            child++;
+        if (!before(&s[child], &x))
+            break;
+        s[i] = s[child];
+        i = child;
+    }
+    s[i] = x;
+}
+
+static Slot heap_take(Slots *h) {
+    Slot top = h->s[0];
+    if (--h->n > 0) {
+        h->s[0] = h->s[h->n];
+        sift_down(h->s, h->n, 0);
+    }
+    return top;
+}
+
+/* Keep argument `x` in `*arg`: as a C number if it is an int that fits 64 bits or a float,
+ * else as a reference (not taken here). */
+static unsigned char pack(PyObject *x, Arg *arg) {
+    if (PyFloat_CheckExact(x)) {
+        arg->d = PyFloat_AS_DOUBLE(x);
+        return FLOAT;
+    }
+    if (PyLong_CheckExact(x)) {
+        int overflow;
+        long long v = PyLong_AsLongLongAndOverflow(x, &overflow);
+        if (!overflow && !(v == -1 && PyErr_Occurred())) {
+            arg->i = v;
+            return INT;
+        }
+        PyErr_Clear();
+    }
+    arg->o = x;
+    return OBJ;
+}
+
+static PyObject *unpack(unsigned char kind, Arg arg) {
+    switch (kind) {
+    case INT:
+        return PyLong_FromLongLong(arg.i);
+    case FLOAT:
+        return PyFloat_FromDouble(arg.d);
+    default:
+        return Py_NewRef(arg.o);
+    }
+}
+
+/* The event as a new tuple (time, seq, fn, *args); the slot keeps its references. */
+static PyObject *make_entry(const Slot *s) {
+    PyObject *rest = s->n < 0 ? s->arg[0].o : NULL;
+    Py_ssize_t na = rest ? PyTuple_GET_SIZE(rest) : s->n;
+    PyObject *e = PyTuple_New(3 + na);
+    if (e == NULL)
+        return NULL;
+    PyObject *x;
+    if ((x = PyFloat_FromDouble(s->time)) == NULL)
+        goto fail;
+    PyTuple_SET_ITEM(e, 0, x);
+    if ((x = PyLong_FromUnsignedLongLong(s->seq)) == NULL)
+        goto fail;
+    PyTuple_SET_ITEM(e, 1, x);
+    PyTuple_SET_ITEM(e, 2, Py_NewRef(s->fn));
+    for (Py_ssize_t j = 0; j < na; j++) {
+        x = rest ? Py_NewRef(PyTuple_GET_ITEM(rest, j)) : unpack(s->kind[j], s->arg[j]);
+        if (x == NULL)
+            goto fail;
+        PyTuple_SET_ITEM(e, 3 + j, x);
+    }
+    return e;
+fail:
+    Py_DECREF(e); /* (unset items are NULL, which a tuple's dealloc skips) */
+    return NULL;
+}
+
+/* Drop the slot's references. */
+static void release_slot(Slot *s) {
+    Py_DECREF(s->fn);
+    if (s->n < 0) {
+        Py_DECREF(s->arg[0].o);
+        return;
+    }
+    for (int j = 0; j < s->n; j++)
+        if (s->kind[j] == OBJ)
+            Py_DECREF(s->arg[j].o);
+}
+
+static PyObject *cal_push(EventCalendar *c, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 3) {
+        PyErr_SetString(PyExc_TypeError, "push(time, seq, fn, *args)");
+        return NULL;
+    }
+    Slot slot;
+    slot.time = PyFloat_AsDouble(args[0]);
+    if (slot.time == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (slot.time != slot.time) {
+        PyErr_SetString(PyExc_ValueError, "an event's time is NaN");
+        return NULL;
+    }
+    slot.seq = PyLong_AsUnsignedLongLong(args[1]);
+    if (slot.seq == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    slot.fn = args[2];
+    Py_ssize_t na = nargs - 3;
+    if (na <= MAXA) {
+        slot.n = (signed char)na;
+        for (Py_ssize_t j = 0; j < na; j++)
+            slot.kind[j] = pack(args[3 + j], &slot.arg[j]);
+    } else {
+        slot.n = -1;
+        if ((slot.arg[0].o = PyTuple_New(na)) == NULL)
+            return NULL;
+        for (Py_ssize_t j = 0; j < na; j++)
+            PyTuple_SET_ITEM(slot.arg[0].o, j, Py_NewRef(args[3 + j]));
+    }
+    long long b = bucket_of(c, slot.time);
+    Slots *v = b <= c->current ? &c->heap
+               : b - c->current < c->ring ? &c->ring_of[b & (c->ring - 1)]
+               : &c->far;
+    if (reserve(v, 1) < 0) {
+        if (slot.n < 0)
+            Py_DECREF(slot.arg[0].o);
+        return NULL;
+    }
+    Py_INCREF(slot.fn);
+    for (int j = 0; j < slot.n; j++)
+        if (slot.kind[j] == OBJ)
+            Py_INCREF(slot.arg[j].o);
+    v->s[v->n++] = slot;
+    if (v == &c->heap || v == &c->far)
+        sift_up(v->s, v->n - 1);
+    else
+        c->in_ring++;
+    Py_RETURN_NONE;
+}
+
+/* The heap is empty: make the next bucket holding events current. 1 if there is one, 0 if
+ * nothing is pending, -1 (an exception set) if out of memory. */
+static int advance(EventCalendar *c) {
+    long long b_ring = LLONG_MAX, b_far = LLONG_MAX, mask = c->ring - 1;
+    if (c->in_ring) {
+        long long b = c->current + 1;
+        while (c->ring_of[b & mask].n == 0) /* within `ring` steps: the ring holds one */
+            b++;
+        b_ring = b;
+    }
+    if (c->far.n)
+        b_far = bucket_of(c, c->far.s[0].time);
+    if (b_ring == LLONG_MAX && b_far == LLONG_MAX)
+        return 0;
+    long long next = b_ring < b_far ? b_ring : b_far;
+    Slots *h = &c->heap;
+    if (b_ring == next) {
+        /* (A bucket may have entries in both: put far, then reached by the ring.) */
+        Slots *r = &c->ring_of[next & mask], spent = *h;
+        c->in_ring -= r->n;
+        *h = *r; /* (the heap is empty: it takes the bucket's array as it is) */
+        *r = (Slots){NULL, 0, 0};
+        release(&spent); /* (a bucket's array is not kept: ~1 s of them would hold their peak) */
+    }
+    while (c->far.n && bucket_of(c, c->far.s[0].time) <= next) {
+        if (reserve(h, 1) < 0)
+            break;
+        h->s[h->n++] = heap_take(&c->far);
+    }
+    c->current = next;
+    for (Py_ssize_t i = h->n / 2 - 1; i >= 0; i--)
+        sift_down(h->s, h->n, i);
+    return PyErr_Occurred() ? -1 : 1;
+}
+
+/* The first entry's slot in the heap, advancing as needed; NULL if nothing is pending (or on
+ * error, with an exception set). */
+static Slot *first_slot(EventCalendar *c) {
+    while (c->heap.n == 0) {
+        int r = advance(c);
+        if (r <= 0)
+            return NULL;
+    }
+    return &c->heap.s[0];
+}
+
+/* Remove the heap's first event and return it as a tuple (nothing removed if that fails). */
+static PyObject *take_first(EventCalendar *c) {
+    PyObject *e = make_entry(&c->heap.s[0]);
+    if (e != NULL) {
+        Slot s = heap_take(&c->heap);
+        release_slot(&s);
+    }
+    return e;
+}
+
+static PyObject *cal_pop(EventCalendar *c, PyObject *Py_UNUSED(ignored)) {
+    if (first_slot(c) == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_IndexError, "pop from an empty EventCalendar");
+        return NULL;
+    }
+    return take_first(c);
+}
+
+static PyObject *cal_pop_until(EventCalendar *c, PyObject *arg) {
+    double until = PyFloat_AsDouble(arg);
+    if (until == -1.0 && PyErr_Occurred())
+        return NULL;
+    Slot *first = first_slot(c);
+    if (first == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    if (first->time > until)
+        Py_RETURN_NONE;
+    return take_first(c);
+}
+
+static PyObject *cal_first(EventCalendar *c, PyObject *Py_UNUSED(ignored)) {
+    Slot *first = first_slot(c);
+    if (first == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    return make_entry(first);
+}
+
+static int add_all(PyObject *out, const Slots *v) {
+    for (Py_ssize_t i = 0; i < v->n; i++) {
+        PyObject *e = make_entry(&v->s[i]);
+        if (e == NULL || PyList_Append(out, e) < 0) {
+            Py_XDECREF(e);
+            return -1;
+        }
+        Py_DECREF(e);
+    }
+    return 0;
+}
+
+static PyObject *cal_entries(EventCalendar *c, PyObject *Py_UNUSED(ignored)) {
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    int bad = add_all(out, &c->heap) < 0 || add_all(out, &c->far) < 0;
+    for (long long i = 0; !bad && i < c->ring; i++)
+        bad = add_all(out, &c->ring_of[i]) < 0;
+    if (bad) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return out;
+}
+
+static Py_ssize_t cal_len(EventCalendar *c) { return c->heap.n + c->in_ring + c->far.n; }
+
+static int visit_all(const Slots *v, visitproc visit, void *arg) {
+    for (Py_ssize_t i = 0; i < v->n; i++) {
+        const Slot *s = &v->s[i];
+        Py_VISIT(s->fn);
+        if (s->n < 0)
+            Py_VISIT(s->arg[0].o);
+        for (int j = 0; j < s->n; j++)
+            if (s->kind[j] == OBJ)
+                Py_VISIT(s->arg[j].o);
+    }
+    return 0;
+}
+
+static int cal_traverse(EventCalendar *c, visitproc visit, void *arg) {
+    int r = visit_all(&c->heap, visit, arg);
+    if (r == 0)
+        r = visit_all(&c->far, visit, arg);
+    for (long long i = 0; r == 0 && c->ring_of != NULL && i < c->ring; i++)
+        r = visit_all(&c->ring_of[i], visit, arg);
+    return r;
+}
+
+static void drop_all(Slots *v) {
+    Py_ssize_t n = v->n;
+    Slot *s = v->s;
+    v->s = NULL;
+    v->n = v->cap = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        release_slot(&s[i]);
+    PyMem_Free(s);
+}
+
+static int cal_clear(EventCalendar *c) {
+    drop_all(&c->heap);
+    drop_all(&c->far);
+    for (long long i = 0; c->ring_of != NULL && i < c->ring; i++)
+        drop_all(&c->ring_of[i]);
+    c->in_ring = 0;
+    return 0;
+}
+
+static void cal_dealloc(EventCalendar *c) {
+    PyObject_GC_UnTrack(c);
+    cal_clear(c);
+    PyMem_Free(c->ring_of);
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+static int cal_init(EventCalendar *c, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"per_s", "ring", NULL};
+    double per_s;
+    long long ring;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "dL", kwlist, &per_s, &ring))
+        return -1;
+    if (!(per_s > 0) || ring < 1 || ring > (1LL << 24) || (ring & (ring - 1))) {
+        PyErr_SetString(PyExc_ValueError,
+                        "per_s must be positive and ring a power of two up to 2**24");
+        return -1;
+    }
+    if (c->ring_of != NULL) {
+        PyErr_SetString(PyExc_TypeError, "an EventCalendar is initialised once");
+        return -1;
+    }
+    c->ring_of = PyMem_Calloc((size_t)ring, sizeof(Slots));
+    if (c->ring_of == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    c->per_s = per_s;
+    c->ring = ring;
+    c->current = -1;
+    return 0;
+}
+
+static PyMethodDef cal_methods[] = {
+    {"push", (PyCFunction)(void (*)(void))cal_push, METH_FASTCALL,
+     "push(time, seq, fn, *args): add an event."},
+    {"pop", (PyCFunction)cal_pop, METH_NOARGS, "Remove and return the first event."},
+    {"pop_until", (PyCFunction)cal_pop_until, METH_O,
+     "Remove and return the first event if its time is at most the argument, else None."},
+    {"first", (PyCFunction)cal_first, METH_NOARGS, "The first event, or None if empty."},
+    {"entries", (PyCFunction)cal_entries, METH_NOARGS, "The events held, in no order."},
+    {NULL},
+};
+
+static PySequenceMethods cal_as_sequence = {.sq_length = (lenfunc)cal_len};
+
+static PyTypeObject EventCalendarType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "sim._calendar.EventCalendar",
+    .tp_doc = "EventCalendar(per_s, ring): events (time, seq, fn, *args) in (time, seq) order, held in C.",
+    .tp_basicsize = sizeof(EventCalendar),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)cal_init,
+    .tp_dealloc = (destructor)cal_dealloc,
+    .tp_traverse = (traverseproc)cal_traverse,
+    .tp_clear = (inquiry)cal_clear,
+    .tp_methods = cal_methods,
+    .tp_as_sequence = &cal_as_sequence,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "sim._calendar",
+    "The scheduler's event calendar with its keys in C (optional; see sim/scheduler.py).", -1,
+    NULL,
+};
+
+PyMODINIT_FUNC PyInit__calendar(void) {
+    if (PyType_Ready(&EventCalendarType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&EventCalendarType);
+    if (PyModule_AddObject(m, "EventCalendar", (PyObject *)&EventCalendarType) < 0) {
+        Py_DECREF(&EventCalendarType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,194 @@
+"""The scheduler's C event calendar (`sim/_calendar.c`) against its pure-Python twin (`Calendar`).
+
+The compiled build (bench/build_compiled.sh) runs the simulator on the C calendar, and everything
+else on `Calendar`; a run must be the same event for event, so both must pop in one order, and
+that order is one (time, seq) heap's. The C module is compiled here from the source (the
+suite's setup installs a C compiler).
+"""
+
+import gc
+import heapq
+import importlib.util
+import math
+import weakref
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sim.build import build_calendar
+from sim.scheduler import Calendar, Scheduler
+
+PER_S, RING = 10.0, 8  # small: the ring's ends and the later buckets are reached often
+
+
+@pytest.fixture(scope="module")
+def EventCalendar(tmp_path_factory):
+    path = build_calendar(tmp_path_factory.mktemp("calendar"))
+    spec = importlib.util.spec_from_file_location("_calendar", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.EventCalendar
+
+
+class OneHeap:
+    """The order both calendars must keep: one `heapq` heap of the same tuples."""
+
+    def __init__(self):
+        self.items = []
+
+    def push(self, *e):
+        heapq.heappush(self.items, e)
+
+    def pop(self):
+        return heapq.heappop(self.items)
+
+    def first(self):
+        return self.items[0] if self.items else None
+
+    def pop_until(self, until):
+        return self.pop() if self.items and self.items[0][0] <= until else None
+
+
+# An operation on all three: push an event at a time (ahead of the last popped one, as a
+# scheduler only schedules from now on), pop, or pop up to a time. Times near bucket edges, ties
+# (broken by the unique seq), times beyond the ring and at infinity. Events have 0 to 6
+# arguments, numbers (kept as C numbers by the C calendar, up to four) and other objects.
+_ahead = (st.floats(min_value=0, max_value=3.0, allow_nan=False)
+          | st.sampled_from([0.0, 0.1, 0.05, 0.7, 0.8, 0.85, 2.0, 50.0, 1e15, math.inf]))
+_args = st.lists(st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.booleans()
+                 | st.none() | st.text(max_size=3), max_size=6).map(tuple)
+_ops = st.lists(st.one_of(
+    st.tuples(st.just("push"), st.tuples(_ahead, _args)),
+    st.tuples(st.just("pop"), st.none()),
+    st.tuples(st.just("pop_until"), _ahead),
+), max_size=150)
+
+
+@settings(max_examples=400)
+@given(ops=_ops)
+def test_both_calendars_pop_in_one_heaps_order(EventCalendar, ops):
+    c, py, ref = EventCalendar(PER_S, RING), Calendar(PER_S, RING), OneHeap()
+    seq, now = 0, 0.0
+    for op, arg in ops:
+        if op == "push":
+            seq += 1
+            ahead, args = arg
+            for q in (c, py, ref):
+                q.push(now + ahead, seq, print, *args)
+        elif op == "pop":
+            if ref.items:
+                e = ref.pop()
+                assert same(c.pop(), e) and same(py.pop(), e)
+                now = e[0]
+            else:
+                for q in (c, py):
+                    with pytest.raises(IndexError):
+                        q.pop()
+        else:
+            until = now + arg
+            e = ref.pop_until(until)
+            got = c.pop_until(until), py.pop_until(until)
+            if e is None:
+                assert got == (None, None)
+            else:
+                assert same(got[0], e) and same(got[1], e)
+                now = e[0]
+        assert len(c) == len(py) == len(ref.items)
+        assert same(c.first(), ref.first()) and same(py.first(), ref.first())
+        key = lambda e: e[:2]  # noqa: E731
+        for q in (c, py):
+            assert all(map(same, sorted(q.entries(), key=key), sorted(ref.items, key=key)))
+
+
+def same(a, b):
+    """The same event: equal, item by item, of the same types (a bool stays a bool, an int
+    beyond 64 bits an int)."""
+    if a is None or b is None:
+        return a is b
+    return len(a) == len(b) and all(type(x) is type(y) and x == y for x, y in zip(a, b))
+
+
+@given(st.lists(st.floats(min_value=0, max_value=3.0, allow_nan=False), max_size=200))
+def test_scheduler_runs_the_same_events_on_either_calendar(EventCalendar, times):
+    runs = []
+    for calendar in (EventCalendar, Calendar):
+        s = Scheduler(calendar=calendar)
+        ran = []
+        for i, t in enumerate(times):
+            s.at(t, ran.append, i)
+            if i % 7 == 3:  # some at the current time, into the bucket being run
+                s.at(0.0, ran.append, -i)
+        s.run(until=2.0)
+        s.run()
+        runs.append(ran)
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("bad, error", [
+    ((1.0, 2), TypeError),                    # too short for (time, seq, fn)
+    (("soon", 2, print), TypeError),          # time not a number
+    ((float("nan"), 2, print), ValueError),   # NaN would break the order
+    ((1.0, -1, print), OverflowError),        # seq below zero
+    ((1.0, 2**64, print), OverflowError),     # seq beyond 64 bits
+    ((1.0, "2", print), TypeError),           # seq not an int
+])
+def test_malformed_events_are_refused_and_change_nothing(EventCalendar, bad, error):
+    c = EventCalendar(PER_S, RING)
+    good = (1.0, 1, print, "x", 2, 3.5)
+    c.push(*good)
+    with pytest.raises(error):
+        c.push(*bad)
+    assert len(c) == 1 and c.first() == good and c.pop() == good
+    with pytest.raises(IndexError):
+        c.pop()
+    assert c.first() is None and c.pop_until(math.inf) is None
+
+
+@pytest.mark.parametrize("per_s, ring", [(0.0, 8), (-1.0, 8), (10.0, 0), (10.0, 6), (math.nan, 8)])
+def test_bad_shapes_are_refused(EventCalendar, per_s, ring):
+    for calendar in (EventCalendar, Calendar):
+        with pytest.raises(ValueError):
+            calendar(per_s, ring)
+
+
+def test_references_are_released(EventCalendar):
+    """The calendar holds one reference per object argument (kept in the slot, or in a tuple
+    beyond four): popped events and a dropped calendar leak none."""
+
+    class Payload:
+        pass
+
+    kept = []
+    c = EventCalendar(PER_S, RING)
+    for i in range(100):
+        p = Payload()
+        kept.append(weakref.ref(p))
+        extra = (1, 2, 3, 4) if i % 3 == 0 else ()
+        c.push(float(i % 10) * 0.37, i, print, p, *extra)  # now, in the ring and later
+    popped = [c.pop() for _ in range(50)]
+    assert {type(e[3]) for e in popped} == {Payload}
+    del popped
+    del c, p
+    gc.collect()
+    assert all(r() is None for r in kept)
+
+
+def test_a_cycle_through_pending_events_is_collected(EventCalendar):
+    """The calendar reports what its events hold to the cyclic collector, so a cycle owner →
+    calendar → event → owner (a simulation and its scheduled callbacks) is found."""
+
+    class Owner:
+        def tick(self, *args):
+            pass
+
+    o = Owner()
+    o.calendar = EventCalendar(PER_S, RING)
+    for i, t in enumerate((0.0, 0.35, 5.0)):
+        o.calendar.push(t, i + 1, o.tick)
+        o.calendar.push(t, i + 10, print, 1, o)
+        o.calendar.push(t, i + 20, print, 1, 2, 3, 4, o)
+    ref = weakref.ref(o)
+    del o
+    gc.collect()
+    assert ref() is None

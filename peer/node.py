@@ -81,6 +81,11 @@ MESH_OUTSTANDING: Final = 8
 """Pulls in flight per neighbour in mesh mode."""
 
 
+_NO_RX: Final[dict[tuple[int, int], Any]] = {}
+_NO_RECEIVING: Final[dict[int, int]] = {}
+"""`PeerNode.rx` and `receiving` of a node no chunk has streamed into: shared, never written."""
+_NONE_FROM_SEED: Final[dict[int, None]] = {}
+"""`PeerNode._from_seed` of a node the seed has sent nothing: shared, never written."""
 _NO_PARENT: Final = -2
 """`PeerNode.primary_id` of a sub-stream without a parent: no node's id, and not the `NO_PEER`
 of a link whose remote has not said who it is."""
@@ -138,11 +143,16 @@ class PeerNode(RelayNode):
         self.newest_in: vec[i64] = vec[i64]()
         self.seed_id = m.NO_PEER
         # Sets that are nearly always empty are dicts (→ None): 64 bytes empty, not 216.
-        self.rx: dict[tuple[Link, int], Rx | None] = {}
-        self.receiving: dict[int, Link] = {}
+        self.rx: dict[tuple[Link, int], Rx | None] = _NO_RX
+        self.receiving: dict[int, Link] = _NO_RECEIVING
+        """Chunks streaming in (`chunk_begin` … `chunk_end`), by (link, seq) and by seq: the
+        shared empty `_NO_RX` and `_NO_RECEIVING` until the first (the simulator's whole chunks
+        never stream), so a node's check reads a dict all nodes read, not one of its own."""
         self.gaps: dict[int, float] = {}
         self.requested: dict[int, tuple[Link, float, set[Link]]] = {}
-        self._from_seed: dict[int, None] = {}
+        self._from_seed: dict[int, None] = _NONE_FROM_SEED
+        """Chunks that came from the seed, until played: the shared empty `_NONE_FROM_SEED`
+        until the first (most viewers are never the seed's children)."""
         self._lat: vec[float] = vec[float]()
         """Per sub-stream: its path's latest delay (`_accept`), NaN until it has delivered."""
         self.play_next: int | None = None
@@ -489,13 +499,19 @@ class PeerNode(RelayNode):
         seq = head.seq
         targets = self._relay_targets(conn, link, head, now)
         if targets is None:
-            self.rx[(link, seq)] = None  # duplicate or too late: swallow its bytes
+            self._own_rx()[(link, seq)] = None  # duplicate or too late: swallow its bytes
             return
-        self.rx[(link, seq)] = Rx(head, targets, conn)
+        self._own_rx()[(link, seq)] = Rx(head, targets, conn)
         self.receiving[seq] = link
         out = self._out
         for t in targets:
             out.append(ChunkBegin(t, head))
+
+    def _own_rx(self) -> dict[tuple[Link, int], Rx | None]:
+        """`rx` (and `receiving`), this node's own from the first chunk streamed in."""
+        if self.rx is _NO_RX:
+            self.rx, self.receiving = {}, {}
+        return self.rx
 
     def chunk_data(self, link: Link, seq: int, data: bytes, *, now: float) -> None:
         """Payload bytes of chunk `seq` arrived on `link`: keep them and pass them on at once."""
@@ -619,6 +635,8 @@ class PeerNode(RelayNode):
         K = self.substreams
         k = seq % K
         if conn.node_id == self.seed_id:
+            if self._from_seed is _NONE_FROM_SEED:
+                self._from_seed = {}
             self._from_seed[seq] = None
         newest_in = self.newest_in
         previous: int = self.newest

@@ -14,6 +14,7 @@ from meshcast.messages import (NO_PEER, Assign, Detach, Hello, PeerRef, Reject, 
 from meshcast.crypto import Crypto, SigningKey
 from meshcast.node import FORMER_KEY_S
 from meshcast.policy import HEADROOM, STRETCH_HEADROOM, child_slots
+import peer.node as peer_node
 from peer.node import _NO_PARENT, LATE_SLACK, PeerNode
 from seed.node import SeedNode, live_first_seq
 from tests.harness import Wiring
@@ -753,6 +754,9 @@ def test_whole_chunks_play_out_exactly_as_streamed_ones():
     streamed, whole = run(False), run(True)
     assert any("failed verification" in n for n in streamed[1])
     assert whole == streamed
+    # (Shared by every node until its first streamed chunk, or chunk from the seed: never
+    # written.)
+    assert not peer_node._NO_RX and not peer_node._NO_RECEIVING and not peer_node._NONE_FROM_SEED
 
 
 @pytest.mark.parametrize("strategy", ["random", "mesh"])

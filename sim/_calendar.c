@@ -21,7 +21,6 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <string.h>
 
 #define NEVER (1LL << 62) /* the bucket of times at or beyond 1e15 s (and infinity) */
 #define MAXA 4              /* arguments kept in the slot; more go in a tuple */
@@ -42,6 +41,7 @@ typedef struct {
     unsigned char kind[MAXA]; /* OBJ (a reference), INT or FLOAT */
     Arg arg[MAXA];
 } Slot;
+_Static_assert(sizeof(Slot) == 64, "an event is one cache line");
 
 typedef struct {
     Slot *s;

@@ -142,7 +142,6 @@ class PeerNode(RelayNode):
         self.last_rx: vec[float] = vec[float]()
         self.newest_in: vec[i64] = vec[i64]()
         self.seed_id = m.NO_PEER
-        # Sets that are nearly always empty are dicts (→ None): 64 bytes empty, not 216.
         self.rx: dict[tuple[Link, int], Rx | None] = _NO_RX
         self.receiving: dict[int, Link] = _NO_RECEIVING
         """Chunks streaming in (`chunk_begin` … `chunk_end`), by (link, seq) and by seq: the
@@ -187,6 +186,7 @@ class PeerNode(RelayNode):
         """Bit k set: the tracker has us relay sub-stream k (we tell our parent so)."""
         self.opening: dict[int, m.Token | None] = {}
         self.neighbours: dict[int, tuple[m.PeerRef, m.Token]] = {}
+        # Sets that are nearly always empty are dicts (→ None): 64 bytes empty, not 216.
         self.blocked: dict[int, None] = {}
         self._start_rap: tuple[int, float, float] | None = None
         self.forged = 0

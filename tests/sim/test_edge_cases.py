@@ -221,3 +221,25 @@ def test_a_tracker_restart_under_churn_keeps_playback_going():
                        "upload": [{"share": 0.5, "kbps": 1500}, {"share": 0.5, "kbps": 2500}]},
                       duration_s=50, at_s=25.0, down_s=5.0, seed=1)
     assert worst_second(Simulation(sc).run()) >= 0.95
+
+
+def test_each_channel_is_one_string_shared_by_its_seed_its_peers_and_its_chunks():
+    """A node checks a chunk's channel by identity first: in the simulator every node of a
+    channel, and every chunk head, holds that channel's one string, not a copy of its own."""
+    sc = parse_scenario({
+        "stream": {"bitrate_kbps": 500, "chunk_ms": 100, "substreams": 2, "duration_s": 3},
+        "channels": {"count": 2},
+        "peers": {"count": 12, "arrival": {"kind": "all"}},
+        "run": {"seed": 5},
+    })
+    sim = Simulation(sc)
+    sim.run()
+    names = sim.channel_names
+    assert names == ["ch0", "ch1"]
+    seeds = sim.nodes[sim.trackers:sim.first_peer]
+    for c, seed in enumerate(seeds):
+        assert seed.channel is names[c] and len(seed.buffer) > 0
+        assert all(seed.buffer[s].head.channel is names[c] for s in seed.buffer)
+    peers = [sim.nodes[s.id] for s in sim.specs]
+    assert {id(p.channel) for p in peers} == {id(n) for n in names}
+    assert all(p.channel is names[s.channel] for p, s in zip(peers, sim.specs))

@@ -192,3 +192,25 @@ def test_a_cycle_through_pending_events_is_collected(EventCalendar):
     del o
     gc.collect()
     assert ref() is None
+
+
+def test_the_c_modules_stub_states_the_python_calendars_interface():
+    """`sim/_calendar.pyi` types the C module for mypy (and the compiled build): its methods
+    take what `Calendar`'s take, so a change to one interface shows up here."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    import sim
+
+    tree = ast.parse((Path(sim.__file__).parent / "_calendar.pyi").read_text())
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "EventCalendar"]
+    stub = {f.name: [a.arg for a in f.args.args] + ([f"*{f.args.vararg.arg}"] if f.args.vararg else [])
+            for f in cls.body if isinstance(f, ast.FunctionDef)}
+    for name, params in stub.items():
+        sig = inspect.signature(getattr(Calendar, name))
+        want = ["self"] + [("*" if p.kind is p.VAR_POSITIONAL else "") + p.name
+                           for p in sig.parameters.values() if p.name != "self"]
+        assert params == want, name
+    public = {n for n in vars(Calendar) if not n.startswith("_") or n in ("__init__", "__len__")}
+    assert set(stub) == public

@@ -18,7 +18,10 @@ from __future__ import annotations
 import math
 from array import array
 from collections.abc import Hashable, Sequence
-from typing import Any, Final, cast
+from typing import Any, Final
+
+from librt.vecs import vec
+from mypy_extensions import i64
 
 from meshcast import messages as m
 from meshcast.crypto import Crypto
@@ -29,6 +32,8 @@ from meshcast.window import ChunkWindow
 
 _STALE: Final = -1.0
 """`NodeBase._first` when the earliest deadline must be looked for again."""
+_NO_KEY: Final = "(no timer)"
+"""`NodeBase._fast_keys` of a node that has no fast timer."""
 HELLO_REFUSED: Final = "Hello refused"
 """How a relay's close reason starts when it refused the token a `Hello` showed."""
 FORMER_KEY_S: Final = 600.0
@@ -43,26 +48,45 @@ token here: its `Unsubscribe` may still be on the way, behind the tracker's `Ass
 
 
 class NodeBase:
-    """Effect queue and timers (a dict of named deadlines; the earliest is `next_timer()`).
+    """Effect queue and timers (named deadlines; the earliest is `next_timer()`).
 
     Nodes are slotted: a simulation holds 100k of them, and slot attributes are both smaller
-    and faster to read than an instance dict. A node has a handful of named timers, so they
-    are a dict alone, kept in the order they were last set; due timers fire earliest first,
-    and among equal deadlines in that order (as a (deadline, sequence) heap would pop them,
-    without a heap's stale entries: 365 bytes per simulated peer)."""
+    and faster to read than an instance dict. Due timers fire earliest first, and among equal
+    deadlines in the order they were last set (as a (deadline, sequence) heap would pop them,
+    without a heap's stale entries). A node has a handful of named timers: a dict of them,
+    key → (deadline, when set), but for two the subclass names in `_fast_keys`. Those are
+    moved at nearly every event of a busy node (a peer's "play" and "repair", at every chunk),
+    and live in four plain fields, here beside the rest of what an event reads: setting one
+    makes no dict entry and no float object, each a read from cold memory in a 100k run."""
 
-    __slots__ = ("_out", "_timers", "_first")
+    __slots__ = ("_out", "_at0", "_at1", "_first", "_set0", "_set1", "_sets", "_timers",
+                 "_fast_keys")
 
     def __init__(self) -> None:
         self._out: list[Effect] = []
-        self._timers: dict[Hashable, float] = {}
+        self._at0 = self._at1 = math.inf
+        """The deadlines of timers `_fast_keys[0]` and `[1]` (inf: not set)."""
         self._first = math.inf
-        """The earliest deadline (inf: no timer; `_STALE`: to be found again). A driver asks
-        after every event it hands the node, and most events set no timer or a later one."""
+        """The earliest deadline in `_timers` (inf: none; `_STALE`: to be found again). A
+        driver asks for the earliest of all after every event it hands the node."""
+        self._set0 = self._set1 = 0
+        """When each was set, as a count of timers set (`_sets`): ties go to the first set."""
+        self._sets = 0
+        self._timers: dict[Hashable, tuple[float, int]] = {}
+        """The other timers: key → (deadline, when set)."""
+        self._fast_keys: tuple[Hashable, Hashable] = (_NO_KEY, _NO_KEY)
 
     def drain(self) -> list[Effect]:
         """Take the effects queued since the last call."""
         out, self._out = self._out, []
+        return out
+
+    def swap_effects(self, empty: list[Effect]) -> list[Effect]:
+        """`drain()`, the node queueing its next effects in `empty` (an empty list): a driver
+        that clears the lists it takes and hands them back allocates none. (The simulator's
+        100k nodes each held a list from their last event, freed cold at the next.) Not for a
+        node whose `drain` does more (the tracker's signs tokens)."""
+        out, self._out = self._out, empty
         return out
 
     def next_timer(self) -> float | None:
@@ -75,53 +99,109 @@ class NodeBase:
         first = self._first
         if first == _STALE:
             first = math.inf
-            for when in self._timers.values():  # (a loop a compiled build runs natively)
+            for when, _ in self._timers.values():  # (a loop a compiled build runs natively)
                 if when < first:
                     first = when
             self._first = first
+        # (Compares, not `min`: compiled, `min` of three floats boxes them.)
+        if self._at0 < first:
+            first = self._at0
+        if self._at1 < first:
+            first = self._at1
         return first
+
+    def timer_at(self, key: Hashable) -> float | None:
+        """Timer `key`'s deadline; None if it is not set."""
+        fast = self._fast_keys
+        when = (self._at0 if key == fast[0] else self._at1 if key == fast[1]
+                else self._timers[key][0] if key in self._timers else math.inf)
+        return None if when == math.inf else when
 
     def handle_timer(self, *, now: float) -> None:
         """Fire every timer due at `now` (including any a firing one sets for `now` or before)."""
         timers = self._timers
-        while timers:
-            # The earliest; among equal deadlines the first set (as `min` would pick, without
-            # its call per key: a compiled build runs this loop natively).
+        while True:
+            # The earliest; among equal deadlines the first set (a compiled build runs this
+            # loop natively). -1, -2: the fast timers.
             key: Hashable = None
-            first = math.inf
-            for k, when in timers.items():
-                if when < first:
-                    key, first = k, when
-            if key is None or first > now:
+            slot, first, order = 0, math.inf, 0
+            if self._at0 < first:
+                slot, first, order = -1, self._at0, self._set0
+            if self._at1 < first or (self._at1 == first and self._set1 < order):
+                slot, first, order = -2, self._at1, self._set1
+            for k, (when, n) in timers.items():
+                if when < first or (when == first and n < order):
+                    slot, key, first, order = 1, k, when, n
+            if slot == 0 or first > now:
                 return
-            del timers[key]
-            self._first = _STALE
+            if slot == -1:
+                self._at0 = math.inf
+                key = self._fast_keys[0]
+            elif slot == -2:
+                self._at1 = math.inf
+                key = self._fast_keys[1]
+            else:
+                del timers[key]
+                self._first = _STALE
             self._on_timer(key, now)
 
     def _set_timer(self, key: Hashable, when: float) -> None:
+        fast = self._fast_keys
+        if key == fast[0]:
+            self._set_fast(0, when)
+            return
+        if key == fast[1]:
+            self._set_fast(1, when)
+            return
         timers = self._timers
-        old = math.nan  # (not set: NaN equals nothing; a float, where `get` gives an Optional
-        if key in timers:  # that a compiled build compares boxed)
-            old = timers[key]
+        old = math.nan  # (not set: NaN equals nothing)
+        if key in timers:
+            old = timers[key][0]
             if old == when:
-                return
-            del timers[key]  # re-set: now the last set
-        timers[key] = when
+                return  # unchanged: keeps its place
+            del timers[key]
+        self._sets += 1
+        timers[key] = (when, self._sets)
         first = self._first
         if when <= first:
             self._first = when
         elif old == first:
             self._first = _STALE  # the earliest moved later (or `first` was already stale)
 
+    def _set_fast(self, i: int, when: float) -> None:
+        """Set timer `_fast_keys[i]` (i: 0 or 1) to `when` (< inf)."""
+        old = self._at0 if i == 0 else self._at1
+        if old == when:
+            return  # unchanged: keeps its place
+        self._sets += 1
+        if i == 0:
+            self._at0, self._set0 = when, self._sets
+        else:
+            self._at1, self._set1 = when, self._sets
+
     def _cancel_timer(self, key: Hashable) -> None:
+        fast = self._fast_keys
+        if key == fast[0]:
+            self._cancel_fast(0)
+            return
+        if key == fast[1]:
+            self._cancel_fast(1)
+            return
         timers = self._timers
         if key in timers:  # (not `pop(key, None)`: a method call through Python when compiled)
-            if timers[key] == self._first:
+            if timers[key][0] == self._first:
                 self._first = _STALE
             del timers[key]
 
+    def _cancel_fast(self, i: int) -> None:
+        if i == 0:
+            self._at0 = math.inf
+        else:
+            self._at1 = math.inf
+
     def _clear_timers(self) -> None:
         self._timers.clear()
+        self._at0 = self._at1 = math.inf
         self._first = math.inf
 
     def _on_timer(self, key: Any, now: float) -> None:
@@ -169,7 +249,7 @@ class RelayNode(NodeBase):
     """The parent side of the protocol, shared by the seed and every peer."""
 
     __slots__ = ("crypto", "channel", "public_key", "substreams", "chunk_ms", "chunk_s",
-                 "buffer_s", "mode", "conns", "_subscribers", "newest", "bytes_up", "window",
+                 "buffer_s", "mode", "conns", "_push", "_subscribers", "newest", "bytes_up", "window",
                  "buffer", "upload_kbps", "id", "tracker_key", "former_key", "bitrate_kbps",
                  "tracker_link", "revoked", "detached")
 
@@ -187,6 +267,11 @@ class RelayNode(NodeBase):
         self.buffer_s = buffer_s
         self.mode = "tree"
         self.conns: dict[Link, Conn] = {}
+        self._push: vec[i64] = vec[i64]([0])
+        """`_subscribers` flat, as a chunk is pushed: item k (k < `substreams`) is where
+        sub-stream k's children start, item `substreams` where the last one's end, and from
+        `substreams + 1` on the children as (link, first seq) pairs (`_index_pushes`). Every
+        chunk reads it: one buffer of numbers, not a tuple and a `Conn` per child."""
         self._subscribers: list[Sequence[tuple[Conn, int]]] = []
         """Per sub-stream: (child, first seq it wants), relaying children first."""
         self.newest = -1
@@ -220,6 +305,7 @@ class RelayNode(NodeBase):
         self.substreams, self.chunk_ms, self.bitrate_kbps, self.mode = (
             substreams, chunk_ms, bitrate_kbps, mode)
         self._subscribers = [NO_SUBSCRIBERS] * substreams
+        self._index_pushes()
         self.chunk_s = chunk_ms / 1000
         self.window = self._window()
         self.buffer = ChunkWindow(self.window)
@@ -442,6 +528,7 @@ class RelayNode(NodeBase):
         else:
             lst.append(entry)
         conn.subs |= 1 << k
+        self._index_pushes()
         if msg.from_seq >= 0:  # catch-up: send what we hold of this sub-stream from from_seq
             # ... from spare upload only, as a pull is answered: a burst queued ahead of every
             # other child's next push would delay them all, and a parent near its capacity takes
@@ -463,7 +550,20 @@ class RelayNode(NodeBase):
             del lst[self._find(conn, k)]
             if not lst:
                 self._subscribers[k] = NO_SUBSCRIBERS
+            self._index_pushes()
         conn.relays &= ~(1 << k)
+
+    def _index_pushes(self) -> None:
+        """Lay `_subscribers` out flat in `_push` (after every change to them: rare, against
+        a read per chunk)."""
+        flat: list[int] = [0] * (self.substreams + 1)
+        for k, lst in enumerate(self._subscribers):
+            flat[k] = len(flat)
+            for c, first in lst:
+                flat.append(c.link)
+                flat.append(first)
+        flat[self.substreams] = len(flat)
+        self._push = vec[i64](flat)
 
     def _find(self, conn: Conn, k: int) -> int:
         """Where subscriber `conn` is in sub-stream k's list (it must be there)."""
@@ -515,13 +615,14 @@ class RelayNode(NodeBase):
         """Children that get chunk `seq` pushed (sub-stream subscribers, relaying ones first),
         except link `but` (links are never negative: -1 excepts none)."""
         targets: list[Link] = []
-        subs = self._subscribers[seq % self.substreams]
-        if isinstance(subs, list):  # (a typed list, compiled, is iterated natively)
-            lst = cast("list[tuple[Conn, int]]", subs)
-            for c, first in lst:
-                link = c.link
-                if first <= seq and link != but:
-                    targets.append(link)
+        push = self._push
+        k = seq % self.substreams
+        i, end = push[k], push[k + 1]
+        while i < end:
+            link, first = push[i], push[i + 1]
+            if first <= seq and link != but:
+                targets.append(link)
+            i += 2
         return targets
 
     def _start_haves(self, now: float) -> None:

@@ -86,6 +86,9 @@ _NO_RECEIVING: Final[dict[int, int]] = {}
 """`PeerNode.rx` and `receiving` of a node no chunk has streamed into: shared, never written."""
 _NONE_FROM_SEED: Final[dict[int, None]] = {}
 """`PeerNode._from_seed` of a node the seed has sent nothing: shared, never written."""
+_PLAY: Final = 0
+_REPAIR: Final = 1
+"""The "play" and "repair" timers: `NodeBase._fast_keys` 0 and 1."""
 _NO_PARENT: Final = -2
 """`PeerNode.primary_id` of a sub-stream without a parent: no node's id, and not the `NO_PEER`
 of a link whose remote has not said who it is."""
@@ -132,6 +135,7 @@ class PeerNode(RelayNode):
                  buffer_s: float = 5.0) -> None:
         super().__init__(crypto=crypto, upload_kbps=upload_kbps,
                          buffer_s=max(buffer_s, playout_delay + BUFFER_MARGIN_S))
+        self._fast_keys = ("play", "repair")  # (`_PLAY`, `_REPAIR`: set at nearly every chunk)
         self.channel = channel
         # (First the fields an arriving chunk reads: see `RelayNode.__init__`.)
         self.primary: list[Slot | None] = []
@@ -740,7 +744,7 @@ class PeerNode(RelayNode):
                 self.gaps.pop(seq, None)
                 self.requested.pop(seq, None)
             else:
-                self._set_timer("play", self.deadline(seq))
+                self._set_fast(_PLAY, self.deadline(seq))
                 break
             seq += 1
         self.play_next = seq
@@ -761,7 +765,7 @@ class PeerNode(RelayNode):
         if not gaps:
             # Nothing left to repair: a timer left set would wake us for nothing (nine in ten
             # repair wakes of a steady run); pulls in flight have their own "timeout".
-            self._cancel_timer("repair")
+            self._cancel_fast(_REPAIR)
             return
         # Deadlines grow with seq, so the earliest due time is the earliest explicit one or the
         # lowest seq's deadline-based one.
@@ -777,7 +781,7 @@ class PeerNode(RelayNode):
             return
         due = self._due(first, explicit)
         if due < math.inf:
-            self._set_timer("repair", max(due, now + 0.05))
+            self._set_fast(_REPAIR, max(due, now + 0.05))
 
     def _repair(self, now: float) -> None:
         due = []

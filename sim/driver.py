@@ -198,6 +198,8 @@ class Simulation:
         when its head arrived (-1: none)."""
         self._ctx_seq = -1
         self._ctx_head = 0.0
+        self._lists: list[list[fx.Effect]] = []
+        """Empty effect lists, handed to the nodes in turn (`NodeBase.swap_effects`)."""
         chunk_bytes = int(sc.stream.bitrate_kbps * sc.stream.chunk_ms / 8)
         self.payload = bytes(chunk_bytes)
         self.rap_every = max(1, round(sc.stream.gop_ms / sc.stream.chunk_ms))
@@ -404,11 +406,19 @@ class Simulation:
 
     def _pump(self, i: int) -> None:
         node: NodeBase = self.nodes[i]
-        effects = node.drain()
-        if i < self.trackers and self.cpu_on:
-            effects = self._tracker_busy(i, effects)
-        if effects:
-            self._apply(i, effects)
+        if i < self.trackers:
+            effects = node.drain()
+            if self.cpu_on:
+                effects = self._tracker_busy(i, effects)
+            if effects:
+                self._apply(i, effects)
+        else:
+            lists = self._lists
+            effects = node.swap_effects(lists.pop() if lists else [])
+            if effects:
+                self._apply(i, effects)  # (which may pump node i again: a list each)
+                effects.clear()
+            lists.append(effects)
         t = node.next_due()
         if t < self.timer_at[i]:
             self.timer_at[i] = t

@@ -288,7 +288,7 @@ class TrackerNode(NodeBase):
                                                       msg.substreams, msg.chunk_ms,
                                                       self.strategy.relay_fanout)
             ch.renew_at = now + TOKEN_LIFETIME / 2
-            renew = self._timers.get("renew")
+            renew = self.timer_at("renew")
             if renew is None or ch.renew_at < renew:
                 self._set_timer("renew", ch.renew_at)
         elif ch.seed_link is not None and ch.seed_link in self.links:

@@ -35,6 +35,7 @@ def test_no_feed_outlives_the_tracker_s_placement():
     sim = Simulation(busy_channel())
     age: Counter[tuple[str, int, int, int]] = Counter()
     worst: list[tuple[float, int]] = []
+    pushes_checked: list[int] = []
 
     def probe() -> None:
         now = sim.sched.now
@@ -44,6 +45,15 @@ def test_no_feed_outlives_the_tracker_s_placement():
                 for k, subs in enumerate(node._subscribers):
                     fed.update((node.id, c.node_id, k) for c, _ in subs
                                if sim.owner[c.link ^ 1] >= 0)  # the child is still there
+                    # A chunk goes to the subscribers as listed (their flat copy is current).
+                    K = node.substreams
+                    next_k = (node.newest // K + 1) * K + k  # sub-stream k's next chunk
+                    for seq in (next_k, next_k - 5 * K):
+                        want = [c.link for c, first in subs if first <= seq]
+                        assert node._push_targets(seq) == want, (node.id, k, seq)
+                        if want:
+                            assert node._push_targets(seq, but=want[0]) == want[1:]
+                            pushes_checked.append(len(want))
         tracker = sim.nodes[0]  # node 0 (made when the run starts)
         for member in tracker.channels["ch0"].forest.members.values():
             for k, kids in enumerate(member.children):
@@ -64,5 +74,6 @@ def test_no_feed_outlives_the_tracker_s_placement():
     assert summary["rejected"] > 0
     assert sum(1 for s in sim.specs if s.leave_at < 60) > 50
     assert len(worst) >= 10
+    assert len(pushes_checked) > 300 and max(pushes_checked) > 1
     stuck = [(t, n) for t, n in worst if n > 2]
     assert not stuck, f"a feed and the tracker disagreed for over {2 * PROBE_S:g} s: {stuck}"

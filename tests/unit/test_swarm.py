@@ -187,7 +187,7 @@ def test_a_held_join_is_refused_once_the_tracker_held_it_long_enough():
     assert late.id >= 0 and set(tracker.channels["ch"].forest.members) == {seed.id, late.id}
     w.advance(JOIN_HOLD_S + 11)  # its deadline passes: it is a member now, and stays one
     assert not late.rejected and late.id in tracker.channels["ch"].forest.members
-    assert "hold" not in tracker._timers  # no held join left to time out
+    assert tracker.timer_at("hold") is None  # no held join left to time out
 
 
 def test_a_viewer_that_gives_up_waiting_is_forgotten():
@@ -416,7 +416,7 @@ def test_a_viewer_tries_a_tracker_it_never_reached_three_times_then_gives_up():
     tries = [w.now]
     for _ in range(2):
         assert not p.rejected
-        at = p._timers["rejoin"]
+        at = p.timer_at("rejoin")
         w.advance(at)
         tries.append(at)
     assert p.rejected == "tracker unreachable: no such node (3 tries)"
@@ -436,7 +436,7 @@ def test_a_viewer_placed_on_its_second_try_at_the_tracker():
     w.start(late)  # its first try fails ...
     assert not late.rejected and late.id == NO_PEER
     late.tracker = "tracker"  # (... the tracker answers the next one)
-    w.advance(late._timers["rejoin"])
+    w.advance(late.timer_at("rejoin"))
     stream(w, seed, 10)
     assert late.id != NO_PEER and played(w, late)
     w.kill(tracker)  # once it has reached the tracker, it never gives up on it
@@ -451,10 +451,10 @@ def test_a_viewer_tries_a_vanished_tracker_less_and_less_often():
     tries = [w.now]
     for _ in range(8):
         due = p.next_timer()
-        while due is not None and "rejoin" not in p._timers:
+        while due is not None and p.timer_at("rejoin") is None:
             w.advance(due)
             due = p.next_timer()
-        at = p._timers["rejoin"]
+        at = p.timer_at("rejoin")
         w.advance(at)
         tries.append(at)
     gaps = [b - a for a, b in zip(tries, tries[1:])]
@@ -554,7 +554,7 @@ def test_a_repair_timer_does_not_outlive_the_gaps_it_was_set_for():
         stream(w, seed, 1)
         for p in peers:
             if not p.gaps:
-                assert "repair" not in p._timers, f"peer {p.id}: {p._timers}"
+                assert p.timer_at("repair") is None, f"peer {p.id}"
     # The gaps were real, and repaired: the orphans played what the relay no longer pushed.
     assert orphaned
     for child, k in orphaned:

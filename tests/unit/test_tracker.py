@@ -303,7 +303,7 @@ def test_a_parent_lost_again_at_once_is_handed_back_only_after_a_wait():
     assert t.next_timer() == pytest.approx(1.01 + RETRY_S)
     t.handle_timer(now=1.01 + RETRY_S)
     assert assigns() == [seed.id] and viewer.parent[0] == seed.id
-    assert "retry" not in t._timers
+    assert t.timer_at("retry") is None
     check_invariants(t)
 
 
@@ -395,7 +395,7 @@ def test_a_premiere_audience_is_placed_a_slice_at_a_time_in_the_order_it_came():
     t.handle_timer(now=t.next_timer())
     assert welcomes() == audience[200:] + [999]
     assert welcomed == audience + [999]
-    assert t.waiting == {} and "place" not in t._timers
+    assert t.waiting == {} and t.timer_at("place") is None
     check_invariants(t)
 
 
@@ -423,7 +423,7 @@ def test_a_big_audience_hears_of_a_restarted_seed_a_slice_at_a_time():
     assert turn == 2.0 + PLACE_TURN_S
     t.handle_timer(now=turn)
     assert first | told() == set(range(10, 2510))
-    assert "place" not in t._timers
+    assert t.timer_at("place") is None
     check_invariants(t)
 
 
@@ -529,7 +529,7 @@ def test_a_parent_that_does_not_come_back_leaves_its_child_placed_anew():
     t.handle_timer(now=1.0 + RESUME_WAIT_S)
     assert b.parent[0] == OLD_SEED  # the only member with room
     assert any(type(e) is Send and e.link == 3 and type(e.msg) is m.Assign for e in t.drain())
-    assert t._adopting == {} and "adopt" not in t._timers
+    assert t._adopting == {} and t.timer_at("adopt") is None
     check_invariants(t)
 
 

@@ -53,7 +53,8 @@ continuity 64% at 0.6, 99.97% at 0.3)."""
 LATE_SLACK: Final = 0.2
 """Seconds past its usual arrival after which a chunk is treated as lost and pulled.
 
-A sub-stream's path delivers each chunk about `_lat[k]` after the seed stamped it; a chunk
+A sub-stream's path delivers each chunk about its latest delay (`PeerNode.sub_times`) after
+the seed stamped it; a chunk
 that much later than that has a broken path upstream (a relay above our parent died), and
 waiting for the deadline leaves too little time to pull it. Simulated on the churn scenario
 (2k viewers, 80 % abrupt departures): continuity 97.5 % → 98.8 %; with 3 s link idle time-outs
@@ -90,7 +91,7 @@ _PLAY: Final = 0
 _REPAIR: Final = 1
 """The "play" and "repair" timers: `NodeBase._fast_keys` 0 and 1."""
 _NO_PARENT: Final = -2
-"""`PeerNode.primary_id` of a sub-stream without a parent: no node's id, and not the `NO_PEER`
+"""A sub-stream's parent in `PeerNode.sub_ids` when it has none: no node's id, and not the `NO_PEER`
 of a link whose remote has not said who it is."""
 
 
@@ -121,8 +122,8 @@ class Rx:
 class PeerNode(RelayNode):
     """A viewer peer (and relay)."""
 
-    __slots__ = ("primary", "primary_id", "last_rx", "newest_in", "seed_id", "rx", "receiving", "gaps",
-                 "requested", "_from_seed", "_lat", "play_next", "play_s0", "play_t0",
+    __slots__ = ("primary", "sub_ids", "sub_times", "seed_id", "rx", "receiving", "gaps",
+                 "requested", "_from_seed", "play_next", "play_s0", "play_t0",
                  "playout_delay", "delivered", "late", "latency_sum", "bytes_from_seed",
                  "bytes_from_peers", "skipped", "rng", "tracker", "address", "coords",
                  "pinned_key", "rejected", "leaving", "_rejoin_delay", "_contact", "joined_at",
@@ -139,12 +140,15 @@ class PeerNode(RelayNode):
         self.channel = channel
         # (First the fields an arriving chunk reads: see `RelayNode.__init__`.)
         self.primary: list[Slot | None] = []
-        self.primary_id: vec[i64] = vec[i64]()
-        """Per sub-stream: its parent's node id, `_NO_PARENT` for none (`primary[k].ref.id`,
-        kept by `_set_primary`: an arriving chunk's check reads one number, not three objects
-        cold in memory)."""
-        self.last_rx: vec[float] = vec[float]()
-        self.newest_in: vec[i64] = vec[i64]()
+        self.sub_ids: vec[i64] = vec[i64]()
+        """Per sub-stream k, two numbers: [2k] its parent's node id, `_NO_PARENT` for none
+        (`primary[k].ref.id`, kept by `_set_primary`), and [2k + 1] the newest seq it has
+        delivered (-1: none yet)."""
+        self.sub_times: vec[float] = vec[float]()
+        """Per sub-stream k: [2k] when its parent last delivered (or was set), and [2k + 1]
+        its path's latest delay (`_accept`), NaN until it has delivered. An arriving chunk
+        reads and writes these four numbers: two buffers, each cold in memory in a large run
+        (they were four, and the parent's id three objects)."""
         self.seed_id = m.NO_PEER
         self.rx: dict[tuple[Link, int], Rx | None] = _NO_RX
         self.receiving: dict[int, Link] = _NO_RECEIVING
@@ -156,8 +160,6 @@ class PeerNode(RelayNode):
         self._from_seed: dict[int, None] = _NONE_FROM_SEED
         """Chunks that came from the seed, until played: the shared empty `_NONE_FROM_SEED`
         until the first (most viewers are never the seed's children)."""
-        self._lat: vec[float] = vec[float]()
-        """Per sub-stream: its path's latest delay (`_accept`), NaN until it has delivered."""
         self.play_next: int | None = None
         self.play_s0 = 0
         self.play_t0 = 0.0
@@ -218,7 +220,8 @@ class PeerNode(RelayNode):
         every parent, so that no link still opening subscribes to one (`link_opened`); and stop
         every timer (a refused viewer's stall checks woke it every 1.8 s for nothing)."""
         self.primary = [None] * len(self.primary)
-        self.primary_id = vec[i64]([_NO_PARENT] * len(self.primary))
+        for k in range(len(self.primary)):
+            self.sub_ids[2 * k] = _NO_PARENT
         self.backup = [None] * len(self.backup)
         self._clear_timers()
         for link in list(self.conns):
@@ -402,12 +405,12 @@ class PeerNode(RelayNode):
                         msg.bitrate_kbps, msg.mode)
         k = msg.substreams
         self.primary, self.backup = [None] * k, [None] * k
-        self.primary_id = vec[i64]([_NO_PARENT] * k)
         self.relays = 0
         # Per-sub-stream numbers as `vec`s: unboxed like an `array` (and smaller), and a
         # compiled build (mypyc) reads and writes their items natively, not through Python.
-        self.last_rx, self.newest_in = vec[float]([now] * k), vec[i64]([-1] * k)
-        self._lat = vec[float]([math.nan] * k)
+        ids: list[int] = [_NO_PARENT, -1] * k  # (built apart: mypyc 2.4 cannot make a `vec`
+        times: list[float] = [now, math.nan] * k  # of a repeated list literal)
+        self.sub_ids, self.sub_times = vec[i64](ids), vec[float](times)
         if self.mode == "tree":
             self._set_timer("stall", now + self.stall_timeout)
         else:
@@ -432,7 +435,7 @@ class PeerNode(RelayNode):
             self._out.append(Send(old_link, m.Unsubscribe(k)))
         slot = Slot(msg.parent, msg.token)
         self._set_primary(k, slot)
-        self.last_rx[k] = now
+        self.sub_times[2 * k] = now
         if msg.parent.id in self.blocked:
             self._switch(k, now, "assigned a parent that sent forged data")
             return
@@ -459,7 +462,7 @@ class PeerNode(RelayNode):
         if token is None:
             return  # subscribed already
         slot.token = None
-        newest = self.newest_in[k]
+        newest = self.sub_ids[2 * k + 1]
         from_seq = newest + self.substreams if newest >= 0 else -1
         self._out.append(Send(link, m.Subscribe(k, token, from_seq, bool(self.relays >> k & 1))))
 
@@ -471,7 +474,7 @@ class PeerNode(RelayNode):
     def _set_primary(self, k: int, slot: Slot | None) -> None:
         """Sub-stream k's parent is now `slot`'s (None: none)."""
         self.primary[k] = slot
-        self.primary_id[k] = slot.ref.id if slot is not None else _NO_PARENT
+        self.sub_ids[2 * k] = slot.ref.id if slot is not None else _NO_PARENT
 
     def _switch(self, k: int, now: float, reason: str) -> None:
         """Parent of sub-stream k is gone: move to the backup now, then tell the tracker."""
@@ -480,7 +483,7 @@ class PeerNode(RelayNode):
             return
         backup = self.backup[k]
         self.backup[k] = None
-        self.last_rx[k] = now
+        self.sub_times[2 * k] = now
         if backup is not None and backup.ref.id != old.ref.id and backup.ref.id not in self.blocked:
             self._set_primary(k, backup)
             link = self._connect(backup.ref, backup.token)
@@ -583,9 +586,9 @@ class PeerNode(RelayNode):
                 or (self.play_next is not None and seq < self.play_next)):
             return None
         k = seq % self.substreams
-        parents = self.primary_id
-        if k < len(parents) and parents[k] == conn.node_id:
-            self.last_rx[k] = now
+        ids = self.sub_ids
+        if 2 * k < len(ids) and ids[2 * k] == conn.node_id:
+            self.sub_times[2 * k] = now
         return self._push_targets(seq, but=link)
 
     def _complete(self, link: Link, chunk: Chunk, targets: list[Link], conn: Conn, aborted: bool,
@@ -642,9 +645,9 @@ class PeerNode(RelayNode):
             if self._from_seed is _NONE_FROM_SEED:
                 self._from_seed = {}
             self._from_seed[seq] = None
-        newest_in = self.newest_in
+        ids, times = self.sub_ids, self.sub_times
         previous: int = self.newest
-        previous_k: int = newest_in[k]
+        previous_k: int = ids[2 * k + 1]
         self._store(chunk)
         buffer, gaps, window = self.buffer, self.gaps, self.window
         # (`in` and `del`, not `pop(seq, None)`: a method call through Python when compiled)
@@ -654,7 +657,7 @@ class PeerNode(RelayNode):
         if requested and seq in requested:
             del requested[seq]
         if seq > previous_k:
-            newest_in[k] = seq
+            ids[2 * k + 1] = seq
             if previous_k >= 0:
                 # A parent pushes its sub-stream in order: what it skipped is lost, pull it now.
                 s = max(previous_k + K, seq - window)
@@ -662,15 +665,15 @@ class PeerNode(RelayNode):
                     if s not in buffer:
                         gaps[s] = now
                     s += K
-        if self.play_next is None or self.primary_id[k] == conn.node_id:
-            self._lat[k] = now - head.ts  # how late sub-stream k's own path delivers
+        if self.play_next is None or ids[2 * k] == conn.node_id:
+            times[2 * k + 1] = now - head.ts  # how late sub-stream k's own path delivers
         if previous >= 0 and seq > previous + 1:
             # Other sub-streams' chunks may just be slower: pull them once they are later than
             # their path usually delivers (or near their deadline: `_due`).
             chunk_s = self.chunk_s
             for s in range(max(previous + 1, seq - window), seq):
                 if s not in buffer and s not in gaps:
-                    lag = self._lat[s % K]
+                    lag = times[2 * (s % K) + 1]
                     gaps[s] = (math.inf if math.isnan(lag)
                                else head.ts + (s - seq) * chunk_s + lag + LATE_SLACK)
         if self.play_next is None:
@@ -686,16 +689,18 @@ class PeerNode(RelayNode):
         something (or `START_WAIT` has passed), with deadlines that allow for the slowest
         sub-stream's path rather than the luck of whichever arrived first.
 
-        Sub-stream k's path is `_lat[k]` (arrival − seed timestamp) slower or faster than the
+        Sub-stream k's path is its latest delay (arrival − seed timestamp) slower or faster than the
         random-access chunk's: a difference of two such figures is independent of any offset
         between our clock and the seed's.
         """
         if self._start_rap is None or self.play_next is not None:
             return
         r, t_r, lat_r = self._start_rap
-        if now < t_r + START_WAIT and any(math.isnan(lat) for lat in self._lat):
+        times = self.sub_times
+        lats = [times[i] for i in range(1, len(times), 2)]
+        if now < t_r + START_WAIT and any(math.isnan(lat) for lat in lats):
             return
-        spread = max(lat for lat in self._lat if not math.isnan(lat)) - lat_r
+        spread = max(lat for lat in lats if not math.isnan(lat)) - lat_r
         self.play_next, self.play_s0 = r, r
         self.play_t0 = max(now, t_r + spread)
         self.first_play = now
@@ -989,8 +994,8 @@ class PeerNode(RelayNode):
         """
         newest, K = self.newest, self.substreams
         for k, slot in enumerate(self.primary):
-            if (slot is not None and now - self.last_rx[k] >= self.stall_timeout
-                    and newest - self.newest_in[k] >= 3 * K):
+            if (slot is not None and now - self.sub_times[2 * k] >= self.stall_timeout
+                    and newest - self.sub_ids[2 * k + 1] >= 3 * K):
                 link = self._link_to(slot.ref.id)
                 if link is not None:
                     self._out.append(Send(link, m.Unsubscribe(k)))

@@ -54,12 +54,12 @@ LATE_SLACK: Final = 0.2
 """Seconds past its usual arrival after which a chunk is treated as lost and pulled.
 
 A sub-stream's path delivers each chunk about its latest delay (`PeerNode.sub_times`) after
-the seed stamped it; a chunk
-that much later than that has a broken path upstream (a relay above our parent died), and
-waiting for the deadline leaves too little time to pull it. Simulated on the churn scenario
-(2k viewers, 80 % abrupt departures): continuity 97.5 % → 98.8 %; with 3 s link idle time-outs
-(`policy.LINK_IDLE_TIMEOUT_S`) 99.1 % → 99.87 %. It also made an earlier rule redundant (pull
-what is still missing once every sub-stream is two rounds past it: 99.86 % without it).
+the seed stamped it; a chunk that much later than that has a broken path upstream (a relay
+above our parent died), and waiting for the deadline leaves too little time to pull it.
+Simulated on the churn scenario (2k viewers, 80 % abrupt departures): continuity 97.5 % →
+98.8 %; with 3 s link idle time-outs (`policy.LINK_IDLE_TIMEOUT_S`) 99.1 % → 99.87 %. It
+also made an earlier rule redundant (pull what is still missing once every sub-stream is two
+rounds past it: 99.86 % without it).
 The price, in a steady 10k audience: ~1.5 % of chunks are pulled though merely late, and p95
 latency rises ~9 % (889 → 971 ms over 30 s); 0.3 s of slack, or an envelope of the path's
 lag instead of its last value, cost as much and repaired less."""
@@ -91,8 +91,8 @@ _PLAY: Final = 0
 _REPAIR: Final = 1
 """The "play" and "repair" timers: `NodeBase._fast_keys` 0 and 1."""
 _NO_PARENT: Final = -2
-"""A sub-stream's parent in `PeerNode.sub_ids` when it has none: no node's id, and not the `NO_PEER`
-of a link whose remote has not said who it is."""
+"""A sub-stream's parent in `PeerNode.sub_ids` when it has none: no node's id, and not the
+`NO_PEER` of a link whose remote has not said who it is."""
 
 
 class Slot:
@@ -689,9 +689,9 @@ class PeerNode(RelayNode):
         something (or `START_WAIT` has passed), with deadlines that allow for the slowest
         sub-stream's path rather than the luck of whichever arrived first.
 
-        Sub-stream k's path is its latest delay (arrival − seed timestamp) slower or faster than the
-        random-access chunk's: a difference of two such figures is independent of any offset
-        between our clock and the seed's.
+        Sub-stream k's path (its latest delay: arrival − seed timestamp) is slower or faster
+        than the random-access chunk's: a difference of two such figures is independent of any
+        offset between our clock and the seed's.
         """
         if self._start_rap is None or self.play_next is not None:
             return

@@ -71,8 +71,8 @@ ops = st.lists(st.tuples(st.sampled_from(["set", "cancel", "fire", "ask"]),
 
 
 @given(st.booleans(), ops)
-def test_timers_behave_as_one_heap_of_deadline_then_set_order(fast: bool,
-                                                              steps: list[tuple[str, str, float]]) -> None:
+def test_timers_behave_as_one_heap_of_deadline_then_set_order(
+        fast: bool, steps: list[tuple[str, str, float]]) -> None:
     """Whatever the order of sets, re-sets, cancels and firings, and whether a timer lives in
     the fast fields or the dict: `next_due` is the earliest deadline set, and due timers fire
     by deadline, then in the order they were last set (a re-set to the same deadline keeps its

@@ -78,14 +78,13 @@ class NodeBase:
 
     def drain(self) -> list[Effect]:
         """Take the effects queued since the last call."""
-        out, self._out = self._out, []
-        return out
+        return self.swap_effects([])
 
     def swap_effects(self, empty: list[Effect]) -> list[Effect]:
         """`drain()`, the node queueing its next effects in `empty` (an empty list): a driver
         that clears the lists it takes and hands them back allocates none. (The simulator's
-        100k nodes each held a list from their last event, freed cold at the next.) Not for a
-        node whose `drain` does more (the tracker's signs tokens)."""
+        100k nodes each held a list from their last event, freed cold at the next.) A node
+        that finishes its effects on the way out (the tracker signs tokens) does it here."""
         out, self._out = self._out, empty
         return out
 
@@ -112,10 +111,15 @@ class NodeBase:
 
     def timer_at(self, key: Hashable) -> float | None:
         """Timer `key`'s deadline; None if it is not set."""
-        fast = self._fast_keys
-        when = (self._at0 if key == fast[0] else self._at1 if key == fast[1]
+        i = self._fast_index(key)
+        when = (self._at0 if i == 0 else self._at1 if i == 1
                 else self._timers[key][0] if key in self._timers else math.inf)
         return None if when == math.inf else when
+
+    def _fast_index(self, key: Hashable) -> int:
+        """Which of `_fast_keys` `key` is (0 or 1); -1: a timer of the dict."""
+        fast = self._fast_keys
+        return 0 if key == fast[0] else 1 if key == fast[1] else -1
 
     def handle_timer(self, *, now: float) -> None:
         """Fire every timer due at `now` (including any a firing one sets for `now` or before)."""
@@ -146,12 +150,9 @@ class NodeBase:
             self._on_timer(key, now)
 
     def _set_timer(self, key: Hashable, when: float) -> None:
-        fast = self._fast_keys
-        if key == fast[0]:
-            self._set_fast(0, when)
-            return
-        if key == fast[1]:
-            self._set_fast(1, when)
+        i = self._fast_index(key)
+        if i >= 0:
+            self._set_fast(i, when)
             return
         timers = self._timers
         old = math.nan  # (not set: NaN equals nothing)
@@ -180,12 +181,9 @@ class NodeBase:
             self._at1, self._set1 = when, self._sets
 
     def _cancel_timer(self, key: Hashable) -> None:
-        fast = self._fast_keys
-        if key == fast[0]:
-            self._cancel_fast(0)
-            return
-        if key == fast[1]:
-            self._cancel_fast(1)
+        i = self._fast_index(key)
+        if i >= 0:
+            self._cancel_fast(i)
             return
         timers = self._timers
         if key in timers:  # (not `pop(key, None)`: a method call through Python when compiled)

@@ -605,12 +605,12 @@ class TrackerNode(NodeBase):
         self._unsigned = True
         return m.Token(child.id, parent.id, ch.name, k, expires, b"")
 
-    def drain(self) -> list[Effect]:
-        """The effects queued since the last call, their tokens signed: one signature for all
-        of those going to one link (up to `TOKEN_BATCH`; `Crypto.issue_tokens`). A join's ~10
-        tokens (parents and backups in every tree, the seed) and a renewal's ~5 cost one
-        Ed25519 signature, not one each; tokens of a join refused meanwhile, none."""
-        out = super().drain()
+    def swap_effects(self, empty: list[Effect]) -> list[Effect]:
+        """The effects queued since the last call (`drain`), their tokens signed: one signature
+        for all of those going to one link (up to `TOKEN_BATCH`; `Crypto.issue_tokens`). A
+        join's ~10 tokens (parents and backups in every tree, the seed) and a renewal's ~5 cost
+        one Ed25519 signature, not one each; tokens of a join refused meanwhile, none."""
+        out = super().swap_effects(empty)
         if not self._unsigned:
             return out
         self._unsigned = False

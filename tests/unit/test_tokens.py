@@ -114,15 +114,15 @@ def tracker(crypto: SimCrypto | Crypto, key: object, kbps: int = 40_000) -> Trac
     return t
 
 
-def join(t: TrackerNode, link: int, now: float = 1.0) -> list[m.Token]:
+def join(t: TrackerNode, link: int, now: float = 1.0, take: str = "drain") -> list[m.Token]:
     t.link_opened(link, now=now)
     t.handle(link, m.Join("c", f"p{link}", 3000), now=now)
-    return tokens_to(t, link)
+    return tokens_to(t, link, take)
 
 
-def tokens_to(t: TrackerNode, link: int) -> list[m.Token]:
+def tokens_to(t: TrackerNode, link: int, take: str = "drain") -> list[m.Token]:
     got = []
-    for eff in t.drain():
+    for eff in (t.drain() if take == "drain" else t.swap_effects([])):
         if type(eff) is Send and eff.link == link:
             if type(eff.msg) is m.Assign:
                 got += [x for x in (eff.msg.token, eff.msg.backup_token) if x is not None]
@@ -131,11 +131,12 @@ def tokens_to(t: TrackerNode, link: int) -> list[m.Token]:
     return got
 
 
-def test_a_join_costs_the_tracker_one_signature_and_every_token_verifies():
+@pytest.mark.parametrize("take", ["drain", "swap_effects"])
+def test_a_join_costs_the_tracker_one_signature_and_every_token_verifies(take):
     key = SigningKey()
     t = tracker(Crypto(), key)
     for link in range(2, 12):
-        tokens = join(t, link)
+        tokens = join(t, link, take=take)
         # Four parents (one per tree), backups once there are enough viewers, and the seed.
         assert len(tokens) >= 5
         assert len({x.sig[:m.SIG_LEN] for x in tokens}) == 1

@@ -20,7 +20,7 @@ from array import array
 from collections.abc import Hashable, Sequence
 from typing import Any, Final
 
-from librt.vecs import vec
+from librt.vecs import append, pop, vec
 from mypy_extensions import i64
 
 from meshcast import messages as m
@@ -212,6 +212,10 @@ def _moved_key(node_id: int, substream: int) -> int:
     return node_id << 5 | substream & 31
 
 
+NO_LINK: Final = -2
+"""`RelayNode._sender` of a link that is not open (node ids are never negative; -1 is
+`m.NO_PEER`, an open link whose remote has not said who it is)."""
+
 NO_SUBSCRIBERS: tuple[()] = ()
 """The subscribers of a sub-stream nobody subscribed to: one shared empty tuple, not a list
 per node and sub-stream (most peers relay none, or one, of their sub-streams)."""
@@ -247,7 +251,7 @@ class RelayNode(NodeBase):
     """The parent side of the protocol, shared by the seed and every peer."""
 
     __slots__ = ("crypto", "channel", "public_key", "substreams", "chunk_ms", "chunk_s",
-                 "buffer_s", "mode", "conns", "_push", "_subscribers", "newest", "bytes_up",
+                 "buffer_s", "mode", "conns", "_ids", "_push", "_subscribers", "newest", "bytes_up",
                  "window", "buffer", "upload_kbps", "id", "tracker_key", "former_key",
                  "bitrate_kbps", "tracker_link", "revoked", "detached")
 
@@ -265,6 +269,11 @@ class RelayNode(NodeBase):
         self.buffer_s = buffer_s
         self.mode = "tree"
         self.conns: dict[Link, Conn] = {}
+        self._ids: vec[i64] = vec[i64]()
+        """`conns` as (link, remote node id) pairs, all a chunk needs of its link (`_sender`):
+        a few numbers in one buffer, where a dict lookup reads the dict, its entry, the key's
+        int object and the `Conn`, each cold in a large run. Kept by `_add_conn`, `_pop_conn`
+        and `_name_conn`, the only writers of `conns` and `Conn.node_id`."""
         self._push: vec[i64] = vec[i64]([0])
         """`_subscribers` flat, as a chunk is pushed: item k (k < `substreams`) is where
         sub-stream k's children start, item `substreams` where the last one's end, and from
@@ -322,17 +331,53 @@ class RelayNode(NodeBase):
     # -- links ---------------------------------------------------------------------------------
 
     def link_opened(self, link: Link, *, now: float, ref: Any = None) -> None:
-        self.conns[link] = Conn(link)
+        self._add_conn(link)
+
+    def _add_conn(self, link: Link) -> Conn:
+        conn = self.conns[link] = Conn(link)
+        self._ids = append(append(self._ids, link), m.NO_PEER)
+        return conn
+
+    def _pop_conn(self, link: Link) -> Conn | None:
+        conn = self.conns.pop(link, None)
+        if conn is not None:
+            ids = self._ids
+            i = self._id_index(link)
+            ids, _ = pop(ids, i)
+            self._ids, _ = pop(ids, i)
+        return conn
+
+    def _name_conn(self, conn: Conn, node_id: int) -> None:
+        """The remote of `conn` is node `node_id`."""
+        conn.node_id = node_id
+        self._ids[self._id_index(conn.link) + 1] = node_id
+
+    def _id_index(self, link: Link) -> int:
+        """Where `link` is in `_ids` (-1: not open)."""
+        ids = self._ids
+        i = 0
+        n = len(ids)
+        while i < n:
+            if ids[i] == link:
+                return i
+            i += 2
+        return -1
+
+    def _sender(self, link: Link) -> int:
+        """The remote node id of open link `link`; `NO_LINK` if it is not open (or
+        `m.NO_PEER` if it has not said who it is)."""
+        i = self._id_index(link)
+        return self._ids[i + 1] if i >= 0 else NO_LINK
 
     def link_closed(self, link: Link, *, now: float, reason: str = "") -> None:
-        conn = self.conns.pop(link, None)
+        conn = self._pop_conn(link)
         if conn is not None:
             self._drop_subscriber(conn)
             self._conn_lost(conn, now, reason)
 
     def _close(self, link: Link, reason: str, now: float) -> None:
         """Close a link ourselves (the driver will not report it again)."""
-        conn = self.conns.pop(link, None)
+        conn = self._pop_conn(link)
         self._out.append(Close(link, reason))
         if conn is not None:
             self._drop_subscriber(conn)
@@ -481,7 +526,7 @@ class RelayNode(NodeBase):
     def _on_hello(self, conn: Conn, msg: m.Hello, now: float) -> None:
         if msg.channel != self.channel:
             raise RemoteProtocolError(f"Hello for channel {msg.channel!r}, this is {self.channel!r}")
-        conn.node_id = msg.node_id
+        self._name_conn(conn, msg.node_id)
         if msg.token is not None:
             why = self._check_token(msg.token, msg.node_id, now, None)
             if why:

@@ -32,7 +32,7 @@ from meshcast.crypto import Crypto
 from meshcast.effects import (Chunk, ChunkBegin, ChunkBytes, ChunkEnd, Deliver, Link, Notice, Open,
                               Send, SendChunk, Skip)
 from meshcast.errors import RemoteProtocolError
-from meshcast.node import HELLO_REFUSED, Conn, RelayNode
+from meshcast.node import HELLO_REFUSED, NO_LINK, Conn, RelayNode
 from meshcast.policy import MAX_BACKLOG_S
 
 TRACKER: Final = "tracker"
@@ -111,10 +111,10 @@ class Slot:
 class Rx:
     """A chunk being received on one link."""
 
-    __slots__ = ("head", "parts", "got", "targets", "conn")
+    __slots__ = ("head", "parts", "got", "targets", "sender")
 
-    def __init__(self, head: m.ChunkHead, targets: list[Link], conn: Conn) -> None:
-        self.head, self.targets, self.conn = head, targets, conn
+    def __init__(self, head: m.ChunkHead, targets: list[Link], sender: int) -> None:
+        self.head, self.targets, self.sender = head, targets, sender
         self.parts: list[bytes] = []
         self.got = 0
 
@@ -128,7 +128,7 @@ class PeerNode(RelayNode):
                  "bytes_from_peers", "skipped", "rng", "tracker", "address", "coords",
                  "pinned_key", "rejected", "leaving", "_rejoin_delay", "_contact", "joined_at",
                  "backup", "relays", "opening", "neighbours", "blocked", "_start_rap", "forged",
-                 "first_play")
+                 "first_play", "_recheck_links")
 
     def __init__(self, *, channel: str, crypto: Crypto, rng: random.Random, tracker: str,
                  address: str = "", upload_kbps: int = 0, coords: tuple[float, ...] = (),
@@ -197,6 +197,10 @@ class PeerNode(RelayNode):
         self._start_rap: tuple[int, float, float] | None = None
         self.forged = 0
         self.first_play: float | None = None
+        self._recheck_links = False
+        """A link we opened may have lost its purpose since `_close_unused` last looked (a
+        parent, backup, neighbour or the seed changed, or such a link opened): most of its
+        looks, every few seconds on every peer, then skip a walk over all links."""
 
     @property
     def stall_timeout(self) -> float:
@@ -249,9 +253,10 @@ class PeerNode(RelayNode):
         elif ref is not None:
             node_id = ref
             token = self._opened(node_id)
-            conn.node_id = node_id
+            self._name_conn(conn, node_id)
             conn.authorized = True  # the tracker sent us here: we trust what it vouched for
             conn.ours = True
+            self._recheck_links = True
             self._out.append(Send(link, m.Hello(self.id, self.channel, token)))
             for k, slot in enumerate(self.primary):
                 if slot is not None and slot.ref.id == node_id:
@@ -316,6 +321,7 @@ class PeerNode(RelayNode):
             # a link to it anew, at network speed. A link lost otherwise (a network blip, an
             # idle time-out) leaves the contact be: the token is still good.
             self.neighbours.pop(conn.node_id, None)
+            self._recheck_links = True
         for key in [key for key in self.rx if key[0] == conn.link]:
             rx = self.rx.pop(key)
             if rx is not None:
@@ -333,6 +339,7 @@ class PeerNode(RelayNode):
         for k, slot in enumerate(self.backup):
             if slot is not None and slot.ref.id == node_id:
                 self.backup[k] = None
+                self._recheck_links = True
 
     def _link_to(self, node_id: int) -> Link | None:
         """Our link to `node_id` (one we opened), if it is up. A scan of our ~10 links, on
@@ -398,6 +405,7 @@ class PeerNode(RelayNode):
         ) == (self.channel, self.public_key, self.substreams, self.chunk_ms, self.bitrate_kbps,
               self.mode)
         self.id, self.seed_id = msg.node_id, msg.seed_id
+        self._recheck_links = True
         if rejoined:  # the same stream from a (restarted) tracker: keep everything, go on playing
             self._tracker_key_is(msg.tracker_key, now)
             return
@@ -426,6 +434,7 @@ class PeerNode(RelayNode):
             return  # a renewal for a parent we have left (our ParentLost is on its way)
         self.relays = self.relays | 1 << k if msg.relays else self.relays & ~(1 << k)
         self.backup[k] = Slot(msg.backup, msg.backup_token) if msg.backup and msg.backup_token else None
+        self._recheck_links = True
         if old is not None and same:
             if old.token is not None and msg.token is not None:  # not subscribed yet: fresher
                 old.token = msg.token
@@ -447,6 +456,7 @@ class PeerNode(RelayNode):
         if msg.seed_id != self.seed_id and msg.seed_id != m.NO_PEER:  # the seed restarted
             self.neighbours.pop(self.seed_id, None)
             self.seed_id = msg.seed_id
+            self._recheck_links = True
         for ref, token in zip(msg.peers, msg.tokens):
             if ref.id in self.blocked:
                 continue
@@ -475,6 +485,7 @@ class PeerNode(RelayNode):
         """Sub-stream k's parent is now `slot`'s (None: none)."""
         self.primary[k] = slot
         self.sub_ids[2 * k] = slot.ref.id if slot is not None else _NO_PARENT
+        self._recheck_links = True
 
     def _switch(self, k: int, now: float, reason: str) -> None:
         """Parent of sub-stream k is gone: move to the backup now, then tell the tracker."""
@@ -483,6 +494,7 @@ class PeerNode(RelayNode):
             return
         backup = self.backup[k]
         self.backup[k] = None
+        self._recheck_links = True
         self.sub_times[2 * k] = now
         if backup is not None and backup.ref.id != old.ref.id and backup.ref.id not in self.blocked:
             self._set_primary(k, backup)
@@ -500,15 +512,15 @@ class PeerNode(RelayNode):
 
     def chunk_begin(self, link: Link, head: m.ChunkHead, *, now: float) -> None:
         """A chunk stream opened on `link` and its head arrived."""
-        conn = self._chunk_conn(link, head, now)
-        if conn is None:
+        sender = self._chunk_sender(link, head, now)
+        if sender == NO_LINK:
             return
         seq = head.seq
-        targets = self._relay_targets(conn, link, head, now)
+        targets = self._relay_targets(sender, link, head, now)
         if targets is None:
             self._own_rx()[(link, seq)] = None  # duplicate or too late: swallow its bytes
             return
-        self._own_rx()[(link, seq)] = Rx(head, targets, conn)
+        self._own_rx()[(link, seq)] = Rx(head, targets, sender)
         self.receiving[seq] = link
         out = self._out
         for t in targets:
@@ -546,16 +558,17 @@ class PeerNode(RelayNode):
             return
         del self.receiving[seq]
         payload = rx.parts[0] if len(rx.parts) == 1 else b"".join(rx.parts)
-        self._complete(link, Chunk(rx.head, payload), rx.targets, rx.conn, aborted, now, False)
+        self._complete(link, Chunk(rx.head, payload), rx.targets, rx.sender, aborted, now,
+                       False)
 
     def chunk_received(self, link: Link, chunk: Chunk, *, now: float, aborted: bool = False) -> None:
         """A whole chunk arrived on `link` at once: `chunk_begin`, `chunk_data` and `chunk_end`
         back to back, except that each child gets one `SendChunk` (the simulator's fast path)."""
         head, payload = chunk
-        conn = self._chunk_conn(link, head, now)
-        if conn is None:
+        sender = self._chunk_sender(link, head, now)
+        if sender == NO_LINK:
             return
-        targets = self._relay_targets(conn, link, head, now)
+        targets = self._relay_targets(sender, link, head, now)
         if targets is None:
             return
         if len(payload) > head.size:
@@ -563,21 +576,22 @@ class PeerNode(RelayNode):
                 f"chunk {head.seq} longer than its declared {head.size} bytes"), now=now)
             return
         self.bytes_up += len(payload) * len(targets)
-        self._complete(link, chunk, targets, conn, aborted, now, True)
+        self._complete(link, chunk, targets, sender, aborted, now, True)
 
-    def _chunk_conn(self, link: Link, head: m.ChunkHead, now: float) -> Conn | None:
-        """The link's `Conn` if a chunk may start on it; a bad head is a protocol error (None)."""
-        conn = self.conns.get(link)
-        if conn is None:
-            return None
+    def _chunk_sender(self, link: Link, head: m.ChunkHead, now: float) -> int:
+        """The link's remote node id if a chunk may start on it; `NO_LINK` if it may not (a bad
+        head is a protocol error)."""
+        sender = self._sender(link)
+        if sender == NO_LINK:
+            return NO_LINK
         if (head.channel != self.channel or head.size > m.MAX_CHUNK
                 or (self.rx and (link, head.seq) in self.rx)):  # (rx: streamed chunks only)
             self.protocol_error(link, RemoteProtocolError(
                 f"bad chunk head for {head.channel!r}/{head.seq}"), now=now)
-            return None
-        return conn
+            return NO_LINK
+        return sender
 
-    def _relay_targets(self, conn: Conn, link: Link, head: m.ChunkHead,
+    def _relay_targets(self, sender: int, link: Link, head: m.ChunkHead,
                        now: float) -> list[Link] | None:
         """The children a new chunk goes on to; None if we have it, are receiving it or it is
         too late (its bytes are ignored)."""
@@ -587,12 +601,12 @@ class PeerNode(RelayNode):
             return None
         k = seq % self.substreams
         ids = self.sub_ids
-        if 2 * k < len(ids) and ids[2 * k] == conn.node_id:
+        if 2 * k < len(ids) and ids[2 * k] == sender:
             self.sub_times[2 * k] = now
         return self._push_targets(seq, but=link)
 
-    def _complete(self, link: Link, chunk: Chunk, targets: list[Link], conn: Conn, aborted: bool,
-                  now: float, whole: bool) -> None:
+    def _complete(self, link: Link, chunk: Chunk, targets: list[Link], sender: int,
+                  aborted: bool, now: float, whole: bool) -> None:
         """All of a chunk is here (or the sender aborted it): finish it for the children, then
         verify, keep and play it. `whole`: the children get it as one `SendChunk` each."""
         head, payload = chunk
@@ -609,10 +623,10 @@ class PeerNode(RelayNode):
             return
         if not self.crypto.verify_chunk(self.public_key, head, payload):
             self._end_targets(targets, seq, False, end)
-            self._forged(conn, seq, now)
+            self._forged(link, sender, seq, now)
             return
         self._end_targets(targets, seq, True, end)
-        self._accept(chunk, conn, now)
+        self._accept(chunk, sender, now)
 
     def _end_targets(self, targets: list[Link], seq: int, ok: bool,
                      chunk: Chunk | None = None) -> None:
@@ -625,23 +639,23 @@ class PeerNode(RelayNode):
             for t in targets:
                 out.append(SendChunk(t, chunk, True, ok))
 
-    def _forged(self, conn: Conn, seq: int, now: float) -> None:
+    def _forged(self, link: Link, who: int, seq: int, now: float) -> None:
         self.forged += 1
-        who = conn.node_id
         self.blocked[who] = None
         self.neighbours.pop(who, None)
+        self._recheck_links = True
         self._out.append(Notice(f"chunk {seq} from node {who} failed verification: cutting it off"))
         if self.tracker_link is not None:
             self._out.append(Send(self.tracker_link, m.Complaint(who, f"forged chunk {seq}")))
-        self._close(conn.link, f"forged chunk {seq}", now)
+        self._close(link, f"forged chunk {seq}", now)
         self._note_gap(seq, now)
 
-    def _accept(self, chunk: Chunk, conn: Conn, now: float) -> None:
+    def _accept(self, chunk: Chunk, sender: int, now: float) -> None:
         head = chunk.head
         seq = head.seq
         K = self.substreams
         k = seq % K
-        if conn.node_id == self.seed_id:
+        if sender == self.seed_id:
             if self._from_seed is _NONE_FROM_SEED:
                 self._from_seed = {}
             self._from_seed[seq] = None
@@ -665,7 +679,7 @@ class PeerNode(RelayNode):
                     if s not in buffer:
                         gaps[s] = now
                     s += K
-        if self.play_next is None or ids[2 * k] == conn.node_id:
+        if self.play_next is None or ids[2 * k] == sender:
             times[2 * k + 1] = now - head.ts  # how late sub-stream k's own path delivers
         if previous >= 0 and seq > previous + 1:
             # Other sub-streams' chunks may just be slower: pull them once they are later than
@@ -958,6 +972,8 @@ class PeerNode(RelayNode):
         keep-alive PINGs for the rest of the session. The seed and mesh neighbours stay."""
         # (Loops, not set and list comprehensions: every peer does this every few seconds,
         # and nearly always finds nothing to close.)
+        if not self._recheck_links:
+            return
         unused: list[Conn] = []
         seed_id, neighbours = self.seed_id, self.neighbours
         for conn in self.conns.values():
@@ -966,6 +982,7 @@ class PeerNode(RelayNode):
                     and not self._is_parent(node_id)):
                 unused.append(conn)
         if not unused:
+            self._recheck_links = False
             return
         busy: set[Link] = set()
         for r in self.requested.values():

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from meshcast.node import NO_LINK
+from peer.node import PeerNode
 from sim.driver import Simulation
 from sim.scenario import parse_scenario
 
@@ -36,11 +38,25 @@ def test_no_feed_outlives_the_tracker_s_placement():
     age: Counter[tuple[str, int, int, int]] = Counter()
     worst: list[tuple[float, int]] = []
     pushes_checked: list[int] = []
+    senders_checked: list[int] = []
 
     def probe() -> None:
         now = sim.sched.now
         fed, placed = set(), set()
         for i, node in enumerate(sim.nodes[1:], 1):
+            if node is not None and sim.alive[i]:
+                # A chunk's sender is read from `_ids`, not from `conns`: the two agree.
+                assert len(node._ids) == 2 * len(node.conns), node.id
+                for link, conn in node.conns.items():
+                    assert node._sender(link) == conn.node_id, (node.id, link)
+                    senders_checked.append(link)
+                assert node._sender(len(sim.owner) + 7) == NO_LINK
+                if isinstance(node, PeerNode) and not node._recheck_links:
+                    # `_close_unused` skips its walk: nothing it would close may be there.
+                    assert not [c for c in node.conns.values()
+                                if c.ours and c.node_id != node.seed_id
+                                and c.node_id not in node.neighbours
+                                and not node._is_parent(c.node_id)], node.id
             if node is not None and sim.alive[i] and node.id >= 0:
                 for k, subs in enumerate(node._subscribers):
                     fed.update((node.id, c.node_id, k) for c, _ in subs
@@ -75,5 +91,6 @@ def test_no_feed_outlives_the_tracker_s_placement():
     assert sum(1 for s in sim.specs if s.leave_at < 60) > 50
     assert len(worst) >= 10
     assert len(pushes_checked) > 300 and max(pushes_checked) > 1
+    assert len(senders_checked) > 1000
     stuck = [(t, n) for t, n in worst if n > 2]
     assert not stuck, f"a feed and the tracker disagreed for over {2 * PROBE_S:g} s: {stuck}"

@@ -53,7 +53,7 @@ continuity 64% at 0.6, 99.97% at 0.3)."""
 LATE_SLACK: Final = 0.2
 """Seconds past its usual arrival after which a chunk is treated as lost and pulled.
 
-A sub-stream's path delivers each chunk about its latest delay (`PeerNode.sub_times`) after
+A sub-stream's path delivers each chunk about its latest delay (`PeerNode.subs`) after
 the seed stamped it; a chunk that much later than that has a broken path upstream (a relay
 above our parent died), and waiting for the deadline leaves too little time to pull it.
 Simulated on the churn scenario (2k viewers, 80 % abrupt departures): continuity 97.5 % →
@@ -90,8 +90,8 @@ _NONE_FROM_SEED: Final[dict[int, None]] = {}
 _PLAY: Final = 0
 _REPAIR: Final = 1
 """The "play" and "repair" timers: `NodeBase._fast_keys` 0 and 1."""
-_NO_PARENT: Final = -2
-"""A sub-stream's parent in `PeerNode.sub_ids` when it has none: no node's id, and not the
+_NO_PARENT: Final = -2.0
+"""A sub-stream's parent in `PeerNode.subs` when it has none: no node's id, and not the
 `NO_PEER` of a link whose remote has not said who it is."""
 
 
@@ -122,7 +122,7 @@ class Rx:
 class PeerNode(RelayNode):
     """A viewer peer (and relay)."""
 
-    __slots__ = ("primary", "sub_ids", "sub_times", "seed_id", "rx", "receiving", "gaps",
+    __slots__ = ("primary", "subs", "seed_id", "rx", "receiving", "gaps",
                  "requested", "_from_seed", "play_next", "play_s0", "play_t0",
                  "playout_delay", "delivered", "late", "latency_sum", "bytes_from_seed",
                  "bytes_from_peers", "skipped", "rng", "tracker", "address", "coords",
@@ -140,15 +140,14 @@ class PeerNode(RelayNode):
         self.channel = channel
         # (First the fields an arriving chunk reads: see `RelayNode.__init__`.)
         self.primary: list[Slot | None] = []
-        self.sub_ids: vec[i64] = vec[i64]()
-        """Per sub-stream k, two numbers: [2k] its parent's node id, `_NO_PARENT` for none
-        (`primary[k].ref.id`, kept by `_set_primary`), and [2k + 1] the newest seq it has
-        delivered (-1: none yet)."""
-        self.sub_times: vec[float] = vec[float]()
-        """Per sub-stream k: [2k] when its parent last delivered (or was set), and [2k + 1]
-        its path's latest delay (`_accept`), NaN until it has delivered. An arriving chunk
-        reads and writes these four numbers: two buffers, each cold in memory in a large run
-        (they were four, and the parent's id three objects)."""
+        self.subs: vec[float] = vec[float]()
+        """Per sub-stream k, four numbers: [4k] its parent's node id, `_NO_PARENT` for none
+        (`primary[k].ref.id`, kept by `_set_primary`); [4k + 1] the newest seq it has
+        delivered (-1: none yet); [4k + 2] when its parent last delivered (or was set); and
+        [4k + 3] its path's latest delay (`_accept`), NaN until it has delivered. An arriving
+        chunk reads and writes its sub-stream's four, side by side in one buffer, cold in
+        memory in a large run (they were in two buffers; before, four and three objects).
+        Ids and seqs are exact as floats (below 2**53)."""
         self.seed_id = m.NO_PEER
         self.rx: dict[tuple[Link, int], Rx | None] = _NO_RX
         self.receiving: dict[int, Link] = _NO_RECEIVING
@@ -225,7 +224,7 @@ class PeerNode(RelayNode):
         every timer (a refused viewer's stall checks woke it every 1.8 s for nothing)."""
         self.primary = [None] * len(self.primary)
         for k in range(len(self.primary)):
-            self.sub_ids[2 * k] = _NO_PARENT
+            self.subs[4 * k] = _NO_PARENT
         self.backup = [None] * len(self.backup)
         self._clear_timers()
         for link in list(self.conns):
@@ -416,9 +415,8 @@ class PeerNode(RelayNode):
         self.relays = 0
         # Per-sub-stream numbers as `vec`s: unboxed like an `array` (and smaller), and a
         # compiled build (mypyc) reads and writes their items natively, not through Python.
-        ids: list[int] = [_NO_PARENT, -1] * k  # (built apart: mypyc 2.4 cannot make a `vec`
-        times: list[float] = [now, math.nan] * k  # of a repeated list literal)
-        self.sub_ids, self.sub_times = vec[i64](ids), vec[float](times)
+        subs: list[float] = [_NO_PARENT, -1.0, now, math.nan] * k  # (built apart: mypyc 2.4
+        self.subs = vec[float](subs)  # cannot make a `vec` of a repeated list literal)
         if self.mode == "tree":
             self._set_timer("stall", now + self.stall_timeout)
         else:
@@ -444,7 +442,7 @@ class PeerNode(RelayNode):
             self._out.append(Send(old_link, m.Unsubscribe(k)))
         slot = Slot(msg.parent, msg.token)
         self._set_primary(k, slot)
-        self.sub_times[2 * k] = now
+        self.subs[4 * k + 2] = now
         if msg.parent.id in self.blocked:
             self._switch(k, now, "assigned a parent that sent forged data")
             return
@@ -472,7 +470,7 @@ class PeerNode(RelayNode):
         if token is None:
             return  # subscribed already
         slot.token = None
-        newest = self.sub_ids[2 * k + 1]
+        newest = int(self.subs[4 * k + 1])
         from_seq = newest + self.substreams if newest >= 0 else -1
         self._out.append(Send(link, m.Subscribe(k, token, from_seq, bool(self.relays >> k & 1))))
 
@@ -484,7 +482,7 @@ class PeerNode(RelayNode):
     def _set_primary(self, k: int, slot: Slot | None) -> None:
         """Sub-stream k's parent is now `slot`'s (None: none)."""
         self.primary[k] = slot
-        self.sub_ids[2 * k] = slot.ref.id if slot is not None else _NO_PARENT
+        self.subs[4 * k] = float(slot.ref.id) if slot is not None else _NO_PARENT
         self._recheck_links = True
 
     def _switch(self, k: int, now: float, reason: str) -> None:
@@ -495,7 +493,7 @@ class PeerNode(RelayNode):
         backup = self.backup[k]
         self.backup[k] = None
         self._recheck_links = True
-        self.sub_times[2 * k] = now
+        self.subs[4 * k + 2] = now
         if backup is not None and backup.ref.id != old.ref.id and backup.ref.id not in self.blocked:
             self._set_primary(k, backup)
             link = self._connect(backup.ref, backup.token)
@@ -600,9 +598,9 @@ class PeerNode(RelayNode):
                 or (self.play_next is not None and seq < self.play_next)):
             return None
         k = seq % self.substreams
-        ids = self.sub_ids
-        if 2 * k < len(ids) and ids[2 * k] == sender:
-            self.sub_times[2 * k] = now
+        subs = self.subs
+        if 4 * k < len(subs) and subs[4 * k] == float(sender):
+            subs[4 * k + 2] = now
         return self._push_targets(seq, but=link)
 
     def _complete(self, link: Link, chunk: Chunk, targets: list[Link], sender: int,
@@ -659,9 +657,9 @@ class PeerNode(RelayNode):
             if self._from_seed is _NONE_FROM_SEED:
                 self._from_seed = {}
             self._from_seed[seq] = None
-        ids, times = self.sub_ids, self.sub_times
+        subs = self.subs
         previous: int = self.newest
-        previous_k: int = ids[2 * k + 1]
+        previous_k = int(subs[4 * k + 1])
         self._store(chunk)
         buffer, gaps, window = self.buffer, self.gaps, self.window
         # (`in` and `del`, not `pop(seq, None)`: a method call through Python when compiled)
@@ -671,7 +669,7 @@ class PeerNode(RelayNode):
         if requested and seq in requested:
             del requested[seq]
         if seq > previous_k:
-            ids[2 * k + 1] = seq
+            subs[4 * k + 1] = float(seq)
             if previous_k >= 0:
                 # A parent pushes its sub-stream in order: what it skipped is lost, pull it now.
                 s = max(previous_k + K, seq - window)
@@ -679,15 +677,15 @@ class PeerNode(RelayNode):
                     if s not in buffer:
                         gaps[s] = now
                     s += K
-        if self.play_next is None or ids[2 * k] == sender:
-            times[2 * k + 1] = now - head.ts  # how late sub-stream k's own path delivers
+        if self.play_next is None or subs[4 * k] == float(sender):
+            subs[4 * k + 3] = now - head.ts  # how late sub-stream k's own path delivers
         if previous >= 0 and seq > previous + 1:
             # Other sub-streams' chunks may just be slower: pull them once they are later than
             # their path usually delivers (or near their deadline: `_due`).
             chunk_s = self.chunk_s
             for s in range(max(previous + 1, seq - window), seq):
                 if s not in buffer and s not in gaps:
-                    lag = times[2 * (s % K) + 1]
+                    lag = subs[4 * (s % K) + 3]
                     gaps[s] = (math.inf if math.isnan(lag)
                                else head.ts + (s - seq) * chunk_s + lag + LATE_SLACK)
         if self.play_next is None:
@@ -710,8 +708,8 @@ class PeerNode(RelayNode):
         if self._start_rap is None or self.play_next is not None:
             return
         r, t_r, lat_r = self._start_rap
-        times = self.sub_times
-        lats = [times[i] for i in range(1, len(times), 2)]
+        subs = self.subs
+        lats = [subs[i] for i in range(3, len(subs), 4)]
         if now < t_r + START_WAIT and any(math.isnan(lat) for lat in lats):
             return
         spread = max(lat for lat in lats if not math.isnan(lat)) - lat_r
@@ -1011,8 +1009,9 @@ class PeerNode(RelayNode):
         """
         newest, K = self.newest, self.substreams
         for k, slot in enumerate(self.primary):
-            if (slot is not None and now - self.sub_times[2 * k] >= self.stall_timeout
-                    and newest - self.sub_ids[2 * k + 1] >= 3 * K):
+            subs = self.subs
+            if (slot is not None and now - subs[4 * k + 2] >= self.stall_timeout
+                    and newest - int(subs[4 * k + 1]) >= 3 * K):
                 link = self._link_to(slot.ref.id)
                 if link is not None:
                     self._out.append(Send(link, m.Unsubscribe(k)))

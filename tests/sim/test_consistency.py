@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 
 from meshcast.node import NO_LINK
+from peer import node as peer_node
 from peer.node import PeerNode
 from sim.driver import Simulation
 from sim.scenario import parse_scenario
@@ -92,5 +93,8 @@ def test_no_feed_outlives_the_tracker_s_placement():
     assert len(worst) >= 10
     assert len(pushes_checked) > 300 and max(pushes_checked) > 1
     assert len(senders_checked) > 1000
+    # The empty dicts peers share until they need their own were never written to.
+    assert not peer_node._NO_RX and not peer_node._NO_RECEIVING
+    assert not peer_node._NONE_FROM_SEED
     stuck = [(t, n) for t, n in worst if n > 2]
     assert not stuck, f"a feed and the tracker disagreed for over {2 * PROBE_S:g} s: {stuck}"

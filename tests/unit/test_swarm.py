@@ -479,7 +479,7 @@ def test_killed_relay_descendants_keep_playing_via_backup_and_pull():
     stream(w, seed, 15)
     relay = max(peers, key=lambda p: p._children())
     assert relay._children() > 0
-    children = [(p, k) for p in peers for k in range(4) if p.sub_ids[2 * k] == relay.id]
+    children = [(p, k) for p in peers for k in range(4) if p.subs[4 * k] == relay.id]
     assert children
     w.kill(relay)
     stream(w, seed, 25)
@@ -491,12 +491,12 @@ def test_killed_relay_descendants_keep_playing_via_backup_and_pull():
         assert seqs == list(range(seqs[0], seqs[-1] + 1))
         assert seqs[-1] == 39
         # The parent ids a chunk's check reads follow the parents through the switches.
-        assert list(p.sub_ids)[::2] == [s.ref.id if s is not None else _NO_PARENT
+        assert list(p.subs)[::4] == [s.ref.id if s is not None else _NO_PARENT
                                         for s in p.primary]
-    assert all(p.sub_ids[2 * k] != relay.id for p, k in children)
+    assert all(p.subs[4 * k] != relay.id for p, k in children)
     assert relay.id not in tracker.channels["ch"].forest.members
     peers[0].leave(now=w.now)
-    assert list(peers[0].sub_ids)[::2] == [_NO_PARENT] * 4
+    assert list(peers[0].subs)[::4] == [_NO_PARENT] * 4
 
 
 def test_a_spent_token_is_let_go_and_a_backup_keeps_its_own():
@@ -571,13 +571,13 @@ def test_a_catch_up_takes_only_spare_upload():
     child, k, parent = next((p, k, q) for p in peers for k, slot in enumerate(p.primary)
                             for q in peers if slot is not None and slot.ref.id == q.id)
     w.backlog[parent] = 0.5
-    from_seq = child.sub_ids[2 * k + 1] - 2 * 4
+    from_seq = int(child.subs[4 * k + 1]) - 2 * 4
     token = tracker.crypto.issue_token(tracker.key, child.id, parent.id, child.channel, k, w.now + 60)
     child._out.append(fx.Send(child._link_to(parent.id),
                               Subscribe(k, token, from_seq, bool(child.relays >> k & 1))))
     w.run()
     assert [(seq, push) for node, seq, push in w.dropped if node is parent] == [
-        (from_seq, False), (from_seq + 4, False), (child.sub_ids[2 * k + 1], False)]
+        (from_seq, False), (from_seq + 4, False), (int(child.subs[4 * k + 1]), False)]
     assert all(c.drops == 0 for c in parent.conns.values())  # nobody is blamed for it
     first = seed.next_seq
     stream(w, seed, 8)

@@ -24,7 +24,7 @@ import random
 from collections.abc import Set
 from typing import Any, Final
 
-from librt.vecs import vec
+from librt.vecs import append, pop, vec
 from mypy_extensions import i64
 
 from meshcast import messages as m
@@ -154,7 +154,12 @@ class PeerNode(RelayNode):
         """Chunks streaming in (`chunk_begin` … `chunk_end`), by (link, seq) and by seq: the
         shared empty `_NO_RX` and `_NO_RECEIVING` until the first (the simulator's whole chunks
         never stream), so a node's check reads a dict all nodes read, not one of its own."""
-        self.gaps: dict[int, float] = {}
+        self.gaps: vec[float] = vec[float]()
+        """Chunks missing, and when to pull each (unless its deadline comes first: `_due`), as
+        (seq, when) pairs in the order noted (`_set_gap`, `_drop_gap`). Nearly every chunk
+        reads it and most add or remove one (a sub-stream's chunk is later than another's);
+        it holds 0–2 most of the time: a few numbers in one buffer, where a dict was two
+        blocks and an int and a float object per gap (seqs are exact as floats)."""
         self.requested: dict[int, tuple[Link, float, set[Link]]] = {}
         self._from_seed: dict[int, None] = _NONE_FROM_SEED
         """Chunks that came from the seed, until played: the shared empty `_NONE_FROM_SEED`
@@ -263,7 +268,7 @@ class PeerNode(RelayNode):
             if node_id in self.neighbours:
                 conn.neighbour = True
                 self._send_have(conn)
-            if node_id == self.seed_id and self.gaps:
+            if node_id == self.seed_id and len(self.gaps):
                 self._repair(now)
 
     def _resume(self) -> m.Resume | None:
@@ -383,12 +388,12 @@ class PeerNode(RelayNode):
                 if req is not None and req[0] == conn.link:
                     del self.requested[seq]
                     self._pull([seq], now, exclude=req[2] | {conn.link})
-                    if seq not in self.requested and seq in self.gaps:
+                    if seq not in self.requested and self._gap_index(seq) >= 0:
                         # Nobody else to ask. A source refuses pulls while its queue is long,
                         # which recurs with every chunk it pushes: ask again at a random point
                         # of that cycle, not in step with it (a peer once asked the seed 40
                         # times, each just after the seed's next burst).
-                        self.gaps[seq] = now + self.rng.uniform(0.0, self.chunk_s)
+                        self._set_gap(seq, now + self.rng.uniform(0.0, self.chunk_s))
             self._schedule_repair(now)
         else:
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} from a peer")
@@ -661,10 +666,9 @@ class PeerNode(RelayNode):
         previous: int = self.newest
         previous_k = int(subs[4 * k + 1])
         self._store(chunk)
-        buffer, gaps, window = self.buffer, self.gaps, self.window
-        # (`in` and `del`, not `pop(seq, None)`: a method call through Python when compiled)
-        if gaps and seq in gaps:  # (mostly empty: skip the lookup)
-            del gaps[seq]
+        buffer, window = self.buffer, self.window
+        if len(self.gaps):
+            self._drop_gap(seq)
         requested = self.requested
         if requested and seq in requested:
             del requested[seq]
@@ -675,7 +679,7 @@ class PeerNode(RelayNode):
                 s = max(previous_k + K, seq - window)
                 while s < seq:  # (not a range: its step is not a constant, which compiles slowly)
                     if s not in buffer:
-                        gaps[s] = now
+                        self._set_gap(s, now)
                     s += K
         if self.play_next is None or subs[4 * k] == float(sender):
             subs[4 * k + 3] = now - head.ts  # how late sub-stream k's own path delivers
@@ -684,10 +688,10 @@ class PeerNode(RelayNode):
             # their path usually delivers (or near their deadline: `_due`).
             chunk_s = self.chunk_s
             for s in range(max(previous + 1, seq - window), seq):
-                if s not in buffer and s not in gaps:
+                if s not in buffer and self._gap_index(s) < 0:
                     lag = subs[4 * (s % K) + 3]
-                    gaps[s] = (math.inf if math.isnan(lag)
-                               else head.ts + (s - seq) * chunk_s + lag + LATE_SLACK)
+                    self._set_gap(s, math.inf if math.isnan(lag)
+                                  else head.ts + (s - seq) * chunk_s + lag + LATE_SLACK)
         if self.play_next is None:
             if head.rap and self._start_rap is None:
                 self._start_rap = (seq, now, now - head.ts)
@@ -721,7 +725,7 @@ class PeerNode(RelayNode):
 
     def _note_gap(self, seq: int, now: float) -> None:
         if seq not in self.buffer:
-            self.gaps[seq] = now
+            self._set_gap(seq, now)
             self._schedule_repair(now)
 
     # -- playback ------------------------------------------------------------------------------
@@ -758,7 +762,7 @@ class PeerNode(RelayNode):
                 out.append(Skip(seq))
                 self.skipped += 1
                 from_seed_set.pop(seq, None)
-                self.gaps.pop(seq, None)
+                self._drop_gap(seq)
                 self.requested.pop(seq, None)
             else:
                 self._set_fast(_PLAY, self.deadline(seq))
@@ -775,11 +779,37 @@ class PeerNode(RelayNode):
             return explicit
         return min(explicit, self.deadline(seq) - self.playout_delay * REPAIR_MARGIN)
 
+    def _gap_index(self, seq: int) -> int:
+        """Where chunk `seq` is in `gaps` (-1: not missing)."""
+        gaps = self.gaps
+        key = float(seq)
+        i = 0
+        n = len(gaps)
+        while i < n:
+            if gaps[i] == key:
+                return i
+            i += 2
+        return -1
+
+    def _set_gap(self, seq: int, when: float) -> None:
+        """Note chunk `seq` missing, to pull at `when` (a gap noted already keeps its place)."""
+        i = self._gap_index(seq)
+        if i >= 0:
+            self.gaps[i + 1] = when
+        else:
+            self.gaps = append(append(self.gaps, float(seq)), when)
+
+    def _drop_gap(self, seq: int) -> None:
+        i = self._gap_index(seq)
+        if i >= 0:
+            gaps, _ = pop(self.gaps, i)
+            self.gaps, _ = pop(gaps, i)
+
     def _schedule_repair(self, now: float) -> None:
         gaps = self.gaps
         if self.mode != "tree":
             return
-        if not gaps:
+        if not len(gaps):
             # Nothing left to repair: a timer left set would wake us for nothing (nine in ten
             # repair wakes of a steady run); pulls in flight have their own "timeout".
             self._cancel_fast(_REPAIR)
@@ -788,7 +818,9 @@ class PeerNode(RelayNode):
         # lowest seq's deadline-based one.
         requested, receiving = self.requested, self.receiving
         explicit, first = math.inf, -1  # (-1: none; an int, not an Optional, is native compiled)
-        for seq, t in gaps.items():
+        for i in range(0, len(gaps), 2):
+            seq = int(gaps[i])
+            t = gaps[i + 1]
             if seq not in requested and seq not in receiving:
                 if t < explicit:
                     explicit = t
@@ -802,9 +834,10 @@ class PeerNode(RelayNode):
 
     def _repair(self, now: float) -> None:
         due = []
-        for seq, explicit in list(self.gaps.items()):
+        gaps = self.gaps
+        for seq, explicit in [(int(gaps[i]), gaps[i + 1]) for i in range(0, len(gaps), 2)]:
             if (self.play_next is not None and seq < self.play_next) or seq in self.buffer:
-                del self.gaps[seq]
+                self._drop_gap(seq)
             elif (self._due(seq, explicit) <= now and seq not in self.requested
                   and seq not in self.receiving):
                 due.append(seq)

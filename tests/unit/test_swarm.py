@@ -553,7 +553,7 @@ def test_a_repair_timer_does_not_outlive_the_gaps_it_was_set_for():
     for _ in range(20):
         stream(w, seed, 1)
         for p in peers:
-            if not p.gaps:
+            if not len(p.gaps):
                 assert p.timer_at("repair") is None, f"peer {p.id}"
     # The gaps were real, and repaired: the orphans played what the relay no longer pushed.
     assert orphaned

@@ -251,7 +251,7 @@ class RelayNode(NodeBase):
     """The parent side of the protocol, shared by the seed and every peer."""
 
     __slots__ = ("crypto", "channel", "public_key", "substreams", "chunk_ms", "chunk_s",
-                 "buffer_s", "mode", "conns", "_ids", "_push", "_subscribers", "newest", "bytes_up",
+                 "buffer_s", "mode", "conns", "_ids", "_pushing", "_push", "_subscribers", "newest", "bytes_up",
                  "window", "buffer", "upload_kbps", "id", "tracker_key", "former_key",
                  "bitrate_kbps", "tracker_link", "revoked", "detached")
 
@@ -274,6 +274,10 @@ class RelayNode(NodeBase):
         a few numbers in one buffer, where a dict lookup reads the dict, its entry, the key's
         int object and the `Conn`, each cold in a large run. Kept by `_add_conn`, `_pop_conn`
         and `_name_conn`, the only writers of `conns` and `Conn.node_id`."""
+        self._pushing = 0
+        """Bit k set: sub-stream k has subscribers (`_index_pushes`). Most chunks a peer gets
+        are of sub-streams it relays to nobody: this field, read with the others, answers
+        for them, not a read of `_push`'s buffer."""
         self._push: vec[i64] = vec[i64]([0])
         """`_subscribers` flat, as a chunk is pushed: item k (k < `substreams`) is where
         sub-stream k's children start, item `substreams` where the last one's end, and from
@@ -600,13 +604,17 @@ class RelayNode(NodeBase):
         """Lay `_subscribers` out flat in `_push` (after every change to them: rare, against
         a read per chunk)."""
         flat: list[int] = [0] * (self.substreams + 1)
+        pushing = 0
         for k, lst in enumerate(self._subscribers):
             flat[k] = len(flat)
+            if lst:
+                pushing |= 1 << k
             for c, first in lst:
                 flat.append(c.link)
                 flat.append(first)
         flat[self.substreams] = len(flat)
         self._push = vec[i64](flat)
+        self._pushing = pushing
 
     def _find(self, conn: Conn, k: int) -> int:
         """Where subscriber `conn` is in sub-stream k's list (it must be there)."""
@@ -658,8 +666,10 @@ class RelayNode(NodeBase):
         """Children that get chunk `seq` pushed (sub-stream subscribers, relaying ones first),
         except link `but` (links are never negative: -1 excepts none)."""
         targets: list[Link] = []
-        push = self._push
         k = seq % self.substreams
+        if not self._pushing >> k & 1:
+            return targets
+        push = self._push
         i, end = push[k], push[k + 1]
         while i < end:
             link, first = push[i], push[i + 1]

@@ -212,6 +212,19 @@ def _moved_key(node_id: int, substream: int) -> int:
     return node_id << 5 | substream & 31
 
 
+def pair_index(pairs: vec[float], key: float) -> int:
+    """Where `key` is among the keys of `pairs` (key, value, key, value, …); -1: not there.
+    A scan: the node's small tables kept this way (`RelayNode._ids`, `PeerNode.gaps`) hold a
+    few pairs, in one buffer, and their numbers are exact as floats (below 2**53)."""
+    i = 0
+    n = len(pairs)
+    while i < n:
+        if pairs[i] == key:
+            return i
+        i += 2
+    return -1
+
+
 NO_LINK: Final = -2
 """`RelayNode._sender` of a link that is not open (node ids are never negative; -1 is
 `m.NO_PEER`, an open link whose remote has not said who it is)."""
@@ -251,7 +264,8 @@ class RelayNode(NodeBase):
     """The parent side of the protocol, shared by the seed and every peer."""
 
     __slots__ = ("crypto", "channel", "public_key", "substreams", "chunk_ms", "chunk_s",
-                 "buffer_s", "mode", "conns", "_ids", "_pushing", "_push", "_subscribers", "newest", "bytes_up",
+                 "buffer_s", "mode", "conns", "_ids", "_pushing", "_push", "_subscribers", "newest",
+                 "bytes_up",
                  "window", "buffer", "upload_kbps", "id", "tracker_key", "former_key",
                  "bitrate_kbps", "tracker_link", "revoked", "detached")
 
@@ -269,7 +283,7 @@ class RelayNode(NodeBase):
         self.buffer_s = buffer_s
         self.mode = "tree"
         self.conns: dict[Link, Conn] = {}
-        self._ids: vec[i64] = vec[i64]()
+        self._ids: vec[float] = vec[float]()
         """`conns` as (link, remote node id) pairs, all a chunk needs of its link (`_sender`):
         a few numbers in one buffer, where a dict lookup reads the dict, its entry, the key's
         int object and the `Conn`, each cold in a large run. Kept by `_add_conn`, `_pop_conn`
@@ -339,7 +353,7 @@ class RelayNode(NodeBase):
 
     def _add_conn(self, link: Link) -> Conn:
         conn = self.conns[link] = Conn(link)
-        self._ids = append(append(self._ids, link), m.NO_PEER)
+        self._ids = append(append(self._ids, float(link)), float(m.NO_PEER))
         return conn
 
     def _pop_conn(self, link: Link) -> Conn | None:
@@ -354,24 +368,17 @@ class RelayNode(NodeBase):
     def _name_conn(self, conn: Conn, node_id: int) -> None:
         """The remote of `conn` is node `node_id`."""
         conn.node_id = node_id
-        self._ids[self._id_index(conn.link) + 1] = node_id
+        self._ids[self._id_index(conn.link) + 1] = float(node_id)
 
     def _id_index(self, link: Link) -> int:
         """Where `link` is in `_ids` (-1: not open)."""
-        ids = self._ids
-        i = 0
-        n = len(ids)
-        while i < n:
-            if ids[i] == link:
-                return i
-            i += 2
-        return -1
+        return pair_index(self._ids, float(link))
 
     def _sender(self, link: Link) -> int:
         """The remote node id of open link `link`; `NO_LINK` if it is not open (or
         `m.NO_PEER` if it has not said who it is)."""
         i = self._id_index(link)
-        return self._ids[i + 1] if i >= 0 else NO_LINK
+        return int(self._ids[i + 1]) if i >= 0 else NO_LINK
 
     def link_closed(self, link: Link, *, now: float, reason: str = "") -> None:
         conn = self._pop_conn(link)

@@ -32,7 +32,7 @@ from meshcast.crypto import Crypto
 from meshcast.effects import (Chunk, ChunkBegin, ChunkBytes, ChunkEnd, Deliver, Link, Notice, Open,
                               Send, SendChunk, Skip)
 from meshcast.errors import RemoteProtocolError
-from meshcast.node import HELLO_REFUSED, NO_LINK, Conn, RelayNode
+from meshcast.node import HELLO_REFUSED, NO_LINK, Conn, RelayNode, pair_index
 from meshcast.policy import MAX_BACKLOG_S
 
 TRACKER: Final = "tracker"
@@ -781,15 +781,7 @@ class PeerNode(RelayNode):
 
     def _gap_index(self, seq: int) -> int:
         """Where chunk `seq` is in `gaps` (-1: not missing)."""
-        gaps = self.gaps
-        key = float(seq)
-        i = 0
-        n = len(gaps)
-        while i < n:
-            if gaps[i] == key:
-                return i
-            i += 2
-        return -1
+        return pair_index(self.gaps, float(seq))
 
     def _set_gap(self, seq: int, when: float) -> None:
         """Note chunk `seq` missing, to pull at `when` (a gap noted already keeps its place)."""

@@ -264,10 +264,9 @@ class RelayNode(NodeBase):
     """The parent side of the protocol, shared by the seed and every peer."""
 
     __slots__ = ("crypto", "channel", "public_key", "substreams", "chunk_ms", "chunk_s",
-                 "buffer_s", "mode", "conns", "_ids", "_pushing", "_push", "_subscribers", "newest",
-                 "bytes_up",
-                 "window", "buffer", "upload_kbps", "id", "tracker_key", "former_key",
-                 "bitrate_kbps", "tracker_link", "revoked", "detached")
+                 "buffer_s", "mode", "conns", "_ids", "_pushing", "_push", "_subscribers",
+                 "newest", "bytes_up", "window", "buffer", "upload_kbps", "id", "tracker_key",
+                 "former_key", "bitrate_kbps", "tracker_link", "revoked", "detached")
 
     def __init__(self, *, crypto: Crypto, upload_kbps: int, buffer_s: float = 10.0) -> None:
         super().__init__()

@@ -25,7 +25,6 @@ from collections.abc import Set
 from typing import Any, Final
 
 from librt.vecs import append, pop, vec
-from mypy_extensions import i64
 
 from meshcast import messages as m
 from meshcast.crypto import Crypto
@@ -418,8 +417,8 @@ class PeerNode(RelayNode):
         k = msg.substreams
         self.primary, self.backup = [None] * k, [None] * k
         self.relays = 0
-        # Per-sub-stream numbers as `vec`s: unboxed like an `array` (and smaller), and a
-        # compiled build (mypyc) reads and writes their items natively, not through Python.
+        # Per-sub-stream numbers as a `vec`: unboxed like an `array` (and smaller), and a
+        # compiled build (mypyc) reads and writes its items natively, not through Python.
         subs: list[float] = [_NO_PARENT, -1.0, now, math.nan] * k  # (built apart: mypyc 2.4
         self.subs = vec[float](subs)  # cannot make a `vec` of a repeated list literal)
         if self.mode == "tree":

@@ -140,13 +140,14 @@ class PeerNode(RelayNode):
         # (First the fields an arriving chunk reads: see `RelayNode.__init__`.)
         self.primary: list[Slot | None] = []
         self.subs: vec[float] = vec[float]()
-        """Per sub-stream k, four numbers: [4k] its parent's node id, `_NO_PARENT` for none
-        (`primary[k].ref.id`, kept by `_set_primary`); [4k + 1] the newest seq it has
-        delivered (-1: none yet); [4k + 2] when its parent last delivered (or was set); and
-        [4k + 3] its path's latest delay (`_accept`), NaN until it has delivered. An arriving
-        chunk reads and writes its sub-stream's four, side by side in one buffer, cold in
-        memory in a large run (they were in two buffers; before, four and three objects).
-        Ids and seqs are exact as floats (below 2**53)."""
+        """Per sub-stream k, five numbers: [5k] its parent's node id, `_NO_PARENT` for none
+        (`primary[k].ref.id`, kept by `_set_primary`); [5k + 1] the newest seq it has
+        delivered (-1: none yet); [5k + 2] when its parent last delivered (or was set);
+        [5k + 3] its path's latest delay (`_accept`), NaN until it has delivered; and [5k + 4]
+        the open link its parent's chunks came over, -1 until one did (`_chunk_sender`). An
+        arriving chunk reads and writes its sub-stream's five, side by side in one buffer, cold
+        in memory in a large run (they were in two buffers; before, four and three objects).
+        Ids, seqs and links are exact as floats (below 2**53)."""
         self.seed_id = m.NO_PEER
         self.rx: dict[tuple[Link, int], Rx | None] = _NO_RX
         self.receiving: dict[int, Link] = _NO_RECEIVING
@@ -228,7 +229,8 @@ class PeerNode(RelayNode):
         every timer (a refused viewer's stall checks woke it every 1.8 s for nothing)."""
         self.primary = [None] * len(self.primary)
         for k in range(len(self.primary)):
-            self.subs[4 * k] = _NO_PARENT
+            self.subs[5 * k] = _NO_PARENT
+            self.subs[5 * k + 4] = -1.0
         self.backup = [None] * len(self.backup)
         self._clear_timers()
         for link in list(self.conns):
@@ -344,6 +346,21 @@ class PeerNode(RelayNode):
                 self.backup[k] = None
                 self._recheck_links = True
 
+    def _pop_conn(self, link: Link) -> Conn | None:
+        self._uncache_link(link)
+        return super()._pop_conn(link)
+
+    def _name_conn(self, conn: Conn, node_id: int) -> None:
+        self._uncache_link(conn.link)
+        super()._name_conn(conn, node_id)
+
+    def _uncache_link(self, link: Link) -> None:
+        """`link` closes, or says who it is: no sub-stream's parent link in `subs` is it."""
+        subs = self.subs
+        for i in range(4, len(subs), 5):
+            if subs[i] == float(link):
+                subs[i] = -1.0
+
     def _link_to(self, node_id: int) -> Link | None:
         """Our link to `node_id` (one we opened), if it is up. A scan of our ~10 links, on
         control events only: cheaper than an index kept per peer (~300 bytes)."""
@@ -419,8 +436,9 @@ class PeerNode(RelayNode):
         self.relays = 0
         # Per-sub-stream numbers as a `vec`: unboxed like an `array` (and smaller), and a
         # compiled build (mypyc) reads and writes its items natively, not through Python.
-        subs: list[float] = [_NO_PARENT, -1.0, now, math.nan] * k  # (built apart: mypyc 2.4
-        self.subs = vec[float](subs)  # cannot make a `vec` of a repeated list literal)
+        # (Built apart: mypyc 2.4 cannot make a `vec` of a repeated list literal.)
+        subs: list[float] = [_NO_PARENT, -1.0, now, math.nan, -1.0] * k
+        self.subs = vec[float](subs)
         if self.mode == "tree":
             self._set_timer("stall", now + self.stall_timeout)
         else:
@@ -446,7 +464,7 @@ class PeerNode(RelayNode):
             self._out.append(Send(old_link, m.Unsubscribe(k)))
         slot = Slot(msg.parent, msg.token)
         self._set_primary(k, slot)
-        self.subs[4 * k + 2] = now
+        self.subs[5 * k + 2] = now
         if msg.parent.id in self.blocked:
             self._switch(k, now, "assigned a parent that sent forged data")
             return
@@ -474,7 +492,7 @@ class PeerNode(RelayNode):
         if token is None:
             return  # subscribed already
         slot.token = None
-        newest = int(self.subs[4 * k + 1])
+        newest = int(self.subs[5 * k + 1])
         from_seq = newest + self.substreams if newest >= 0 else -1
         self._out.append(Send(link, m.Subscribe(k, token, from_seq, bool(self.relays >> k & 1))))
 
@@ -486,7 +504,8 @@ class PeerNode(RelayNode):
     def _set_primary(self, k: int, slot: Slot | None) -> None:
         """Sub-stream k's parent is now `slot`'s (None: none)."""
         self.primary[k] = slot
-        self.subs[4 * k] = float(slot.ref.id) if slot is not None else _NO_PARENT
+        self.subs[5 * k] = float(slot.ref.id) if slot is not None else _NO_PARENT
+        self.subs[5 * k + 4] = -1.0
         self._recheck_links = True
 
     def _switch(self, k: int, now: float, reason: str) -> None:
@@ -497,7 +516,7 @@ class PeerNode(RelayNode):
         backup = self.backup[k]
         self.backup[k] = None
         self._recheck_links = True
-        self.subs[4 * k + 2] = now
+        self.subs[5 * k + 2] = now
         if backup is not None and backup.ref.id != old.ref.id and backup.ref.id not in self.blocked:
             self._set_primary(k, backup)
             link = self._connect(backup.ref, backup.token)
@@ -583,9 +602,18 @@ class PeerNode(RelayNode):
     def _chunk_sender(self, link: Link, head: m.ChunkHead, now: float) -> int:
         """The link's remote node id if a chunk may start on it; `NO_LINK` if it may not (a bad
         head is a protocol error)."""
-        sender = self._sender(link)
-        if sender == NO_LINK:
-            return NO_LINK
+        # Nearly every chunk comes from its sub-stream's parent, over the link `subs` notes
+        # (then its id is the parent's): no walk of the links' buffer, another cold read.
+        k = 5 * (head.seq % self.substreams)
+        subs = self.subs
+        if k < len(subs) and subs[k + 4] == float(link):
+            sender = int(subs[k])
+        else:
+            sender = self._sender(link)
+            if sender == NO_LINK:
+                return NO_LINK
+            if k < len(subs) and subs[k] == float(sender):
+                subs[k + 4] = float(link)
         if (head.channel != self.channel or head.size > m.MAX_CHUNK
                 or (self.rx and (link, head.seq) in self.rx)):  # (rx: streamed chunks only)
             self.protocol_error(link, RemoteProtocolError(
@@ -603,8 +631,8 @@ class PeerNode(RelayNode):
             return None
         k = seq % self.substreams
         subs = self.subs
-        if 4 * k < len(subs) and subs[4 * k] == float(sender):
-            subs[4 * k + 2] = now
+        if 5 * k < len(subs) and subs[5 * k] == float(sender):
+            subs[5 * k + 2] = now
         return self._push_targets(seq, but=link)
 
     def _complete(self, link: Link, chunk: Chunk, targets: list[Link], sender: int,
@@ -663,7 +691,7 @@ class PeerNode(RelayNode):
             self._from_seed[seq] = None
         subs = self.subs
         previous: int = self.newest
-        previous_k = int(subs[4 * k + 1])
+        previous_k = int(subs[5 * k + 1])
         self._store(chunk)
         buffer, window = self.buffer, self.window
         if len(self.gaps):
@@ -672,7 +700,7 @@ class PeerNode(RelayNode):
         if requested and seq in requested:
             del requested[seq]
         if seq > previous_k:
-            subs[4 * k + 1] = float(seq)
+            subs[5 * k + 1] = float(seq)
             if previous_k >= 0:
                 # A parent pushes its sub-stream in order: what it skipped is lost, pull it now.
                 s = max(previous_k + K, seq - window)
@@ -680,15 +708,15 @@ class PeerNode(RelayNode):
                     if s not in buffer:
                         self._set_gap(s, now)
                     s += K
-        if self.play_next is None or subs[4 * k] == float(sender):
-            subs[4 * k + 3] = now - head.ts  # how late sub-stream k's own path delivers
+        if self.play_next is None or subs[5 * k] == float(sender):
+            subs[5 * k + 3] = now - head.ts  # how late sub-stream k's own path delivers
         if previous >= 0 and seq > previous + 1:
             # Other sub-streams' chunks may just be slower: pull them once they are later than
             # their path usually delivers (or near their deadline: `_due`).
             chunk_s = self.chunk_s
             for s in range(max(previous + 1, seq - window), seq):
                 if s not in buffer and self._gap_index(s) < 0:
-                    lag = subs[4 * (s % K) + 3]
+                    lag = subs[5 * (s % K) + 3]
                     self._set_gap(s, math.inf if math.isnan(lag)
                                   else head.ts + (s - seq) * chunk_s + lag + LATE_SLACK)
         if self.play_next is None:
@@ -712,7 +740,7 @@ class PeerNode(RelayNode):
             return
         r, t_r, lat_r = self._start_rap
         subs = self.subs
-        lats = [subs[i] for i in range(3, len(subs), 4)]
+        lats = [subs[i] for i in range(3, len(subs), 5)]
         if now < t_r + START_WAIT and any(math.isnan(lat) for lat in lats):
             return
         spread = max(lat for lat in lats if not math.isnan(lat)) - lat_r
@@ -1034,8 +1062,8 @@ class PeerNode(RelayNode):
         newest, K = self.newest, self.substreams
         for k, slot in enumerate(self.primary):
             subs = self.subs
-            if (slot is not None and now - subs[4 * k + 2] >= self.stall_timeout
-                    and newest - int(subs[4 * k + 1]) >= 3 * K):
+            if (slot is not None and now - subs[5 * k + 2] >= self.stall_timeout
+                    and newest - int(subs[5 * k + 1]) >= 3 * K):
                 link = self._link_to(slot.ref.id)
                 if link is not None:
                     self._out.append(Send(link, m.Unsubscribe(k)))

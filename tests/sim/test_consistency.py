@@ -40,6 +40,7 @@ def test_no_feed_outlives_the_tracker_s_placement():
     worst: list[tuple[float, int]] = []
     pushes_checked: list[int] = []
     senders_checked: list[int] = []
+    links_cached: list[int] = []
 
     def probe() -> None:
         now = sim.sched.now
@@ -52,6 +53,13 @@ def test_no_feed_outlives_the_tracker_s_placement():
                     assert node._sender(link) == conn.node_id, (node.id, link)
                     senders_checked.append(link)
                 assert node._sender(len(sim.owner) + 7) == NO_LINK
+                if isinstance(node, PeerNode):
+                    # A sub-stream's parent link noted in `subs` is open and is the parent's.
+                    for k in range(len(node.subs) // 5):
+                        link = int(node.subs[5 * k + 4])
+                        if link >= 0:
+                            assert node._sender(link) == node.subs[5 * k], (node.id, k)
+                            links_cached.append(link)
                 if isinstance(node, PeerNode) and not node._recheck_links:
                     # `_close_unused` skips its walk: nothing it would close may be there.
                     assert not [c for c in node.conns.values()
@@ -93,6 +101,7 @@ def test_no_feed_outlives_the_tracker_s_placement():
     assert len(worst) >= 10
     assert len(pushes_checked) > 300 and max(pushes_checked) > 1
     assert len(senders_checked) > 1000
+    assert len(links_cached) > 500
     # The empty dicts peers share until they need their own were never written to.
     assert not peer_node._NO_RX and not peer_node._NO_RECEIVING
     assert not peer_node._NONE_FROM_SEED

@@ -12,7 +12,7 @@ from meshcast import effects as fx
 from meshcast.messages import (NO_PEER, Assign, Detach, Hello, PeerRef, Reject, Subscribe, Token,
                                Unsubscribe)
 from meshcast.crypto import Crypto, SigningKey
-from meshcast.node import FORMER_KEY_S
+from meshcast.node import FORMER_KEY_S, NO_LINK
 from meshcast.policy import HEADROOM, STRETCH_HEADROOM, child_slots
 import peer.node as peer_node
 from peer.node import _NO_PARENT, LATE_SLACK, PeerNode
@@ -474,12 +474,29 @@ def test_trees_stay_shallow_and_relays_sit_near_the_root():
                 assert forest.members[cid].depth[k] == m.depth[k] + 1
 
 
+def test_a_closed_parent_link_is_never_taken_for_the_parent_s():
+    """A peer notes the link each parent's chunks come over, to skip a walk of its links per
+    chunk. Once the link's remote names itself again, a chunk on it is that remote's; once the
+    link closes, a chunk on it is refused, whatever happens to the parent."""
+    w, tracker, seed, peers = build(8)
+    stream(w, seed, 12)
+    peer, k = next((p, k) for p in peers for k in range(4) if p.subs[5 * k + 4] >= 0)
+    link = int(peer.subs[5 * k + 4])
+    seq = seed.newest - (seed.newest - k) % 4  # the newest chunk of sub-stream k
+    head = seed.buffer[seq].head
+    assert peer._chunk_sender(link, head, w.now) == peer.subs[5 * k] == peer.primary[k].ref.id
+    peer._name_conn(peer.conns[link], 999)  # its remote says it is another node (a `Hello`)
+    assert peer._chunk_sender(link, head, w.now) == 999
+    peer._pop_conn(link)  # closed, and nothing else done about it yet
+    assert peer._chunk_sender(link, head, w.now) == NO_LINK
+
+
 def test_killed_relay_descendants_keep_playing_via_backup_and_pull():
     w, tracker, seed, peers = build(20, seed_kbps=4000, peer_kbps=3000)
     stream(w, seed, 15)
     relay = max(peers, key=lambda p: p._children())
     assert relay._children() > 0
-    children = [(p, k) for p in peers for k in range(4) if p.subs[4 * k] == relay.id]
+    children = [(p, k) for p in peers for k in range(4) if p.subs[5 * k] == relay.id]
     assert children
     w.kill(relay)
     stream(w, seed, 25)
@@ -491,12 +508,12 @@ def test_killed_relay_descendants_keep_playing_via_backup_and_pull():
         assert seqs == list(range(seqs[0], seqs[-1] + 1))
         assert seqs[-1] == 39
         # The parent ids a chunk's check reads follow the parents through the switches.
-        assert list(p.subs)[::4] == [s.ref.id if s is not None else _NO_PARENT
+        assert list(p.subs)[::5] == [s.ref.id if s is not None else _NO_PARENT
                                         for s in p.primary]
-    assert all(p.subs[4 * k] != relay.id for p, k in children)
+    assert all(p.subs[5 * k] != relay.id for p, k in children)
     assert relay.id not in tracker.channels["ch"].forest.members
     peers[0].leave(now=w.now)
-    assert list(peers[0].subs)[::4] == [_NO_PARENT] * 4
+    assert list(peers[0].subs)[::5] == [_NO_PARENT] * 4
 
 
 def test_a_spent_token_is_let_go_and_a_backup_keeps_its_own():
@@ -571,13 +588,13 @@ def test_a_catch_up_takes_only_spare_upload():
     child, k, parent = next((p, k, q) for p in peers for k, slot in enumerate(p.primary)
                             for q in peers if slot is not None and slot.ref.id == q.id)
     w.backlog[parent] = 0.5
-    from_seq = int(child.subs[4 * k + 1]) - 2 * 4
+    from_seq = int(child.subs[5 * k + 1]) - 2 * 4
     token = tracker.crypto.issue_token(tracker.key, child.id, parent.id, child.channel, k, w.now + 60)
     child._out.append(fx.Send(child._link_to(parent.id),
                               Subscribe(k, token, from_seq, bool(child.relays >> k & 1))))
     w.run()
     assert [(seq, push) for node, seq, push in w.dropped if node is parent] == [
-        (from_seq, False), (from_seq + 4, False), (int(child.subs[4 * k + 1]), False)]
+        (from_seq, False), (from_seq + 4, False), (int(child.subs[5 * k + 1]), False)]
     assert all(c.drops == 0 for c in parent.conns.values())  # nobody is blamed for it
     first = seed.next_seq
     stream(w, seed, 8)

@@ -190,7 +190,7 @@ class _Probe(MetricsCollector):
 def _note_arrival(node: PeerNode, index: int, seq: int, now: float,
                   arrival: dict[tuple[int, int], float]) -> None:
     """Note when chunk `seq` was first complete and verified at peer `index`."""
-    entry = node.buffer.get(seq)
+    entry = node.chunk(seq)
     if entry is not None and (index, seq) not in arrival:
         arrival[(index, seq)] = now - entry[0].ts
 

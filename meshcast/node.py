@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from typing import Any, Final
 
 from librt.vecs import append, pop, vec
@@ -28,7 +28,7 @@ from meshcast.crypto import Crypto
 from meshcast.effects import Chunk, Close, Effect, Link, Notice, Send, SendChunk
 from meshcast.errors import LocalProtocolError, RemoteProtocolError
 from meshcast.policy import STRETCH_HEADROOM, child_slots, handoff_slack
-from meshcast.window import ChunkWindow
+from meshcast.window import TOO_OLD, new_ring, ring_get, ring_has, ring_put, ring_seqs
 
 _STALE: Final = -1.0
 """`NodeBase._first` when the earliest deadline must be looked for again."""
@@ -265,7 +265,7 @@ class RelayNode(NodeBase):
 
     __slots__ = ("crypto", "channel", "public_key", "substreams", "chunk_ms", "chunk_s",
                  "buffer_s", "mode", "conns", "_ids", "_pushing", "_push", "_subscribers",
-                 "newest", "bytes_up", "window", "buffer", "upload_kbps", "id", "tracker_key",
+                 "newest", "bytes_up", "window", "_ring", "_ring_newest", "upload_kbps", "id", "tracker_key",
                  "former_key", "bitrate_kbps", "tracker_link", "revoked", "detached")
 
     def __init__(self, *, crypto: Crypto, upload_kbps: int, buffer_s: float = 10.0) -> None:
@@ -301,7 +301,10 @@ class RelayNode(NodeBase):
         self.newest = -1
         self.bytes_up = 0
         self.window = self._window()
-        self.buffer = ChunkWindow(self.window)
+        self._ring = new_ring(self.window)
+        """The chunks kept for pulls, catch-up and playback: a ring (`meshcast.window`) whose
+        newest sequence number is `_ring_newest`; `has`, `chunk` and `held` read it."""
+        self._ring_newest = -1
         self.upload_kbps = upload_kbps
         self.id = m.NO_PEER
         self.tracker_key = b""
@@ -332,7 +335,7 @@ class RelayNode(NodeBase):
         self._index_pushes()
         self.chunk_s = chunk_ms / 1000
         self.window = self._window()
-        self.buffer = ChunkWindow(self.window)
+        self._ring, self._ring_newest = new_ring(self.window), -1
 
     @property
     def slots(self) -> int:
@@ -586,7 +589,7 @@ class RelayNode(NodeBase):
             # ... from spare upload only, as a pull is answered: a burst queued ahead of every
             # other child's next push would delay them all, and a parent near its capacity takes
             # seconds to drain it (a 9k-viewer channel at 95 % lost a tenth of its chunks).
-            for seq in self.buffer:  # oldest first
+            for seq in self.held():  # oldest first
                 if seq >= msg.from_seq and seq % self.substreams == k:
                     self._send_chunk(conn.link, seq, push=False)
 
@@ -636,7 +639,7 @@ class RelayNode(NodeBase):
         self._require_auth(conn, msg)
         missing = []
         for seq in msg.seqs:
-            if seq in self.buffer:
+            if ring_has(self._ring, seq):
                 self._send_chunk(conn.link, seq, push=False)
             else:
                 missing.append(seq)
@@ -651,7 +654,7 @@ class RelayNode(NodeBase):
             return
         base = max(0, self.newest - 8 * m.MAX_BITMAP + 1, self.newest - self.window + 1)
         bits = 0
-        for seq in self.buffer:
+        for seq in self.held():
             if seq >= base:
                 bits |= 1 << (seq - base)
         n = (self.newest - base) // 8 + 1
@@ -659,12 +662,29 @@ class RelayNode(NodeBase):
 
     # -- chunks out ----------------------------------------------------------------------------
 
+    def has(self, seq: int) -> bool:
+        """Whether chunk `seq` is in our window."""
+        return ring_has(self._ring, seq)
+
+    def chunk(self, seq: int) -> Chunk | None:
+        """Chunk `seq`, if it is in our window."""
+        return ring_get(self._ring, seq)
+
+    def held(self) -> Iterator[int]:
+        """The sequence numbers in our window, oldest first."""
+        return ring_seqs(self._ring, self._ring_newest)
+
     def _store(self, chunk: Chunk) -> None:
-        if self.buffer.put(chunk) and chunk[0].seq > self.newest:
-            self.newest = chunk[0].seq
+        newest = ring_put(self._ring, self._ring_newest, chunk)
+        if newest != TOO_OLD:
+            self._ring_newest = newest
+            if chunk[0].seq > self.newest:
+                self.newest = chunk[0].seq
 
     def _send_chunk(self, link: Link, seq: int, push: bool = True) -> None:
-        chunk = self.buffer[seq]
+        chunk = ring_get(self._ring, seq)
+        if chunk is None:
+            raise LocalProtocolError(f"chunk {seq} is not in the window")
         self._out.append(SendChunk(link, chunk, push))
         self.bytes_up += chunk.head.size
 

@@ -1,70 +1,67 @@
-"""ChunkWindow: the newest `size` chunks of a stream, kept in a ring indexed by sequence number.
+"""A relay's window of recent chunks: a ring of slots, chunk `seq` in slot `seq % len(ring)`.
 
-Every relay keeps one for pulls, catch-up and playback. A ring holds exactly the window — a
-chunk older than `newest - size` is neither kept nor found — in a list of `size` pointers,
-where a dict of the same chunks took ~4× the memory (2.2 KB per simulated peer at 30 chunks).
+Every relay keeps one for pulls, catch-up and playback. A ring holds exactly the window — the
+newest `len(ring)` sequence numbers; a chunk older than `newest - len(ring)` is neither kept nor
+found — in a list of pointers, where a dict of the same chunks took ~4× the memory (2.2 KB per
+simulated peer at 30 chunks). The relay holds the list and the newest sequence number in two of
+its own fields (`RelayNode._ring`, `_ring_newest`), and these functions work on them: every
+chunk a peer gets is looked up and stored, and an object of its own between the node and the
+list was one more read from cold memory per chunk in a large run.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Final
 
 from meshcast.effects import Chunk
 
+TOO_OLD: Final = -2
+"""What `ring_put` returns for a chunk older than the window (nothing kept)."""
 
-class ChunkWindow:
-    """Chunks `newest - size + 1 .. newest` (those we have), by sequence number."""
 
-    __slots__ = ("size", "newest", "_ring")
+def new_ring(size: int) -> list[Chunk | None]:
+    """An empty window of `size` chunks."""
+    if size < 1:
+        raise ValueError(f"a chunk window holds at least one chunk, not {size}")
+    return [None] * size
 
-    def __init__(self, size: int) -> None:
-        if size < 1:
-            raise ValueError(f"a chunk window holds at least one chunk, not {size}")
-        self.size = size
-        self.newest = -1
-        """Highest sequence number ever stored (-1: none yet)."""
-        self._ring: list[Chunk | None] = [None] * size
 
-    def put(self, chunk: Chunk) -> bool:
-        """Keep `chunk`; False (and nothing kept) if it is older than the window."""
-        seq, size, newest = chunk[0].seq, self.size, self.newest
-        if seq <= newest - size:
-            return False
-        ring = self._ring
-        if seq > newest:
-            # Chunks that fall out of the window now: clear the slots they still hold (the
-            # range covers each slot at most once).
-            floor = seq - size
-            for old in range(max(newest - size + 1, floor - size + 1), floor + 1):
-                i = old % size
-                c = ring[i]
-                if c is not None and c[0].seq <= floor:
-                    ring[i] = None
-            self.newest = seq
-        ring[seq % size] = chunk
-        return True
+def ring_put(ring: list[Chunk | None], newest: int, chunk: Chunk) -> int:
+    """Keep `chunk` in `ring`, whose newest sequence number is `newest` (-1: none yet): the
+    newest after it, or `TOO_OLD` (and nothing kept) if it is older than the window."""
+    seq, size = chunk[0].seq, len(ring)
+    if seq <= newest - size:
+        return TOO_OLD
+    if seq > newest:
+        # Chunks that fall out of the window now: clear the slots they still hold (the range
+        # covers each slot at most once).
+        floor = seq - size
+        for old in range(max(newest - size + 1, floor - size + 1), floor + 1):
+            i = old % size
+            c = ring[i]
+            if c is not None and c[0].seq <= floor:
+                ring[i] = None
+        newest = seq
+    ring[seq % size] = chunk
+    return newest
 
-    def get(self, seq: int) -> Chunk | None:
-        c = self._ring[seq % self.size]
-        return c if c is not None and c[0].seq == seq else None
 
-    def __contains__(self, seq: int) -> bool:
-        c = self._ring[seq % self.size]
-        return c is not None and c[0].seq == seq
+def ring_get(ring: list[Chunk | None], seq: int) -> Chunk | None:
+    """Chunk `seq`, if the window holds it."""
+    c = ring[seq % len(ring)]
+    return c if c is not None and c[0].seq == seq else None
 
-    def __getitem__(self, seq: int) -> Chunk:
-        c = self._ring[seq % self.size]
-        if c is None or c[0].seq != seq:
-            raise KeyError(seq)
-        return c
 
-    def __iter__(self) -> Iterator[int]:
-        """Sequence numbers held, oldest first."""
-        ring, size = self._ring, self.size
-        for seq in range(max(0, self.newest - size + 1), self.newest + 1):
-            c = ring[seq % size]
-            if c is not None and c[0].seq == seq:
-                yield seq
+def ring_has(ring: list[Chunk | None], seq: int) -> bool:
+    c = ring[seq % len(ring)]
+    return c is not None and c[0].seq == seq
 
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
+
+def ring_seqs(ring: list[Chunk | None], newest: int) -> Iterator[int]:
+    """The sequence numbers the window holds, oldest first."""
+    size = len(ring)
+    for seq in range(max(0, newest - size + 1), newest + 1):
+        c = ring[seq % size]
+        if c is not None and c[0].seq == seq:
+            yield seq

@@ -33,6 +33,7 @@ from meshcast.effects import (Chunk, ChunkBegin, ChunkBytes, ChunkEnd, Deliver, 
 from meshcast.errors import RemoteProtocolError
 from meshcast.node import HELLO_REFUSED, NO_LINK, Conn, RelayNode, pair_index
 from meshcast.policy import MAX_BACKLOG_S
+from meshcast.window import ring_get, ring_has
 
 TRACKER: Final = "tracker"
 ON_TIME_SLACK: Final = 1e-9
@@ -626,7 +627,7 @@ class PeerNode(RelayNode):
         """The children a new chunk goes on to; None if we have it, are receiving it or it is
         too late (its bytes are ignored)."""
         seq = head.seq
-        if (seq in self.buffer or seq in self.receiving
+        if (ring_has(self._ring, seq) or seq in self.receiving
                 or (self.play_next is not None and seq < self.play_next)):
             return None
         k = seq % self.substreams
@@ -693,7 +694,7 @@ class PeerNode(RelayNode):
         previous: int = self.newest
         previous_k = int(subs[5 * k + 1])
         self._store(chunk)
-        buffer, window = self.buffer, self.window
+        ring, window = self._ring, self.window
         if len(self.gaps):
             self._drop_gap(seq)
         requested = self.requested
@@ -705,7 +706,7 @@ class PeerNode(RelayNode):
                 # A parent pushes its sub-stream in order: what it skipped is lost, pull it now.
                 s = max(previous_k + K, seq - window)
                 while s < seq:  # (not a range: its step is not a constant, which compiles slowly)
-                    if s not in buffer:
+                    if not ring_has(ring, s):
                         self._set_gap(s, now)
                     s += K
         if self.play_next is None or subs[5 * k] == float(sender):
@@ -715,7 +716,7 @@ class PeerNode(RelayNode):
             # their path usually delivers (or near their deadline: `_due`).
             chunk_s = self.chunk_s
             for s in range(max(previous + 1, seq - window), seq):
-                if s not in buffer and self._gap_index(s) < 0:
+                if not ring_has(ring, s) and self._gap_index(s) < 0:
                     lag = subs[5 * (s % K) + 3]
                     self._set_gap(s, math.inf if math.isnan(lag)
                                   else head.ts + (s - seq) * chunk_s + lag + LATE_SLACK)
@@ -751,7 +752,7 @@ class PeerNode(RelayNode):
         self._cancel_timer("start")
 
     def _note_gap(self, seq: int, now: float) -> None:
-        if seq not in self.buffer:
+        if not ring_has(self._ring, seq):
             self._set_gap(seq, now)
             self._schedule_repair(now)
 
@@ -765,9 +766,9 @@ class PeerNode(RelayNode):
         if play_next is None:
             return
         seq: int = play_next  # (an int, not an Optional: compiled, its arithmetic is native)
-        out, buffer, from_seed_set = self._out, self.buffer, self._from_seed
+        out, ring, from_seed_set = self._out, self._ring, self._from_seed
         while True:
-            entry = buffer.get(seq)
+            entry = ring_get(ring, seq)
             if entry is not None:
                 head, payload = entry
                 from_seed = seq in from_seed_set
@@ -855,7 +856,7 @@ class PeerNode(RelayNode):
         due = []
         gaps = self.gaps
         for seq, explicit in [(int(gaps[i]), gaps[i + 1]) for i in range(0, len(gaps), 2)]:
-            if (self.play_next is not None and seq < self.play_next) or seq in self.buffer:
+            if (self.play_next is not None and seq < self.play_next) or self.has(seq):
                 self._drop_gap(seq)
             elif (self._due(seq, explicit) <= now and seq not in self.requested
                   and seq not in self.receiving):
@@ -863,7 +864,7 @@ class PeerNode(RelayNode):
         for seq, (link, sent, _) in list(self.requested.items()):
             if sent + REQUEST_TIMEOUT <= now:
                 del self.requested[seq]
-                if seq not in self.buffer and seq not in self.receiving:
+                if not self.has(seq) and seq not in self.receiving:
                     due.append(seq)
         if due and self.play_next is not None:
             self._pull(sorted(due), now)
@@ -898,7 +899,7 @@ class PeerNode(RelayNode):
         busy = self._busy()
         seed_wanted = []
         for seq in seqs:
-            if seq in self.buffer or seq in self.requested:
+            if self.has(seq) or seq in self.requested:
                 continue
             # The least busy source, so that repair load spreads instead of piling on one.
             sources = [s for s in self._sources(seq, exclude) if busy.get(s, 0) < PULL_WINDOW]
@@ -961,7 +962,7 @@ class PeerNode(RelayNode):
         for seq in range(lo, known + 1):
             if not sources:
                 break  # every neighbour has its fill of requests: the rest waits for answers
-            if seq in self.buffer or seq in self.requested or seq in self.receiving:
+            if self.has(seq) or seq in self.requested or seq in self.receiving:
                 continue
             best: Conn | None = None
             best_busy = MESH_OUTSTANDING

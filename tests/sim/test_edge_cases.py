@@ -238,8 +238,8 @@ def test_each_channel_is_one_string_shared_by_its_seed_its_peers_and_its_chunks(
     assert names == ["ch0", "ch1"]
     seeds = sim.nodes[sim.trackers:sim.first_peer]
     for c, seed in enumerate(seeds):
-        assert seed.channel is names[c] and len(seed.buffer) > 0
-        assert all(seed.buffer[s].head.channel is names[c] for s in seed.buffer)
+        assert seed.channel is names[c] and list(seed.held())
+        assert all(seed.chunk(s).head.channel is names[c] for s in seed.held())
     peers = [sim.nodes[s.id] for s in sim.specs]
     assert {id(p.channel) for p in peers} == {id(n) for n in names}
     assert all(p.channel is names[s.channel] for p, s in zip(peers, sim.specs))

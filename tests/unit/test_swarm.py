@@ -483,7 +483,7 @@ def test_a_closed_parent_link_is_never_taken_for_the_parent_s():
     peer, k = next((p, k) for p in peers for k in range(4) if p.subs[5 * k + 4] >= 0)
     link = int(peer.subs[5 * k + 4])
     seq = seed.newest - (seed.newest - k) % 4  # the newest chunk of sub-stream k
-    head = seed.buffer[seq].head
+    head = seed.chunk(seq).head
     assert peer._chunk_sender(link, head, w.now) == peer.subs[5 * k] == peer.primary[k].ref.id
     peer._name_conn(peer.conns[link], 999)  # its remote says it is another node (a `Hello`)
     assert peer._chunk_sender(link, head, w.now) == 999

@@ -87,6 +87,8 @@ _NO_RECEIVING: Final[dict[int, int]] = {}
 """`PeerNode.rx` and `receiving` of a node no chunk has streamed into: shared, never written."""
 _NONE_FROM_SEED: Final[dict[int, None]] = {}
 """`PeerNode._from_seed` of a node the seed has sent nothing: shared, never written."""
+_NO_REQUESTS: Final[dict[int, tuple[Link, float, set[Link]]]] = {}
+"""`PeerNode.requested` of a peer with no pull in flight: shared, never written."""
 _PLAY: Final = 0
 _REPAIR: Final = 1
 """The "play" and "repair" timers: `NodeBase._fast_keys` 0 and 1."""
@@ -161,7 +163,10 @@ class PeerNode(RelayNode):
         reads it and most add or remove one (a sub-stream's chunk is later than another's);
         it holds 0–2 most of the time: a few numbers in one buffer, where a dict was two
         blocks and an int and a float object per gap (seqs are exact as floats)."""
-        self.requested: dict[int, tuple[Link, float, set[Link]]] = {}
+        self.requested: dict[int, tuple[Link, float, set[Link]]] = _NO_REQUESTS
+        """Pulls in flight: seq → (link asked, when, links not to ask again). The shared empty
+        `_NO_REQUESTS` while there are none (`_request`, `_unrequest`): every chunk looks its
+        seq up here, and a peer's own empty dict was one more read from cold memory."""
         self._from_seed: dict[int, None] = _NONE_FROM_SEED
         """Chunks that came from the seed, until played: the shared empty `_NONE_FROM_SEED`
         until the first (most viewers are never the seed's children)."""
@@ -403,7 +408,7 @@ class PeerNode(RelayNode):
             for seq in msg.seqs:
                 req = self.requested.get(seq)
                 if req is not None and req[0] == conn.link:
-                    del self.requested[seq]
+                    self._unrequest(seq)
                     self._pull([seq], now, exclude=req[2] | {conn.link})
                     if seq not in self.requested and self._gap_index(seq) >= 0:
                         # Nobody else to ask. A source refuses pulls while its queue is long,
@@ -697,9 +702,8 @@ class PeerNode(RelayNode):
         ring, window = self._ring, self.window
         if len(self.gaps):
             self._drop_gap(seq)
-        requested = self.requested
-        if requested and seq in requested:
-            del requested[seq]
+        if self.requested is not _NO_REQUESTS:
+            self._unrequest(seq)
         if seq > previous_k:
             subs[5 * k + 1] = float(seq)
             if previous_k >= 0:
@@ -791,7 +795,7 @@ class PeerNode(RelayNode):
                 self.skipped += 1
                 from_seed_set.pop(seq, None)
                 self._drop_gap(seq)
-                self.requested.pop(seq, None)
+                self._unrequest(seq)
             else:
                 self._set_fast(_PLAY, self.deadline(seq))
                 break
@@ -863,7 +867,7 @@ class PeerNode(RelayNode):
                 due.append(seq)
         for seq, (link, sent, _) in list(self.requested.items()):
             if sent + REQUEST_TIMEOUT <= now:
-                del self.requested[seq]
+                self._unrequest(seq)
                 if not self.has(seq) and seq not in self.receiving:
                     due.append(seq)
         if due and self.play_next is not None:
@@ -907,7 +911,7 @@ class PeerNode(RelayNode):
                 link = min(sources, key=lambda s: busy.get(s, 0))
                 busy[link] = busy.get(link, 0) + 1
                 batches.setdefault(link, []).append(seq)
-                self.requested[seq] = (link, now, set(exclude) | {link})
+                self._request(seq, link, now, set(exclude) | {link})
             else:
                 seed_wanted.append(seq)
         if seed_wanted and self.seed_id in self.neighbours and self.seed_id not in self.blocked:
@@ -916,8 +920,22 @@ class PeerNode(RelayNode):
             if seed_link is not None and seed_link not in exclude:
                 for seq in seed_wanted:
                     batches.setdefault(seed_link, []).append(seq)
-                    self.requested[seq] = (seed_link, now, set(exclude) | {seed_link})
+                    self._request(seq, seed_link, now, set(exclude) | {seed_link})
         self._send_requests(batches)
+
+    def _request(self, seq: int, link: Link, now: float, asked: set[Link]) -> None:
+        """Note chunk `seq` pulled over `link` at `now` (`asked`: links not to ask again)."""
+        if self.requested is _NO_REQUESTS:
+            self.requested = {}
+        self.requested[seq] = (link, now, asked)
+
+    def _unrequest(self, seq: int) -> None:
+        """Chunk `seq` is no longer pulled (if it was); none left: back to `_NO_REQUESTS`."""
+        requested = self.requested
+        if seq in requested:
+            del requested[seq]
+            if not requested:
+                self.requested = _NO_REQUESTS
 
     def _busy(self) -> dict[Link, int]:
         """Pulls in flight per source."""
@@ -975,7 +993,7 @@ class PeerNode(RelayNode):
             if best is not None:
                 busy[best.link] = best_busy + 1
                 batches.setdefault(best.link, []).append(seq)
-                self.requested[seq] = (best.link, now, {best.link})
+                self._request(seq, best.link, now, {best.link})
                 if best_busy + 1 >= MESH_OUTSTANDING:
                     sources.remove(best)
         self._send_requests(batches)

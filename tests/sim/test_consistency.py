@@ -103,7 +103,7 @@ def test_no_feed_outlives_the_tracker_s_placement():
     assert len(senders_checked) > 1000
     assert len(links_cached) > 500
     # The empty dicts peers share until they need their own were never written to.
-    assert not peer_node._NO_RX and not peer_node._NO_RECEIVING
+    assert not peer_node._NO_RX and not peer_node._NO_RECEIVING and not peer_node._NO_REQUESTS
     assert not peer_node._NONE_FROM_SEED
     stuck = [(t, n) for t, n in worst if n > 2]
     assert not stuck, f"a feed and the tracker disagreed for over {2 * PROBE_S:g} s: {stuck}"

@@ -26,7 +26,7 @@ Link = int
 
 
 class Chunk(NamedTuple):
-    """A whole chunk as a node keeps it (`RelayNode.buffer`) and sends it (`SendChunk`).
+    """A whole chunk as a node keeps it (`RelayNode._ring`) and sends it (`SendChunk`).
 
     Immutable, so a relay passes on the very object it received: a simulated swarm then holds
     each chunk once, not once per peer."""

@@ -238,6 +238,12 @@ class Simulation:
             return self._run()
         finally:
             if gc_was_enabled:
+                # What the run made is all in the youngest generation (nothing moved it on),
+                # so the collector's first pass after it would walk every object of the run:
+                # 0.13 s after 10k peers × 20 s. Move it to the oldest generation, where a run
+                # with the collector on would have put what lives on.
+                gc.freeze()
+                gc.unfreeze()
                 gc.enable()
 
     def _run(self) -> RunResult:

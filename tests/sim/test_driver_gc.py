@@ -32,3 +32,16 @@ def test_a_run_with_joins_and_both_kinds_of_departure_leaves_no_cyclic_garbage(s
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+def test_what_a_run_made_is_not_left_for_the_collector_s_next_young_pass() -> None:
+    """The run's objects go to the oldest generation when the collector comes back on: its
+    next pass of the youngest generation does not walk them all (0.13 s after 10k × 20 s)."""
+    sc = load_scenario(SCENARIO_DIR / "steady-10k.toml", overrides={
+        "peers.count": 100, "stream.duration_s": 5.0})
+    gc.collect()
+    sim = Simulation(sc)
+    sim.run()
+    young = gc.get_objects(generation=0)
+    assert len(young) < 1000, len(young)
+    assert any(obj is sim.nodes[-1] for obj in gc.get_objects(generation=2))

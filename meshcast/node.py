@@ -265,8 +265,9 @@ class RelayNode(NodeBase):
 
     __slots__ = ("crypto", "channel", "public_key", "substreams", "chunk_ms", "chunk_s",
                  "buffer_s", "mode", "conns", "_ids", "_pushing", "_push", "_subscribers",
-                 "newest", "bytes_up", "window", "_ring", "_ring_newest", "upload_kbps", "id", "tracker_key",
-                 "former_key", "bitrate_kbps", "tracker_link", "revoked", "detached")
+                 "newest", "bytes_up", "window", "_ring", "_ring_newest", "upload_kbps", "id",
+                 "tracker_key", "former_key", "bitrate_kbps", "tracker_link", "revoked",
+                 "detached")
 
     def __init__(self, *, crypto: Crypto, upload_kbps: int, buffer_s: float = 10.0) -> None:
         super().__init__()

@@ -65,14 +65,12 @@ def ring_get(ring: Ring, seq: int) -> Chunk | None:
 
 
 def ring_has(ring: Ring, seq: int) -> bool:
-    c = ring[seq % len(ring)]
-    return c is not None and cast(Chunk, c)[0].seq == seq
+    return ring_get(ring, seq) is not None
 
 
 def ring_seqs(ring: Ring, newest: int) -> Iterator[int]:
     """The sequence numbers the window holds, oldest first."""
     size = len(ring)
     for seq in range(max(0, newest - size + 1), newest + 1):
-        c = ring[seq % size]
-        if c is not None and cast(Chunk, c)[0].seq == seq:
+        if ring_get(ring, seq) is not None:
             yield seq

@@ -41,6 +41,7 @@ def test_no_feed_outlives_the_tracker_s_placement():
     pushes_checked: list[int] = []
     senders_checked: list[int] = []
     links_cached: list[int] = []
+    pulls_seen: list[int] = []
 
     def probe() -> None:
         now = sim.sched.now
@@ -54,6 +55,11 @@ def test_no_feed_outlives_the_tracker_s_placement():
                     senders_checked.append(link)
                 assert node._sender(len(sim.owner) + 7) == NO_LINK
                 if isinstance(node, PeerNode):
+                    # A peer with no pull in flight holds the shared empty dict again.
+                    if not node.requested:
+                        assert node.requested is peer_node._NO_REQUESTS, node.id
+                    else:
+                        pulls_seen.append(len(node.requested))
                     # A sub-stream's parent link noted in `subs` is open and is the parent's.
                     for k in range(len(node.subs) // 5):
                         link = int(node.subs[5 * k + 4])
@@ -102,6 +108,7 @@ def test_no_feed_outlives_the_tracker_s_placement():
     assert len(pushes_checked) > 300 and max(pushes_checked) > 1
     assert len(senders_checked) > 1000
     assert len(links_cached) > 500
+    assert pulls_seen  # some probe found pulls in flight
     # The empty dicts peers share until they need their own were never written to.
     assert not peer_node._NO_RX and not peer_node._NO_RECEIVING and not peer_node._NO_REQUESTS
     assert not peer_node._NONE_FROM_SEED

@@ -5,7 +5,8 @@ in slots (`meshcast.policy.child_slots`): a member never has more children, over
 than it has slots. Indexes kept up to date on every change let placement find, in time
 independent of the audience size, the shallowest members with a free slot (`free[k]`) and the
 shallowest members that have a non-relaying child they could hand down (`leafy[k]`). Buckets
-are insertion-ordered dicts, so the oldest (most stable) candidates come first.
+are insertion-ordered dicts (id → member: a search reads the candidate without looking its id
+up), so the oldest (most stable) candidates come first.
 
 A member "relays" sub-stream k when k is its home tree (SplitStream's interior-node-disjoint
 trees): it is interior in one tree and a leaf in the others, so its loss costs each descendant
@@ -14,12 +15,11 @@ one sub-stream, not the stream.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from types import MappingProxyType
 
 from meshcast.messages import NO_PEER, PeerRef
 
-Bucket = dict[int, None]
 NO_CHILDREN: Mapping[int, bool] = MappingProxyType({})
 """A member's children in a tree where it has none: shared, read-only (writing to it raises)."""
 
@@ -68,6 +68,10 @@ class Member:
 
     def relays(self, k: int) -> bool:
         return self.is_seed or (self.home == k and self.slots > 0)
+
+
+Bucket = dict[int, Member]
+"""Members at one depth of an index, by id, oldest first."""
 
 
 class Forest:
@@ -246,11 +250,12 @@ class Forest:
 
     # -- indexes -------------------------------------------------------------------------------
 
-    def _trees_of(self, m: Member) -> Iterator[int]:
+    def _trees_of(self, m: Member) -> range:
+        """The trees whose indexes may hold `m`: all for the seed, else its home tree's, if any."""
         if m.is_seed:
-            yield from range(self.k)
-        elif m.home != NO_PEER:
-            yield m.home
+            return range(self.k)
+        home = m.home
+        return range(home, home + 1) if home != NO_PEER else range(0)
 
     def _index(self, m: Member) -> None:
         for k in self._trees_of(m):
@@ -261,14 +266,14 @@ class Forest:
             free = m.free > 0
             leafy = False in kids.values()  # a child that does not relay (values are bools)
             if free:
-                self.free[k].setdefault(d, {})[m.id] = None
+                self.free[k].setdefault(d, {})[m.id] = m
             if leafy:
-                self.leafy[k].setdefault(d, {})[m.id] = None
+                self.leafy[k].setdefault(d, {})[m.id] = m
             if self.relay_fanout and (m.is_seed or sum(kids.values()) < m.relay_cap):
                 if free:
-                    self.free_for_relays[k].setdefault(d, {})[m.id] = None
+                    self.free_for_relays[k].setdefault(d, {})[m.id] = m
                 if leafy:
-                    self.leafy_for_relays[k].setdefault(d, {})[m.id] = None
+                    self.leafy_for_relays[k].setdefault(d, {})[m.id] = m
 
     def _unindex(self, m: Member) -> None:
         for k in self._trees_of(m):

@@ -24,7 +24,7 @@ import random
 from typing import ClassVar
 
 from meshcast.messages import NO_PEER
-from tracker.forest import Forest, Member
+from tracker.forest import Bucket, Forest, Member
 
 CANDIDATES = 16
 
@@ -87,17 +87,16 @@ class TreePlacement:
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
 
-    def _shallowest(self, forest: Forest, index: dict[int, dict[int, None]], member: Member,
+    def _shallowest(self, forest: Forest, index: dict[int, Bucket], member: Member,
                     k: int, exclude: int = NO_PEER, skip_seed: bool = False) -> Member | None:
         """Nearest of the oldest few candidates at the smallest depth that can take `member`.
         (~12 calls a join, up to `CANDIDATES` each: the loop is written for speed.)"""
-        members, coords = forest.members, member.coords
+        coords = member.coords
         has_children = bool(member.children[k])
         for depth in sorted(index):
             best, best_d = None, math.inf
             seen = 0
-            for pid in index[depth]:
-                cand = members[pid]
+            for pid, cand in index[depth].items():
                 if cand is member or pid == exclude or (skip_seed and cand.is_seed):
                     continue
                 if has_children and forest.is_descendant(cand, member, k):

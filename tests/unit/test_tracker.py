@@ -72,6 +72,9 @@ def check_invariants(t: TrackerNode, waiting: set[tuple[int, int]] = frozenset()
                                    not cap or mm.is_seed
                                    or sum(mm.children[k].values()) < mm.relay_cap))):
             indexed = {pid: d for d, bucket in index.items() for pid in bucket}
+            # (a bucket maps each id to its member: placement reads candidates from it)
+            assert all(mm is forest.members[pid] for bucket in index.values()
+                       for pid, mm in bucket.items())
             expected = {mm.id: mm.depth[k] for mm in forest.members.values()
                         if (mm.is_seed or mm.home == k) and mm.depth[k] >= 0 and wanted(mm)}
             assert indexed == expected

@@ -436,12 +436,18 @@ class Simulation:
         self.timer_at[i] = math.inf
         node: NodeBase = self.nodes[i]
         now = self.sched.now
-        # Half the wakes that find their time still set come after the node's first timer
-        # moved later: nothing is due, and `_pump` re-arms the wake.
-        if node.next_due() <= now:
-            if i < self.trackers:
-                self._tracker_us += self.cpu.event_us
-            node.handle_timer(now=now)
+        # Three in four wakes that find their time still set come after the node's first timer
+        # moved later (a peer's "repair" or "play" deadline, when the chunk came meanwhile):
+        # nothing is due, and the wake is re-armed for the new time, as `_pump` would.
+        t = node.next_due()
+        if t > now:
+            if t < math.inf:
+                self.timer_at[i] = t
+                self.sched.at2(t, self._timer_cb, i, t)
+            return
+        if i < self.trackers:
+            self._tracker_us += self.cpu.event_us
+        node.handle_timer(now=now)
         self._pump(i)
 
     def _tracker_busy(self, t: int, effects: list[fx.Effect]) -> list[fx.Effect]:

@@ -55,7 +55,9 @@ if ! MYPYC_OPT_LEVEL="${MYPYC_OPT_LEVEL:-3}" "$python" -m mypyc "${MODULES[@]}" 
     exit 1
 fi
 [ -n "${KEEP_C:-}" ] || rm -rf build  # mypyc's C sources and objects (KEEP_C=1: keep, to read)
-# The scheduler's event calendar in C (sim/_calendar.c; sim/scheduler.py falls back to Python's).
-"$python" -c "import sys; from sim.build import build_calendar; build_calendar(sys.argv[1])" sim
+# The C modules: the scheduler's event calendar (sim/_calendar.c; sim/scheduler.py falls back to
+# Python's) and Python's object arenas on huge pages (sim/_arenas.c; sim/driver.py).
+"$python" -c "import sys; from sim.build import C_MODULES, build_c_module
+for name in C_MODULES: build_c_module(name, sys.argv[1])" sim
 echo "built: $(find . -name '*.so' | wc -l) extension modules"
 echo "run:   PYTHONPATH=$out python bench/sim_scale.py --peers 10000 --duration 20"

@@ -12,7 +12,7 @@ import subprocess
 import sysconfig
 from pathlib import Path
 
-__all__ = ["HOT_MODULES", "build_calendar", "is_compiled", "status"]
+__all__ = ["C_MODULES", "HOT_MODULES", "build_c_module", "build_calendar", "is_compiled", "status"]
 
 HOT_MODULES = ("sim.driver", "sim.scheduler", "peer.node", "meshcast.node")
 """Modules a simulation spends its time in; the compiled build always compiles them."""
@@ -47,15 +47,25 @@ def status(repo: Path) -> str:
     return f"{state} ({where})"
 
 
-def build_calendar(dest: Path) -> Path:
-    """Compile the scheduler's C event calendar (`sim/_calendar.c`) into directory `dest`, as
-    `_calendar<EXT_SUFFIX>`; return its path. Needs a C compiler and Python's headers."""
+C_MODULES = ("_calendar", "_arenas")
+"""The simulator's optional C modules (`sim/NAME.c`), built into the compiled copy: the
+scheduler's event calendar, and Python's object arenas on huge pages."""
+
+
+def build_c_module(name: str, dest: Path) -> Path:
+    """Compile `sim/NAME.c` into directory `dest`, as `NAME<EXT_SUFFIX>`; return its path.
+    Needs a C compiler and Python's headers."""
     cfg = sysconfig.get_config_vars()
-    out = Path(dest) / f"_calendar{cfg['EXT_SUFFIX']}"
+    out = Path(dest) / f"{name}{cfg['EXT_SUFFIX']}"
     cc = str(cfg.get("CC") or "gcc").split()[0]
     try:
         subprocess.run([cc, "-O2", "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}",
-                        str(Path(__file__).with_name("_calendar.c")), "-o", str(out)], check=True)
+                        str(Path(__file__).with_name(f"{name}.c")), "-o", str(out)], check=True)
     except FileNotFoundError:
-        raise RuntimeError(f"no C compiler {cc!r} to build the event calendar (apt install gcc)") from None
+        raise RuntimeError(f"no C compiler {cc!r} to build sim/{name}.c (apt install gcc)") from None
     return out
+
+
+def build_calendar(dest: Path) -> Path:
+    """`build_c_module` of the scheduler's event calendar (`sim/_calendar.c`)."""
+    return build_c_module("_calendar", dest)

@@ -95,6 +95,18 @@ TRACKER: Final = 0
 """The first (with one, the) tracker process's node index."""
 
 
+def _arenas_on_huge_pages() -> None:
+    """Where the C module `sim/_arenas.c` is built (the compiled copy): Python's object arenas
+    from now on come from memory marked for transparent huge pages. A large run reads its
+    ~1 GB of small objects in no order, and on 4 kB pages a cold read walks the page tables
+    too. (For the process's rest: its other objects are as well off there.)"""
+    try:
+        from sim._arenas import use_huge_pages
+    except ImportError:
+        return
+    use_huge_pages()
+
+
 @dataclass
 class RunResult:
     metrics: MetricsCollector
@@ -124,6 +136,7 @@ class Simulation:
 
     def __init__(self, scenario: Scenario, *, progress: Callable[[float, int], Any] | None = None,
                  playout_delay: float | None = None) -> None:
+        _arenas_on_huge_pages()
         self.scenario = sc = scenario
         self.progress = progress
         self.playout_delay = sc.peers.playout_delay_s if playout_delay is None else playout_delay

@@ -1,0 +1,3 @@
+"""Types of the optional C module `sim/_arenas.c`."""
+
+def use_huge_pages() -> None: ...

@@ -131,9 +131,30 @@ def test_every_message_round_trips(msg):
 @hostile
 @given(st.lists(message, min_size=1, max_size=3))
 def test_frame_size_is_the_frame_s_length(msgs):
-    # (several in a row: `frame_size` reuses one packer, which must start afresh each time)
     for msg in msgs:
         assert wire.frame_size(msg) == len(wire.frame(msg))
+
+
+# Values at every size boundary of msgpack's formats, in arrays short and long.
+_edges = [0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1]
+packable = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=False)
+    | st.sampled_from(_edges + [-x for x in _edges[:9]] + [-32, -33, -128, -129, -32768,
+                                                         -32769, -(2**31), -(2**31) - 1,
+                                                         -(2**63)])
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.text(max_size=40) | st.text(min_size=250, max_size=300)
+    | st.binary(max_size=40) | st.binary(min_size=250, max_size=300)
+    | st.sampled_from([c * n for c in ("x", b"x") for n in (31, 32, 255, 256, 65535, 65536)]
+                     + ["é" * 15, "é" * 16, "é" * 127, "é" * 128])
+    | st.sampled_from([15, 16, 65535, 65536]).map(lambda n: (None,) * n),
+    lambda inner: st.lists(inner, max_size=20).map(tuple) | st.lists(inner, max_size=3),
+    max_leaves=40)
+
+
+@given(packable)
+def test_packed_size_follows_msgpack_s_rules(v):
+    assert wire.packed_size(v) == len(msgpack.packb(v, use_bin_type=True))
 
 
 @given(st.lists(message, min_size=1, max_size=4), st.data())

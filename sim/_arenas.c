@@ -1,4 +1,4 @@
-/* Python's small-object arenas on transparent huge pages (optional; see `sim.memory`).
+/* Python's small-object arenas on transparent huge pages (optional; switched on by sim/driver.py).
  *
  * A simulation of 100k peers holds ~1 GB of small Python objects, read in no order a cache or
  * a TLB could follow: on 4 kB pages nearly every read of a cold object also walks the page
@@ -72,7 +72,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "sim._arenas",
-    "Python's object arenas on transparent huge pages (optional; see sim/memory.py).", -1,
+    "Python's object arenas on transparent huge pages (optional; see sim/driver.py).", -1,
     methods,
 };
 

@@ -97,9 +97,9 @@ TRACKER: Final = 0
 
 def _arenas_on_huge_pages() -> None:
     """Where the C module `sim/_arenas.c` is built (the compiled copy): Python's object arenas
-    from now on come from memory marked for transparent huge pages. A large run reads its
-    ~1 GB of small objects in no order, and on 4 kB pages a cold read walks the page tables
-    too. (For the process's rest: its other objects are as well off there.)"""
+    from now on come from memory marked for transparent huge pages, for the rest of the
+    process. A large run reads its ~1 GB of small objects in no order, and on 4 kB pages a
+    cold read walks the page tables too. Results do not depend on it."""
     try:
         from sim._arenas import use_huge_pages
     except ImportError:

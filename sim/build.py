@@ -12,7 +12,7 @@ import subprocess
 import sysconfig
 from pathlib import Path
 
-__all__ = ["C_MODULES", "HOT_MODULES", "build_c_module", "build_calendar", "is_compiled", "status"]
+__all__ = ["C_MODULES", "HOT_MODULES", "build_c_module", "is_compiled", "status"]
 
 HOT_MODULES = ("sim.driver", "sim.scheduler", "peer.node", "meshcast.node")
 """Modules a simulation spends its time in; the compiled build always compiles them."""
@@ -65,7 +65,3 @@ def build_c_module(name: str, dest: Path) -> Path:
         raise RuntimeError(f"no C compiler {cc!r} to build sim/{name}.c (apt install gcc)") from None
     return out
 
-
-def build_calendar(dest: Path) -> Path:
-    """`build_c_module` of the scheduler's event calendar (`sim/_calendar.c`)."""
-    return build_c_module("_calendar", dest)

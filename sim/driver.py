@@ -438,7 +438,10 @@ class Simulation:
                 self._apply(i, effects)  # (which may pump node i again: a list each)
                 effects.clear()
             lists.append(effects)
-        t = node.next_due()
+        self._arm(i, node.next_due())
+
+    def _arm(self, i: int, t: float) -> None:
+        """Wake node i at its first deadline `t` (inf: none), unless a wake is set no later."""
         if t < self.timer_at[i]:
             self.timer_at[i] = t
             self.sched.at2(max(t, self.sched.now), self._timer_cb, i, t)
@@ -451,12 +454,10 @@ class Simulation:
         now = self.sched.now
         # Three in four wakes that find their time still set come after the node's first timer
         # moved later (a peer's "repair" or "play" deadline, when the chunk came meanwhile):
-        # nothing is due, and the wake is re-armed for the new time, as `_pump` would.
+        # nothing is due, and the wake is re-armed for the new time, without a pump.
         t = node.next_due()
         if t > now:
-            if t < math.inf:
-                self.timer_at[i] = t
-                self.sched.at2(t, self._timer_cb, i, t)
+            self._arm(i, t)
             return
         if i < self.trackers:
             self._tracker_us += self.cpu.event_us

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.build import build_calendar
+from sim.build import build_c_module
 from sim.scheduler import Calendar, Scheduler
 
 PER_S, RING = 10.0, 8  # small: the ring's ends and the later buckets are reached often
@@ -24,7 +24,7 @@ PER_S, RING = 10.0, 8  # small: the ring's ends and the later buckets are reache
 
 @pytest.fixture(scope="module")
 def EventCalendar(tmp_path_factory):
-    path = build_calendar(tmp_path_factory.mktemp("calendar"))
+    path = build_c_module("_calendar", tmp_path_factory.mktemp("calendar"))
     spec = importlib.util.spec_from_file_location("_calendar", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -216,19 +216,18 @@ class NodeRunner:
         """Hand one of a link's events to the node; False once the link is gone."""
         node = self.node
         try:
-            t = type(event)
-            if t is StreamData:
+            if type(event) is StreamData:
                 self._stream_data(link, reader.streams, event)
-            elif t is ControlData:
+            elif type(event) is ControlData:
                 for msg in reader.control.feed(event.data):
                     self.call(lambda now: node.handle(link, msg, now=now))
                     if link not in self.links:
                         return False
-            elif t is StreamReset:
+            elif type(event) is StreamReset:
                 st = reader.streams.pop(event.stream_id, None)
                 if st is not None and st.seq >= 0:
                     self.call(lambda now: node.chunk_end(link, st.seq, now=now, aborted=True))
-            elif t is LinkClosed:
+            elif type(event) is LinkClosed:
                 del self.links[link]
                 self._forget(link)
                 reason = event.reason
@@ -269,7 +268,7 @@ class NodeRunner:
     # -- effects -----------------------------------------------------------------------------
 
     def _pump(self) -> None:
-        dropped = []
+        dropped: list[tuple[int, int, bool]] = []
         while True:
             effects = self.node.drain()
             if not effects and not dropped:
@@ -290,34 +289,33 @@ class NodeRunner:
             self._timer_changed.set()
 
     def _apply(self, eff: fx.Effect) -> tuple[int, int, bool] | None:
-        t = type(eff)
-        if t is fx.ChunkBytes:
+        if type(eff) is fx.ChunkBytes:
             self._chunk_bytes(eff.link, eff.seq, eff.data)
             return None
-        if t is fx.ChunkBegin:
+        if type(eff) is fx.ChunkBegin:
             return self._chunk_begin(eff.link, eff.head, eff.push)
-        if t is fx.ChunkEnd:
+        if type(eff) is fx.ChunkEnd:
             self._chunk_end(eff.link, eff.seq, eff.ok)
             return None
-        if t is fx.SendChunk:
+        if type(eff) is fx.SendChunk:
             head, payload = eff.chunk
             dropped = self._chunk_begin(eff.link, head, eff.push)
             if dropped is None:
                 self._chunk_bytes(eff.link, head.seq, payload)
                 self._chunk_end(eff.link, head.seq, eff.ok)
             return dropped
-        if t is fx.Send:
+        if type(eff) is fx.Send:
             qlink = self.links.get(eff.link)
             if qlink is not None:
                 data = wire.frame(eff.msg)
                 qlink.send_control(data)
                 self.bytes_out += len(data)
             return None
-        if t is fx.Open:
+        if type(eff) is fx.Open:
             assert self._tg is not None
             self._tg.start_soon(self._connect, eff.address, eff.ref)
             return None
-        if t is fx.Close:
+        if type(eff) is fx.Close:
             qlink = self.links.pop(eff.link, None)
             self._forget(eff.link)
             if qlink is not None:

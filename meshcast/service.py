@@ -75,7 +75,7 @@ class TrackerHandle:
 async def run_tracker(listen: str = "127.0.0.1:0", *, strategy: str = "tree", seed: int | None = None,
                       hold_s: float = JOIN_HOLD_S, per_ip: PerIp = PER_IP, key: str | None = None,
                       fronts: int = 0,
-                      task_status: anyio.abc.TaskStatus = anyio.TASK_STATUS_IGNORED) -> None:
+                      task_status: anyio.abc.TaskStatus[TrackerHandle] = anyio.TASK_STATUS_IGNORED) -> None:
     """Serve a tracker on `listen` until cancelled (`hold_s`: see `TrackerNode`; `per_ip`:
     the new connections, hence joins, one address may make: see `meshcast.net.admission`).
 
@@ -118,7 +118,7 @@ async def run_seed(*, tracker: str, channel: str, input: str, key: str | None = 
                    listen: str = "127.0.0.1:0", upload_kbps: int = 20_000,
                    bitrate_kbps: int = 2_000, chunk_ms: int = 200, substreams: int = 4,
                    realtime: bool = False, per_ip: PerIp = PER_IP,
-                   task_status: anyio.abc.TaskStatus = anyio.TASK_STATUS_IGNORED) -> None:
+                   task_status: anyio.abc.TaskStatus[SeedHandle] = anyio.TASK_STATUS_IGNORED) -> None:
     """Ingest `input`, sign and push its chunks, until the input ends and then until cancelled."""
     parse_address(tracker)
     key_path = Path(key) if key else default_key_path(channel)
@@ -196,7 +196,7 @@ async def run_peer(*, tracker: str, channel: str, listen: str = "127.0.0.1:0",
                    http: str | None = None, output: str | None = None, upload_kbps: int = 5_000,
                    channel_key: bytes | None = None, playout_delay: float = 0.5,
                    per_ip: PerIp = PER_IP,
-                   task_status: anyio.abc.TaskStatus = anyio.TASK_STATUS_IGNORED) -> None:
+                   task_status: anyio.abc.TaskStatus[PeerHandle] = anyio.TASK_STATUS_IGNORED) -> None:
     """Watch `channel`: relay to children, serve the player over HTTP and/or to a file."""
     parse_address(tracker)
     host, port = parse_address(listen)
@@ -211,11 +211,10 @@ async def run_peer(*, tracker: str, channel: str, listen: str = "127.0.0.1:0",
         notice = _log_effect(f"peer {address or '(no upload)'}")
 
         def on_effect(eff: fx.Effect) -> None:
-            t = type(eff)
-            if t is fx.Deliver:
+            if type(eff) is fx.Deliver:
                 player.push(eff.head.seq, eff.payload, eff.head.rap)
                 handle.delivered(eff.head.seq, eff.latency, time.time())
-            elif t is fx.Skip:
+            elif type(eff) is fx.Skip:
                 player.gap(eff.seq)
             else:
                 notice(eff)

@@ -445,7 +445,9 @@ class MediaSource:
                 raise IngestError(f"cannot listen on {self.spec}: {exc.strerror or exc}") from exc
             raw = self._udp.extra(SocketAttribute.raw_socket)
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _UDP_RCVBUF)
-            self.local_address = self._udp.extra(SocketAttribute.local_address)[:2]
+            bound = self._udp.extra(SocketAttribute.local_address)
+            assert not isinstance(bound, str)  # (a UDP socket's: host, port, and more for IPv6)
+            self.local_address = (bound[0], bound[1])
         elif self.spec == "-":
             try:
                 fd = sys.stdin.fileno()

@@ -306,9 +306,9 @@ def _fail(path: str, expected: str, value: Any) -> ScenarioError:
 
 def _scalar(tp: type, value: Any, path: str, expected: str | None = None) -> Any:
     # bool is an int in Python, but `count = true` is a mistake, not a 1.
-    if (isinstance(value, bool) and tp is not bool) or not isinstance(
-        value, (int, float) if tp is float else tp
-    ):
+    wrong = (isinstance(value, bool) and tp is not bool) or not isinstance(
+        value, (int, float) if tp is float else tp)
+    if wrong:
         raise _fail(path, expected or _TYPE_NAMES[tp], value)
     return float(value) if tp is float else value
 
@@ -329,7 +329,7 @@ def _value(tp: Any, value: Any, path: str, expected: str | None = None) -> Any:
     return _scalar(tp, value, path, expected)
 
 
-def _build(cls: type, table: Any, path: str) -> Any:
+def _build(cls: Any, table: Any, path: str) -> Any:
     if not isinstance(table, dict):
         raise _fail(path or "scenario", "a table", table)
     hints = get_type_hints(cls)

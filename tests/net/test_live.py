@@ -69,12 +69,17 @@ class Swarm:
         await self.seed.finished.wait()
         last = self.seed.node.next_seq - 1
         pending = {id(p) for p in peers}
-        while pending:
-            for p, out in zip(self.peers, self.outputs):
-                if (id(p) in pending and p.last_seq == last
-                        and out.exists() and os.path.getsize(out) == p.player.bytes):
-                    pending.discard(id(p))
-            await anyio.sleep(0.05)
+        try:
+            while pending:
+                for p, out in zip(self.peers, self.outputs):
+                    if (id(p) in pending and p.last_seq == last
+                            and out.exists() and os.path.getsize(out) == p.player.bytes):
+                        pending.discard(id(p))
+                await anyio.sleep(0.05)
+        finally:  # (a time-out: say who is stuck where, for the failure's report)
+            for p in peers:
+                if id(p) in pending:
+                    print(f"stuck: {stuck_at(p.node, last)}; last played {p.last_seq}")
         return last
 
 
@@ -106,6 +111,15 @@ async def malformed_frame_closes(address: str) -> str:
         while not isinstance(event, LinkClosed):
             event = await link.receive()
     return event.reason
+
+
+def stuck_at(node: PeerNode, last: int) -> str:
+    """What a viewer that has not played chunk `last` holds and waits for."""
+    subs = node.subs
+    return (f"peer {node.id}: play_next {node.play_next}, newest {node.newest} of {last}, "
+            f"gaps {list(node.gaps)}, requested {sorted(node.requested)}, "
+            f"sub-streams (parent, newest) {[(subs[5 * k], subs[5 * k + 1]) for k in range(node.substreams)]}, "
+            f"tracker link {node.tracker_link}, links {len(node.conns)}")
 
 
 def report(peers: list[PeerHandle]) -> None:

@@ -4,8 +4,9 @@ A `Link` is the driver's handle for one connection (an int). A node names the co
 wants with `Open(address, ref)`; the driver answers `link_opened(link, ref=ref)` or
 `open_failed(ref, reason)`. After a node emits `Close(link)` the driver does not report that
 link again. Chunks travel on a stream of their own, as `ChunkBegin` → `ChunkBytes`* → `ChunkEnd`
-while a relay forwards bytes as they come (cut-through), or as one `SendChunk` when the node
-holds the whole chunk already (the seed, a pull answer, a chunk that arrived in one piece). The
+while a relay forwards bytes as they come (cut-through), or as one `SendChunk` to all its
+targets when the node holds the whole chunk already (the seed, a pull answer, a chunk that
+arrived in one piece). The
 runtime writes bytes as they come, the simulator times them with its link model.
 
 Effects are slotted dataclasses, not frozen ones: a relay makes one to three per child per
@@ -118,17 +119,21 @@ class ChunkEnd:
 
 @dataclass(slots=True)
 class SendChunk:
-    """Send a whole chunk on a stream of its own: `ChunkBegin`, `ChunkBytes`, `ChunkEnd` in one."""
+    """Send a whole chunk to each of `links`, on a stream of its own: `ChunkBegin`, `ChunkBytes`,
+    `ChunkEnd` in one, in the order of `links`.
 
-    link: Link
+    One effect for all of a chunk's children, not one each: a relay pushes to several, and an
+    effect per child was a tenth of a simulated delivery's cost (made, queued, dispatched)."""
+
+    links: list[Link]
     chunk: Chunk
     push: bool = True
     """As `ChunkBegin.push`."""
     ok: bool = True
     """As `ChunkEnd.ok`: a relay also passes on, aborted, a chunk that failed verification."""
 
-    def __init__(self, link: Link, chunk: Chunk, push: bool = True, ok: bool = True) -> None:
-        self.link = link
+    def __init__(self, links: list[Link], chunk: Chunk, push: bool = True, ok: bool = True) -> None:
+        self.links = links
         self.chunk = chunk
         self.push = push
         self.ok = ok

@@ -592,7 +592,7 @@ class RelayNode(NodeBase):
             # seconds to drain it (a 9k-viewer channel at 95 % lost a tenth of its chunks).
             for seq in self.held():  # oldest first
                 if seq >= msg.from_seq and seq % self.substreams == k:
-                    self._send_chunk(conn.link, seq, push=False)
+                    self._send_chunk([conn.link], seq, push=False)
 
     def _subscribed(self, node_id: int, k: int) -> list[Conn]:
         """`node_id`'s links to us subscribed to sub-stream k (one, nearly always; none if it
@@ -641,7 +641,7 @@ class RelayNode(NodeBase):
         missing = []
         for seq in msg.seqs:
             if ring_has(self._ring, seq):
-                self._send_chunk(conn.link, seq, push=False)
+                self._send_chunk([conn.link], seq, push=False)
             else:
                 missing.append(seq)
         if missing:
@@ -682,12 +682,13 @@ class RelayNode(NodeBase):
             if chunk[0].seq > self.newest:
                 self.newest = chunk[0].seq
 
-    def _send_chunk(self, link: Link, seq: int, push: bool = True) -> None:
+    def _send_chunk(self, links: list[Link], seq: int, push: bool = True) -> None:
+        """Send chunk `seq` from our window to each of `links`."""
         chunk = ring_get(self._ring, seq)
         if chunk is None:
             raise LocalProtocolError(f"chunk {seq} is not in the window")
-        self._out.append(SendChunk(link, chunk, push))
-        self.bytes_up += chunk.head.size
+        self._out.append(SendChunk(links, chunk, push))
+        self.bytes_up += chunk.head.size * len(links)
 
     def _push_targets(self, seq: int, but: Link = -1) -> list[Link]:
         """Children that get chunk `seq` pushed (sub-stream subscribers, relaying ones first),

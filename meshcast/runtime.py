@@ -274,9 +274,7 @@ class NodeRunner:
             if not effects and not dropped:
                 break
             for eff in effects:
-                d = self._apply(eff)
-                if d is not None:
-                    dropped.append(d)
+                self._apply(eff, dropped)
             for link, seq, push in dropped:
                 self.node.chunk_dropped(link, seq, now=self.clock(), push=push)
             dropped = []
@@ -288,33 +286,41 @@ class NodeRunner:
         if when is not None and (armed is None or when < armed):
             self._timer_changed.set()
 
-    def _apply(self, eff: fx.Effect) -> tuple[int, int, bool] | None:
+    def _apply(self, eff: fx.Effect, dropped: list[tuple[int, int, bool]]) -> None:
+        """Carry out one effect; a chunk that back-pressure drops goes on `dropped` (link, seq,
+        push), for the node to hear of once the effects are out."""
         if type(eff) is fx.ChunkBytes:
             self._chunk_bytes(eff.link, eff.seq, eff.data)
-            return None
+            return
         if type(eff) is fx.ChunkBegin:
-            return self._chunk_begin(eff.link, eff.head, eff.push)
+            d = self._chunk_begin(eff.link, eff.head, eff.push)
+            if d is not None:
+                dropped.append(d)
+            return
         if type(eff) is fx.ChunkEnd:
             self._chunk_end(eff.link, eff.seq, eff.ok)
-            return None
+            return
         if type(eff) is fx.SendChunk:
             head, payload = eff.chunk
-            dropped = self._chunk_begin(eff.link, head, eff.push)
-            if dropped is None:
-                self._chunk_bytes(eff.link, head.seq, payload)
-                self._chunk_end(eff.link, head.seq, eff.ok)
-            return dropped
+            for link in eff.links:
+                d = self._chunk_begin(link, head, eff.push)
+                if d is None:
+                    self._chunk_bytes(link, head.seq, payload)
+                    self._chunk_end(link, head.seq, eff.ok)
+                else:
+                    dropped.append(d)
+            return
         if type(eff) is fx.Send:
             qlink = self.links.get(eff.link)
             if qlink is not None:
                 data = wire.frame(eff.msg)
                 qlink.send_control(data)
                 self.bytes_out += len(data)
-            return None
+            return
         if type(eff) is fx.Open:
             assert self._tg is not None
             self._tg.start_soon(self._connect, eff.address, eff.ref)
-            return None
+            return
         if type(eff) is fx.Close:
             qlink = self.links.pop(eff.link, None)
             self._forget(eff.link)
@@ -322,9 +328,8 @@ class NodeRunner:
                 # Chunk data is dropped; the node's last words (a Reject before the Close) still
                 # reach the other side: QuicLink.close() delivers queued control bytes first.
                 qlink.close(eff.reason)
-            return None
+            return
         self.on_effect(eff)
-        return None
 
     def _chunk_begin(self, link: int, head: m.ChunkHead,
                      push: bool) -> tuple[int, int, bool] | None:

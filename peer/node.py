@@ -590,7 +590,7 @@ class PeerNode(RelayNode):
 
     def chunk_received(self, link: Link, chunk: Chunk, *, now: float, aborted: bool = False) -> None:
         """A whole chunk arrived on `link` at once: `chunk_begin`, `chunk_data` and `chunk_end`
-        back to back, except that each child gets one `SendChunk` (the simulator's fast path)."""
+        back to back, except that the children get one `SendChunk` (the simulator's fast path)."""
         head, payload = chunk
         sender = self._chunk_sender(link, head, now)
         if sender == NO_LINK:
@@ -644,7 +644,7 @@ class PeerNode(RelayNode):
     def _complete(self, link: Link, chunk: Chunk, targets: list[Link], sender: int,
                   aborted: bool, now: float, whole: bool) -> None:
         """All of a chunk is here (or the sender aborted it): finish it for the children, then
-        verify, keep and play it. `whole`: the children get it as one `SendChunk` each."""
+        verify, keep and play it. `whole`: the children get it whole, in one `SendChunk`."""
         head, payload = chunk
         seq = head.seq
         end = chunk if whole else None
@@ -666,14 +666,14 @@ class PeerNode(RelayNode):
 
     def _end_targets(self, targets: list[Link], seq: int, ok: bool,
                      chunk: Chunk | None = None) -> None:
-        """End chunk `seq`'s streams to `targets` (`ChunkEnd`), or send it whole if `chunk`."""
-        out = self._out
+        """End chunk `seq`'s streams to `targets` (`ChunkEnd`), or send it whole if `chunk`
+        (the effect keeps `targets`: nobody changes it afterwards)."""
         if chunk is None:
+            out = self._out
             for t in targets:
                 out.append(ChunkEnd(t, seq, ok))
-        else:
-            for t in targets:
-                out.append(SendChunk(t, chunk, True, ok))
+        elif targets:
+            self._out.append(SendChunk(targets, chunk, True, ok))
 
     def _forged(self, link: Link, who: int, seq: int, now: float) -> None:
         self.forged += 1

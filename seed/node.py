@@ -105,7 +105,8 @@ class SeedNode(RelayNode):
         head = self.crypto.sign_chunk(self.key, self.channel, seq, m.FLAG_RAP if rap else 0,
                                       now, payload)
         self._store(Chunk(head, payload))
-        for link in self._push_targets(seq):
-            self._send_chunk(link, seq)
+        targets = self._push_targets(seq)
+        if targets:
+            self._send_chunk(targets, seq)
         self.chunks_sent += 1
         return head

@@ -532,22 +532,27 @@ class Simulation:
         dropped = []
         for eff in effects:
             if isinstance(eff, fx.SendChunk):
-                link = eff.link
-                remote = link ^ 1
-                dst = owner[remote]
-                if owner[link] < 0 or dst < 0:
-                    continue
                 chunk = eff.chunk
                 head = chunk.head
                 seq, size = head.seq, head.size
-                if drop_chunk(net.uplinks[i].free_at - now, eff.push):
-                    dropped.append((link, seq, eff.push))
-                    continue
-                arrival = net.send_chunk(i, dst, size, ctx_head if seq == ctx_seq else now, now,
-                                         self.delay[link])
-                metrics.bytes_sent(i, size, "media", by_seed, now=now)
-                if arrival is not None:
-                    sched.at4(arrival[1], self._chunk_arrives_cb, remote, chunk, eff.ok, arrival[0])
+                push, ok = eff.push, eff.ok
+                t_head = ctx_head if seq == ctx_seq else now
+                uplink = net.uplinks[i]
+                sent = 0
+                for link in eff.links:
+                    remote = link ^ 1
+                    dst = owner[remote]
+                    if owner[link] < 0 or dst < 0:
+                        continue
+                    if drop_chunk(uplink.free_at - now, push):
+                        dropped.append((link, seq, push))
+                        continue
+                    arrival = net.send_chunk(i, dst, size, t_head, now, self.delay[link])
+                    sent += size
+                    if arrival is not None:
+                        sched.at4(arrival[1], self._chunk_arrives_cb, remote, chunk, ok, arrival[0])
+                if sent:
+                    metrics.bytes_sent(i, sent, "media", by_seed, now=now)
             elif isinstance(eff, fx.Deliver):
                 seq = eff.head.seq
                 if not self.started[i]:

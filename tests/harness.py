@@ -110,6 +110,10 @@ class Wiring:
         if t is fx.Notice:
             self.notices.append(eff.text)
             return
+        if t is fx.SendChunk:
+            for link in eff.links:
+                self._send_whole(node, link, eff)
+            return
         pair = self.peer_of.get(eff.link)
         if pair is None:
             return
@@ -132,17 +136,26 @@ class Wiring:
             peer.chunk_data(plink, eff.seq, data, now=now)
         elif t is fx.ChunkEnd:
             peer.chunk_end(plink, eff.seq, now=now, aborted=not eff.ok)
-        elif t is fx.SendChunk:  # a receiver sees a stream, however the sender queued it
-            head, payload = eff.chunk
-            seq = head.seq
-            if drop_chunk(self.backlog.get(node, 0.0), eff.push):
-                self.dropped.append((node, seq, eff.push))
-                node.chunk_dropped(eff.link, seq, now=now, push=eff.push)
-                return
-            data = self.tamper[node](payload) if node in self.tamper else payload
-            if self.whole:
-                peer.chunk_received(plink, fx.Chunk(head, data), now=now, aborted=not eff.ok)
-                return
-            peer.chunk_begin(plink, wire.decode(wire.encode(head)), now=now)
-            peer.chunk_data(plink, seq, data, now=now)
-            peer.chunk_end(plink, seq, now=now, aborted=not eff.ok)
+
+    def _send_whole(self, node: Any, link: int, eff: fx.SendChunk) -> None:
+        """One target of a `SendChunk`: a receiver sees a stream, however the sender queued it."""
+        now = self.now
+        pair = self.peer_of.get(link)
+        if pair is None:
+            return
+        peer, plink = pair
+        if peer in self.dead:
+            return
+        head, payload = eff.chunk
+        seq = head.seq
+        if drop_chunk(self.backlog.get(node, 0.0), eff.push):
+            self.dropped.append((node, seq, eff.push))
+            node.chunk_dropped(link, seq, now=now, push=eff.push)
+            return
+        data = self.tamper[node](payload) if node in self.tamper else payload
+        if self.whole:
+            peer.chunk_received(plink, fx.Chunk(head, data), now=now, aborted=not eff.ok)
+            return
+        peer.chunk_begin(plink, wire.decode(wire.encode(head)), now=now)
+        peer.chunk_data(plink, seq, data, now=now)
+        peer.chunk_end(plink, seq, now=now, aborted=not eff.ok)

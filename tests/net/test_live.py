@@ -153,13 +153,13 @@ async def test_every_player_gets_the_input_byte_for_byte(tmp_path: Path, media) 
 class ForgingRunner(NodeRunner):
     """A relay gone bad: flips the first byte of every piece of chunk data it sends."""
 
-    def _apply(self, eff: fx.Effect):
+    def _apply(self, eff: fx.Effect, dropped):
         if type(eff) is fx.ChunkBytes and eff.data:
             eff = replace(eff, data=bytes([eff.data[0] ^ 0xFF]) + eff.data[1:])
         elif type(eff) is fx.SendChunk and eff.chunk.payload:
             head, payload = eff.chunk
             eff = replace(eff, chunk=fx.Chunk(head, bytes([payload[0] ^ 0xFF]) + payload[1:]))
-        return super()._apply(eff)
+        super()._apply(eff, dropped)
 
 
 async def run_forger(*, tracker: str, upload_kbps: int,

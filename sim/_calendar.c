@@ -16,11 +16,16 @@
  * new objects, from memory just freed). Other arguments are held as references. The slots of a
  * bucket are one array, read in order when the run reaches it.
  *
+ * The calendar numbers the events itself (`seq`), which lets it handle the driver's node wakes
+ * (`wakes`) without going back to Python for the ones with nothing to do; see `settle`.
+ *
  * Optional: bench/build_compiled.sh builds it into the compiled copy; without it the scheduler
  * uses the Python `Calendar` (tests/sim/test_calendar.py checks both against each other).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
+#include <structmember.h>
 
 #define NEVER (1LL << 62) /* the bucket of times at or beyond 1e15 s (and infinity) */
 #define MAXA 4              /* arguments kept in the slot; more go in a tuple */
@@ -57,6 +62,11 @@ typedef struct {
     Slots *ring_of;    /* bucket b's events at b & (ring - 1), for current < b < current + ring */
     Py_ssize_t in_ring;
     Slots far;         /* events of later buckets: a binary heap */
+    unsigned long long seq; /* the last event's sequence number (the first is 1) */
+    PyObject *wake;    /* the wakes' callback (NULL: no wakes), see `settle` */
+    Py_ssize_t nodes;  /* wakes are for nodes 0 .. nodes - 1 */
+    double *armed;     /* node i's live wake is for this time (inf: none, NaN: node gone) */
+    double *due;       /* node i's first deadline, as `arm` was last told */
 } EventCalendar;
 
 static inline int before(const Slot *a, const Slot *b) {
@@ -196,9 +206,26 @@ static void release_slot(Slot *s) {
             Py_DECREF(s->arg[j].o);
 }
 
+/* Put a copy of `slot` where its time goes (its references are not taken here); -1 if out of
+ * memory. */
+static int place(EventCalendar *c, const Slot *slot) {
+    long long b = bucket_of(c, slot->time);
+    Slots *v = b <= c->current ? &c->heap
+               : b - c->current < c->ring ? &c->ring_of[b & (c->ring - 1)]
+               : &c->far;
+    if (reserve(v, 1) < 0)
+        return -1;
+    v->s[v->n++] = *slot;
+    if (v == &c->heap || v == &c->far)
+        sift_up(v->s, v->n - 1);
+    else
+        c->in_ring++;
+    return 0;
+}
+
 static PyObject *cal_push(EventCalendar *c, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs < 3) {
-        PyErr_SetString(PyExc_TypeError, "push(time, seq, fn, *args)");
+    if (nargs < 2) {
+        PyErr_SetString(PyExc_TypeError, "push(time, fn, *args)");
         return NULL;
     }
     Slot slot;
@@ -209,40 +236,30 @@ static PyObject *cal_push(EventCalendar *c, PyObject *const *args, Py_ssize_t na
         PyErr_SetString(PyExc_ValueError, "an event's time is NaN");
         return NULL;
     }
-    slot.seq = PyLong_AsUnsignedLongLong(args[1]);
-    if (slot.seq == (unsigned long long)-1 && PyErr_Occurred())
-        return NULL;
-    slot.fn = args[2];
-    Py_ssize_t na = nargs - 3;
+    slot.fn = args[1];
+    Py_ssize_t na = nargs - 2;
     if (na <= MAXA) {
         slot.n = (signed char)na;
         for (Py_ssize_t j = 0; j < na; j++)
-            slot.kind[j] = pack(args[3 + j], &slot.arg[j]);
+            slot.kind[j] = pack(args[2 + j], &slot.arg[j]);
     } else {
         slot.n = -1;
         if ((slot.arg[0].o = PyTuple_New(na)) == NULL)
             return NULL;
         for (Py_ssize_t j = 0; j < na; j++)
-            PyTuple_SET_ITEM(slot.arg[0].o, j, Py_NewRef(args[3 + j]));
+            PyTuple_SET_ITEM(slot.arg[0].o, j, Py_NewRef(args[2 + j]));
     }
-    long long b = bucket_of(c, slot.time);
-    Slots *v = b <= c->current ? &c->heap
-               : b - c->current < c->ring ? &c->ring_of[b & (c->ring - 1)]
-               : &c->far;
-    if (reserve(v, 1) < 0) {
+    slot.seq = c->seq + 1;
+    if (place(c, &slot) < 0) {
         if (slot.n < 0)
             Py_DECREF(slot.arg[0].o);
         return NULL;
     }
+    c->seq++;
     Py_INCREF(slot.fn);
     for (int j = 0; j < slot.n; j++)
         if (slot.kind[j] == OBJ)
             Py_INCREF(slot.arg[j].o);
-    v->s[v->n++] = slot;
-    if (v == &c->heap || v == &c->far)
-        sift_up(v->s, v->n - 1);
-    else
-        c->in_ring++;
     Py_RETURN_NONE;
 }
 
@@ -302,28 +319,169 @@ static PyObject *take_first(EventCalendar *c) {
     return e;
 }
 
+/* -- node wakes ----------------------------------------------------------------------------
+ *
+ * The driver keeps at most one live wake per node: the event `wake(i, when)` at node i's first
+ * deadline `when` (or now, if that has passed). After each of node i's turns it tells the
+ * calendar the node's first deadline (`arm`), which schedules a wake for it unless one is set no
+ * later. A deadline that moves later leaves the wake where it was; an earlier one makes the wake
+ * set before stale. Most wakes thus have nothing to do: three in four of those that are not
+ * stale come after the node's deadline moved later (a peer's "repair" or "play" time, when the
+ * chunk came meanwhile). They are dealt with here, when they come up, without a call to Python:
+ * a stale one (or one of a node gone, `disarm`) is dropped, and one whose node's deadline is
+ * later is set again for that deadline, numbered then, exactly as the driver did it. Only wakes
+ * with something due are handed out.
+ */
+
+static inline int is_wake(const EventCalendar *c, const Slot *s) {
+    return s->fn == c->wake && c->wake != NULL && s->n == 2 && s->kind[0] == INT &&
+           s->kind[1] == FLOAT && s->arg[0].i >= 0 && s->arg[0].i < c->nodes;
+}
+
+/* Node i's wake for deadline `t`, at `t` or `now` if later. */
+static int push_wake(EventCalendar *c, long long i, double t, double now) {
+    Slot s;
+    s.time = t > now ? t : now;
+    s.seq = c->seq + 1;
+    s.fn = c->wake;
+    s.n = 2;
+    s.kind[0] = INT;
+    s.arg[0].i = i;
+    s.kind[1] = FLOAT;
+    s.arg[1].d = t;
+    if (place(c, &s) < 0)
+        return -1;
+    c->seq++;
+    Py_INCREF(s.fn);
+    c->armed[i] = t;
+    return 0;
+}
+
+/* The first event to hand out, if its time is at most `until`, after dealing with the wakes
+ * before it that have nothing to do; NULL if there is none (with an exception set if out of
+ * memory). */
+static Slot *settle(EventCalendar *c, double until) {
+    for (;;) {
+        Slot *s = first_slot(c);
+        if (s == NULL || s->time > until || !is_wake(c, s))
+            return s == NULL || s->time > until ? NULL : s;
+        long long i = s->arg[0].i;
+        double when = s->arg[1].d, now = s->time;
+        if (c->armed[i] == when && !(c->due[i] > now))
+            return s; /* something is due: the driver runs the node's timers */
+        Slot spent = heap_take(&c->heap);
+        release_slot(&spent);
+        if (c->armed[i] == when) { /* the deadline moved later: wake the node then */
+            c->armed[i] = INFINITY;
+            if (c->due[i] < INFINITY && push_wake(c, i, c->due[i], now) < 0)
+                return NULL;
+        }
+    }
+}
+
+/* Remove and return the first event to hand out (see `settle`); a wake handed out is spent. */
+static PyObject *take_settled(EventCalendar *c) {
+    Slot *s = &c->heap.s[0];
+    if (is_wake(c, s))
+        c->armed[s->arg[0].i] = INFINITY;
+    return take_first(c);
+}
+
 static PyObject *cal_pop(EventCalendar *c, PyObject *Py_UNUSED(ignored)) {
-    if (first_slot(c) == NULL) {
+    if (settle(c, INFINITY) == NULL) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_IndexError, "pop from an empty EventCalendar");
         return NULL;
     }
-    return take_first(c);
+    return take_settled(c);
 }
 
 static PyObject *cal_pop_until(EventCalendar *c, PyObject *arg) {
     double until = PyFloat_AsDouble(arg);
     if (until == -1.0 && PyErr_Occurred())
         return NULL;
-    Slot *first = first_slot(c);
-    if (first == NULL) {
+    if (settle(c, until) == NULL) {
         if (PyErr_Occurred())
             return NULL;
         Py_RETURN_NONE;
     }
-    if (first->time > until)
-        Py_RETURN_NONE;
-    return take_first(c);
+    return take_settled(c);
+}
+
+static int node_arg(const EventCalendar *c, PyObject *x, Py_ssize_t *i) {
+    *i = PyLong_AsSsize_t(x);
+    if (*i == -1 && PyErr_Occurred())
+        return -1;
+    if (*i < 0 || *i >= c->nodes) {
+        PyErr_Format(PyExc_IndexError, "node %zd is not one of the %zd with wakes", *i, c->nodes);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *cal_wakes(EventCalendar *c, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "wakes(nodes, fn)");
+        return NULL;
+    }
+    Py_ssize_t n = PyLong_AsSsize_t(args[0]);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 0 || c->wake != NULL) {
+        PyErr_SetString(PyExc_ValueError, "wakes are set once, for a count of nodes >= 0");
+        return NULL;
+    }
+    double *armed = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(double));
+    double *due = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(double));
+    if (armed == NULL || due == NULL) {
+        PyMem_Free(armed);
+        PyMem_Free(due);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        armed[i] = due[i] = INFINITY;
+    c->armed = armed;
+    c->due = due;
+    c->nodes = n;
+    c->wake = Py_NewRef(args[1]);
+    Py_RETURN_NONE;
+}
+
+static PyObject *cal_arm(EventCalendar *c, PyObject *const *args, Py_ssize_t nargs) {
+    Py_ssize_t i;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "arm(node, deadline, now)");
+        return NULL;
+    }
+    if (node_arg(c, args[0], &i) < 0)
+        return NULL;
+    double t = PyFloat_AsDouble(args[1]), now = PyFloat_AsDouble(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (t != t) {
+        PyErr_SetString(PyExc_ValueError, "a deadline is NaN");
+        return NULL;
+    }
+    c->due[i] = t;
+    if (t < c->armed[i] && push_wake(c, i, t, now) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *cal_disarm(EventCalendar *c, PyObject *arg) {
+    Py_ssize_t i;
+    if (node_arg(c, arg, &i) < 0)
+        return NULL;
+    c->armed[i] = NAN; /* equal to no wake's time, and later than no deadline */
+    Py_RETURN_NONE;
+}
+
+static PyObject *cal_revive(EventCalendar *c, PyObject *arg) {
+    Py_ssize_t i;
+    if (node_arg(c, arg, &i) < 0)
+        return NULL;
+    c->armed[i] = c->due[i] = INFINITY;
+    Py_RETURN_NONE;
 }
 
 static PyObject *cal_first(EventCalendar *c, PyObject *Py_UNUSED(ignored)) {
@@ -378,6 +536,7 @@ static int visit_all(const Slots *v, visitproc visit, void *arg) {
 }
 
 static int cal_traverse(EventCalendar *c, visitproc visit, void *arg) {
+    Py_VISIT(c->wake);
     int r = visit_all(&c->heap, visit, arg);
     if (r == 0)
         r = visit_all(&c->far, visit, arg);
@@ -402,6 +561,7 @@ static int cal_clear(EventCalendar *c) {
     for (long long i = 0; c->ring_of != NULL && i < c->ring; i++)
         drop_all(&c->ring_of[i]);
     c->in_ring = 0;
+    Py_CLEAR(c->wake);
     return 0;
 }
 
@@ -409,6 +569,8 @@ static void cal_dealloc(EventCalendar *c) {
     PyObject_GC_UnTrack(c);
     cal_clear(c);
     PyMem_Free(c->ring_of);
+    PyMem_Free(c->armed);
+    PyMem_Free(c->due);
     Py_TYPE(c)->tp_free((PyObject *)c);
 }
 
@@ -440,12 +602,26 @@ static int cal_init(EventCalendar *c, PyObject *args, PyObject *kwds) {
 
 static PyMethodDef cal_methods[] = {
     {"push", (PyCFunction)(void (*)(void))cal_push, METH_FASTCALL,
-     "push(time, seq, fn, *args): add an event."},
-    {"pop", (PyCFunction)cal_pop, METH_NOARGS, "Remove and return the first event."},
+     "push(time, fn, *args): add an event, numbered one more than the last (`seq`)."},
+    {"pop", (PyCFunction)cal_pop, METH_NOARGS,
+     "Remove and return the first event (wakes with nothing to do are dealt with first)."},
     {"pop_until", (PyCFunction)cal_pop_until, METH_O,
      "Remove and return the first event if its time is at most the argument, else None."},
-    {"first", (PyCFunction)cal_first, METH_NOARGS, "The first event, or None if empty."},
+    {"first", (PyCFunction)cal_first, METH_NOARGS,
+     "The first event held, or None if empty (it may be a wake with nothing to do)."},
+    {"wakes", (PyCFunction)(void (*)(void))cal_wakes, METH_FASTCALL,
+     "wakes(nodes, fn): handle the wakes fn(i, when) of nodes 0 .. nodes - 1 (see the module)."},
+    {"arm", (PyCFunction)(void (*)(void))cal_arm, METH_FASTCALL,
+     "arm(i, t, now): node i's first deadline is t (inf: none); wake it then."},
+    {"disarm", (PyCFunction)cal_disarm, METH_O, "disarm(i): node i is gone; no wake of it runs."},
+    {"revive", (PyCFunction)cal_revive, METH_O, "revive(i): node i starts anew, no wake set."},
     {"entries", (PyCFunction)cal_entries, METH_NOARGS, "The events held, in no order."},
+    {NULL},
+};
+
+static PyMemberDef cal_members[] = {
+    {"seq", T_ULONGLONG, offsetof(EventCalendar, seq), READONLY,
+     "The last event's sequence number (0: none yet)."},
     {NULL},
 };
 
@@ -463,6 +639,7 @@ static PyTypeObject EventCalendarType = {
     .tp_traverse = (traverseproc)cal_traverse,
     .tp_clear = (inquiry)cal_clear,
     .tp_methods = cal_methods,
+    .tp_members = cal_members,
     .tp_as_sequence = &cal_as_sequence,
 };
 

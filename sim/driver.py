@@ -193,7 +193,6 @@ class Simulation:
         """CPU (µs) of the event a tracker is handling, before its signatures and sends."""
         self.nodes: list[Any] = [None] * n
         self.alive = vec[bool]([False] * n)
-        self.timer_at = vec[float]([math.inf] * n)
         self.owner = vec[i32]([-1, -1])
         """Link → the node at that end, -1 once closed (links are indexes, from 2 on). It and
         the other per-link columns grow in `_new_link`, which replaces them (`extend` returns
@@ -232,8 +231,9 @@ class Simulation:
         # object for every event scheduled).
         self._chunk_arrives_cb: Callable[..., None] = self._chunk_arrives
         self._message_cb: Callable[..., None] = self._message
-        self._timer_cb: Callable[..., None] = self._timer
         self._closed_cb: Callable[..., None] = self._closed
+        self.sched.wakes(n, self._timer)
+        """Each node's wake at its first deadline (`_pump` tells the calendar when that is)."""
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -305,6 +305,7 @@ class Simulation:
                                     rng=random.Random(self.rng.random()),
                                     strategy=self.scenario.run.strategy)
         self.alive[t] = True
+        self.sched.revive(t)
 
     def _keepalives(self, t: int) -> None:
         """Tracker t's CPU (or its fronts', evenly) for its open links' heartbeats over the
@@ -370,6 +371,7 @@ class Simulation:
                         playout_delay=self.playout_delay)
         self.nodes[i] = node
         self.alive[i] = True
+        self.sched.revive(i)
         self.joined[i] = self.sched.now
         self.metrics.peer_joined(i, now=self.sched.now)
         self._call(i, lambda now: node.start(now=now))
@@ -385,6 +387,7 @@ class Simulation:
         if graceful:
             self._call(i, lambda now: node.leave(now=now))
             self.alive[i] = False
+            self.sched.disarm(i)
             return
         self._stop(i, "idle timeout", killed=True)
 
@@ -394,7 +397,7 @@ class Simulation:
         process closed its connections on the way out). Its index is free for a new node."""
         self.alive[i] = False
         self.nodes[i].drain()
-        self.timer_at[i] = math.inf
+        self.sched.disarm(i)
         owner = self.owner
         for link in self._links_of(i):
             owner[link] = -1
@@ -438,27 +441,13 @@ class Simulation:
                 self._apply(i, effects)  # (which may pump node i again: a list each)
                 effects.clear()
             lists.append(effects)
-        self._arm(i, node.next_due())
-
-    def _arm(self, i: int, t: float) -> None:
-        """Wake node i at its first deadline `t` (inf: none), unless a wake is set no later."""
-        if t < self.timer_at[i]:
-            self.timer_at[i] = t
-            self.sched.at2(max(t, self.sched.now), self._timer_cb, i, t)
+        self.sched.arm(i, node.next_due())
 
     def _timer(self, i: int, when: float) -> None:
-        if not self.alive[i] or self.timer_at[i] != when:
-            return
-        self.timer_at[i] = math.inf
+        """Node i's first deadline, `when`, has come (the calendar deals with the wakes that
+        find it moved later, and with those of nodes gone)."""
         node: NodeBase = self.nodes[i]
         now = self.sched.now
-        # Three in four wakes that find their time still set come after the node's first timer
-        # moved later (a peer's "repair" or "play" deadline, when the chunk came meanwhile):
-        # nothing is due, and the wake is re-armed for the new time, without a pump.
-        t = node.next_due()
-        if t > now:
-            self._arm(i, t)
-            return
         if i < self.trackers:
             self._tracker_us += self.cpu.event_us
         node.handle_timer(now=now)

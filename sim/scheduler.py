@@ -21,6 +21,12 @@ C numbers (its time, seq and numeric arguments) rather than a tuple of objects t
 in memory when it comes up (see the module). Without it, `Calendar` is the structure in Python;
 both pop in exactly the same order. `at` returns ``(time, seq)`` as the event's handle.
 
+The calendar numbers the events itself (``seq``), so that it can also keep the driver's node
+wakes (`Scheduler.wakes`): one live wake per node, at its first deadline. Most wakes, when they
+come up, have nothing to do (the node's deadline moved later meanwhile, or a wake set since for
+an earlier one made it stale); the calendar sets those again or drops them itself, numbered as
+the driver did it, and hands out only the wakes with something due.
+
 Cancelling records the event's ``seq`` as a tombstone in O(1); the entry is discarded when it
 comes up, and the loop only looks the tombstones up when there are any. A handle cancelled after
 it ran (legal, and common for timers) leaves a stale tombstone; stale ones are purged, amortised
@@ -30,6 +36,7 @@ the inner loop of a 100k-peer run.
 
 from __future__ import annotations
 
+import math
 from heapq import heapify, heappop, heappush
 from itertools import chain
 from typing import Any, Callable, Final
@@ -59,7 +66,7 @@ class Calendar:
     C module's `EventCalendar`, which replaces it when built."""
 
     __slots__ = ("_per_s", "_ring_size", "_heap", "_bucket", "_ring", "_in_ring", "_later",
-                 "_pending")
+                 "_pending", "seq", "_wake", "_armed", "_due")
 
     def __init__(self, per_s: float, ring: int) -> None:
         if not per_s > 0 or ring < 1 or ring & (ring - 1):
@@ -79,12 +86,21 @@ class Calendar:
         when put (the ring may since have reached them and hold entries of theirs too)."""
         self._pending: list[int] = []
         """The buckets in `_later` (a heap)."""
+        self.seq = 0
+        """The last event's sequence number (the first is 1)."""
+        self._wake: Callable[..., Any] | None = None
+        self._armed: list[float] = []
+        self._due: list[float] = []
 
-    def push(self, time: float, seq: int, fn: Callable[..., Any], *args: Any) -> None:
-        """Add the event ``fn(*args)`` at `time`, `seq` (unique)."""
+    def push(self, time: float, fn: Callable[..., Any], *args: Any) -> None:
+        """Add the event ``fn(*args)`` at `time`, numbered one more than the last (`seq`)."""
         if time != time:
             raise ValueError("an event's time is NaN")
-        entry = (time, seq, fn, *args)
+        self.seq += 1
+        self._put((time, self.seq, fn, *args))
+
+    def _put(self, entry: Entry) -> None:
+        time = entry[0]
         # The bucket: monotone in time, so the calendar keeps one heap's order.
         b = int(time * self._per_s) if time < 1e15 else _NEVER
         current = self._bucket
@@ -151,14 +167,64 @@ class Calendar:
         return heap[0]
 
     def pop(self) -> Entry:
-        if self.first() is None:
+        """Remove and return the first event (wakes with nothing to do are dealt with first)."""
+        entry = self.pop_until(math.inf)
+        if entry is None:
             raise IndexError("pop from an empty Calendar")
-        return heappop(self._heap)
+        return entry
 
     def pop_until(self, until: float) -> Entry | None:
         """Remove and return the first event if its time is at most `until`, else None."""
-        first = self.first()
-        return heappop(self._heap) if first is not None and first[0] <= until else None
+        while True:
+            first = self.first()
+            if first is None or first[0] > until:
+                return None
+            if first[2] is not self._wake or len(first) != 5:
+                return heappop(self._heap)
+            # A node's wake (see `wakes`).
+            _, _, _, i, when = first
+            armed, due, now = self._armed, self._due, first[0]
+            if armed[i] == when and not due[i] > now:
+                armed[i] = math.inf  # something is due: handed out, and spent
+                return heappop(self._heap)
+            heappop(self._heap)
+            if armed[i] == when:  # the deadline moved later: wake the node then
+                armed[i] = math.inf
+                if due[i] < math.inf:
+                    self._push_wake(i, due[i], now)
+
+    # -- node wakes (the C module's comment says what they are for) --
+
+    def wakes(self, nodes: int, fn: Callable[[int, float], Any]) -> None:
+        """Handle the wakes ``fn(i, when)`` of nodes 0 .. `nodes` - 1: no node's wake comes out
+        of `pop` or `pop_until` unless it has something due (its deadline has come)."""
+        if nodes < 0 or self._wake is not None:
+            raise ValueError("wakes are set once, for a count of nodes >= 0")
+        self._wake = fn
+        self._armed = [math.inf] * nodes
+        self._due = [math.inf] * nodes
+
+    def arm(self, i: int, t: float, now: float) -> None:
+        """Node i's first deadline is `t` (inf: none): wake it then, unless a wake is set no
+        later (one set later comes up, finds nothing due, and is set again for `t`)."""
+        if t != t:
+            raise ValueError("a deadline is NaN")
+        self._due[i] = t
+        if t < self._armed[i]:
+            self._push_wake(i, t, now)
+
+    def disarm(self, i: int) -> None:
+        """Node i is gone: no wake of it runs, and none is set."""
+        self._armed[i] = math.nan
+
+    def revive(self, i: int) -> None:
+        """Node i starts anew, with no wake set."""
+        self._armed[i] = self._due[i] = math.inf
+
+    def _push_wake(self, i: int, t: float, now: float) -> None:
+        self.seq += 1
+        self._put((max(t, now), self.seq, self._wake, i, t))
+        self._armed[i] = t
 
     def entries(self) -> list[Entry]:
         """The events held, in no order."""
@@ -178,7 +244,7 @@ except ImportError:  # not built: the pure-Python calendar, same order
 class Scheduler:
     """A discrete-event loop on a virtual clock (seconds, plain floats)."""
 
-    __slots__ = ("now", "_queue", "_push", "_seq", "_stopped", "_cancelled", "_purge_at")
+    __slots__ = ("now", "_queue", "_push", "_arm", "_stopped", "_cancelled", "_purge_at")
 
     def __init__(self, now: float = 0.0, *, calendar: Callable[[float, int], Any] | None = None) -> None:
         """`calendar`: the timeline's type (default `EventCalendar`, the C one if built)."""
@@ -187,26 +253,47 @@ class Scheduler:
         """The pending entries (`EventCalendar` or `Calendar`)."""
         self._push: Callable[..., None] = self._queue.push
         """(Its `push`, looked up once: compiled, `self._queue.push(...)` looks it up each call.)"""
+        self._arm: Callable[[int, float, float], None] = self._queue.arm
         self._cancelled: dict[int, float] = {}  # seq -> time, tombstones
         self._purge_at = 1024
-        self._seq = 0
         self._stopped = False
 
     def at(self, time: float, fn: Callable[..., Any], *args: Any) -> Handle:
         """Run ``fn(*args)`` at absolute virtual ``time``; return a handle for `cancel`."""
-        seq = self._next_seq(time)
-        self._push(time, seq, fn, *args)
-        return (time, seq)
+        self._check(time)
+        self._push(time, fn, *args)
+        return (time, self._queue.seq)
 
     def at2(self, time: float, fn: Callable[[Any, Any], Any], a: Any, b: Any) -> None:
         """`at(time, fn, a, b)`, without a handle, nor a tuple of the arguments: the driver's
         frequent events take two or four arguments, and are never cancelled."""
-        self._push(time, self._next_seq(time), fn, a, b)
+        self._check(time)
+        self._push(time, fn, a, b)
 
     def at4(self, time: float, fn: Callable[[Any, Any, Any, Any], Any], a: Any, b: Any, c: Any,
             d: Any) -> None:
         """`at(time, fn, a, b, c, d)`, without a handle (see `at2`)."""
-        self._push(time, self._next_seq(time), fn, a, b, c, d)
+        self._check(time)
+        self._push(time, fn, a, b, c, d)
+
+    # Node wakes: one per node, dealt with by the calendar unless something is due (see
+    # `Calendar.wakes`).
+
+    def wakes(self, nodes: int, fn: Callable[[int, float], Any]) -> None:
+        """`fn(i, when)` runs when node i's deadline `when` (as last given to `arm`) has come."""
+        self._queue.wakes(nodes, fn)
+
+    def arm(self, i: int, t: float) -> None:
+        """Node i's first deadline is now `t` (inf: none)."""
+        self._arm(i, t, self.now)
+
+    def disarm(self, i: int) -> None:
+        """Node i is gone: none of its wakes runs."""
+        self._queue.disarm(i)
+
+    def revive(self, i: int) -> None:
+        """Node i starts anew, with no wake set."""
+        self._queue.revive(i)
 
     def after(self, delay: float, fn: Callable[..., Any], *args: Any) -> Handle:
         """Run ``fn(*args)`` ``delay`` seconds from now."""
@@ -214,12 +301,10 @@ class Scheduler:
             raise ValueError(f"negative delay: {delay}")
         return self.at(self.now + delay, fn, *args)
 
-    def _next_seq(self, time: float) -> int:
-        """The next entry's sequence number, for an event at `time` (not in the past)."""
+    def _check(self, time: float) -> None:
+        """Refuse an event at `time` in the past."""
         if not time >= self.now:  # also refuses NaN
             raise ValueError(f"cannot schedule in the past: {time} < now {self.now}")
-        self._seq += 1
-        return self._seq
 
     def cancel(self, handle: Handle) -> None:
         """Cancel a scheduled callback (no-op if it already ran or was cancelled)."""

@@ -54,6 +54,11 @@ typedef struct {
 } Slots;
 
 typedef struct {
+    double armed; /* the node's live wake is for this time (inf: none, NaN: the node is gone) */
+    double due;   /* the node's first deadline, as `arm` was last told */
+} Wake;
+
+typedef struct {
     PyObject_HEAD
     double per_s;
     long long ring;    /* buckets in the ring (a power of two) */
@@ -65,8 +70,7 @@ typedef struct {
     unsigned long long seq; /* the last event's sequence number (the first is 1) */
     PyObject *wake;    /* the wakes' callback (NULL: no wakes), see `settle` */
     Py_ssize_t nodes;  /* wakes are for nodes 0 .. nodes - 1 */
-    double *armed;     /* node i's live wake is for this time (inf: none, NaN: node gone) */
-    double *due;       /* node i's first deadline, as `arm` was last told */
+    Wake *wakes;       /* node i's, side by side: a node's wake reads one line, not two */
 } EventCalendar;
 
 static inline int before(const Slot *a, const Slot *b) {
@@ -353,7 +357,7 @@ static int push_wake(EventCalendar *c, long long i, double t, double now) {
         return -1;
     c->seq++;
     Py_INCREF(s.fn);
-    c->armed[i] = t;
+    c->wakes[i].armed = t;
     return 0;
 }
 
@@ -367,13 +371,13 @@ static Slot *settle(EventCalendar *c, double until) {
             return s == NULL || s->time > until ? NULL : s;
         long long i = s->arg[0].i;
         double when = s->arg[1].d, now = s->time;
-        if (c->armed[i] == when && !(c->due[i] > now))
+        if (c->wakes[i].armed == when && !(c->wakes[i].due > now))
             return s; /* something is due: the driver runs the node's timers */
         Slot spent = heap_take(&c->heap);
         release_slot(&spent);
-        if (c->armed[i] == when) { /* the deadline moved later: wake the node then */
-            c->armed[i] = INFINITY;
-            if (c->due[i] < INFINITY && push_wake(c, i, c->due[i], now) < 0)
+        if (c->wakes[i].armed == when) { /* the deadline moved later: wake the node then */
+            c->wakes[i].armed = INFINITY;
+            if (c->wakes[i].due < INFINITY && push_wake(c, i, c->wakes[i].due, now) < 0)
                 return NULL;
         }
     }
@@ -383,7 +387,7 @@ static Slot *settle(EventCalendar *c, double until) {
 static PyObject *take_settled(EventCalendar *c) {
     Slot *s = &c->heap.s[0];
     if (is_wake(c, s))
-        c->armed[s->arg[0].i] = INFINITY;
+        c->wakes[s->arg[0].i].armed = INFINITY;
     return take_first(c);
 }
 
@@ -431,17 +435,12 @@ static PyObject *cal_wakes(EventCalendar *c, PyObject *const *args, Py_ssize_t n
         PyErr_SetString(PyExc_ValueError, "wakes are set once, for a count of nodes >= 0");
         return NULL;
     }
-    double *armed = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(double));
-    double *due = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(double));
-    if (armed == NULL || due == NULL) {
-        PyMem_Free(armed);
-        PyMem_Free(due);
+    Wake *wakes = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(Wake));
+    if (wakes == NULL)
         return PyErr_NoMemory();
-    }
     for (Py_ssize_t i = 0; i < n; i++)
-        armed[i] = due[i] = INFINITY;
-    c->armed = armed;
-    c->due = due;
+        wakes[i].armed = wakes[i].due = INFINITY;
+    c->wakes = wakes;
     c->nodes = n;
     c->wake = Py_NewRef(args[1]);
     Py_RETURN_NONE;
@@ -462,8 +461,8 @@ static PyObject *cal_arm(EventCalendar *c, PyObject *const *args, Py_ssize_t nar
         PyErr_SetString(PyExc_ValueError, "a deadline is NaN");
         return NULL;
     }
-    c->due[i] = t;
-    if (t < c->armed[i] && push_wake(c, i, t, now) < 0)
+    c->wakes[i].due = t;
+    if (t < c->wakes[i].armed && push_wake(c, i, t, now) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -472,7 +471,7 @@ static PyObject *cal_disarm(EventCalendar *c, PyObject *arg) {
     Py_ssize_t i;
     if (node_arg(c, arg, &i) < 0)
         return NULL;
-    c->armed[i] = NAN; /* equal to no wake's time, and later than no deadline */
+    c->wakes[i].armed = NAN; /* equal to no wake's time, and later than no deadline */
     Py_RETURN_NONE;
 }
 
@@ -480,7 +479,7 @@ static PyObject *cal_revive(EventCalendar *c, PyObject *arg) {
     Py_ssize_t i;
     if (node_arg(c, arg, &i) < 0)
         return NULL;
-    c->armed[i] = c->due[i] = INFINITY;
+    c->wakes[i].armed = c->wakes[i].due = INFINITY;
     Py_RETURN_NONE;
 }
 
@@ -569,8 +568,7 @@ static void cal_dealloc(EventCalendar *c) {
     PyObject_GC_UnTrack(c);
     cal_clear(c);
     PyMem_Free(c->ring_of);
-    PyMem_Free(c->armed);
-    PyMem_Free(c->due);
+    PyMem_Free(c->wakes);
     Py_TYPE(c)->tp_free((PyObject *)c);
 }
 

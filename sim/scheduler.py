@@ -330,7 +330,8 @@ class Scheduler:
         self._stopped = True
 
     def next_time(self) -> float | None:
-        """Time of the next live event, or None when nothing is pending."""
+        """Time of the next event not cancelled, or None when nothing is pending (a node's wake
+        there may yet turn out to have nothing to do: see `wakes`)."""
         queue, cancelled = self._queue, self._cancelled
         first = queue.first()
         while first is not None and first[1] in cancelled:
@@ -339,7 +340,8 @@ class Scheduler:
         return None if first is None else first[0]
 
     def __len__(self) -> int:
-        """Number of pending entries, tombstones included (an upper bound on pending events)."""
+        """Number of pending entries, tombstones and node wakes with nothing to do included
+        (an upper bound on pending events)."""
         return len(self._queue)
 
     def run(

@@ -6,8 +6,8 @@ wants with `Open(address, ref)`; the driver answers `link_opened(link, ref=ref)`
 link again. Chunks travel on a stream of their own, as `ChunkBegin` → `ChunkBytes`* → `ChunkEnd`
 while a relay forwards bytes as they come (cut-through), or as one `SendChunk` to all its
 targets when the node holds the whole chunk already (the seed, a pull answer, a chunk that
-arrived in one piece). The
-runtime writes bytes as they come, the simulator times them with its link model.
+arrived in one piece). The runtime writes bytes as they come, the simulator times them with its
+link model.
 
 Effects are slotted dataclasses, not frozen ones: a relay makes one to three per child per
 chunk, and a frozen dataclass's constructor costs twice as much. Nobody mutates one after it is

@@ -367,8 +367,10 @@ static int push_wake(EventCalendar *c, long long i, double t, double now) {
 static Slot *settle(EventCalendar *c, double until) {
     for (;;) {
         Slot *s = first_slot(c);
-        if (s == NULL || s->time > until || !is_wake(c, s))
-            return s == NULL || s->time > until ? NULL : s;
+        if (s == NULL || s->time > until)
+            return NULL;
+        if (!is_wake(c, s))
+            return s;
         long long i = s->arg[0].i;
         double when = s->arg[1].d, now = s->time;
         if (c->wakes[i].armed == when && !(c->wakes[i].due > now))

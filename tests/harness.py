@@ -35,6 +35,8 @@ class Wiring:
         """Seconds of upload a node has queued, as the drivers estimate it: a `SendChunk` is
         dropped by their rule (`drop_chunk`) and the sender told, as they do."""
         self.dropped: list[tuple[Any, int, bool]] = []
+        self.chunk_sends: list[tuple[Any, fx.SendChunk]] = []
+        """Every `SendChunk` a node emitted, with the node, in order."""
         self.deaf: dict[Any, tuple[type, ...]] = {}
         """Node → message types it ignores (a misbehaving node: say, one that takes no `Reject`)."""
         self._queue: deque[tuple[Any, fx.Effect]] = deque()
@@ -111,6 +113,7 @@ class Wiring:
             self.notices.append(eff.text)
             return
         if t is fx.SendChunk:
+            self.chunk_sends.append((node, eff))
             for link in eff.links:
                 self._send_whole(node, link, eff)
             return

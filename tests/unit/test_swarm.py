@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -74,6 +75,21 @@ def test_every_peer_plays_every_chunk_in_order_from_a_rap():
         assert w.delivered[p][0].head.rap
         assert p.skipped == 0
         assert [d.payload for d in w.delivered[p]] == [payload(s) for s in seqs]
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_pushed_chunk_leaves_each_node_in_one_effect_for_all_its_children(whole):
+    # (Whole chunks relayed, as in the simulator; or streamed, where the seed still sends
+    # whole ones.) One `SendChunk` per node and pushed chunk, naming each child once.
+    w, tracker, seed, peers = build(12, whole=whole)
+    stream(w, seed, 20)
+    pushes = [(node, eff) for node, eff in w.chunk_sends if eff.push]
+    per_chunk = Counter((id(node), eff.chunk.head.seq) for node, eff in pushes)
+    assert pushes and set(per_chunk.values()) == {1}
+    assert all(len(set(eff.links)) == len(eff.links) > 0 for _, eff in pushes)
+    assert max(len(eff.links) for _, eff in pushes) > 1  # (a node with several children)
+    relays = {id(node) for node, _ in pushes} - {id(seed)}
+    assert relays if whole else not relays  # streamed, relays forward bytes as they come
 
 
 def test_no_parent_gets_more_children_than_its_upload_carries():

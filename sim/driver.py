@@ -239,6 +239,7 @@ class Simulation:
         self._closed_cb: Callable[..., None] = self._closed
         self.sched.wakes(n, self._timer)
         """Each node's wake at its first deadline (`_pump` tells the calendar when that is)."""
+        self._warm()
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -614,10 +615,17 @@ class Simulation:
         self.sched.at(now + one_way, self._accepted, dst, b, a, i)
         self.sched.at(now + 2 * one_way, self._opened, i, a, ref)
 
+    def _warm(self) -> None:
+        """Tell the calendar where each event's node is, to fetch it ahead (the frequent events
+        name a link end; peers are most nodes)."""
+        self.sched.warm(self.nodes, self.owner, PeerNode.__basicsize__, self._chunk_arrives_cb,
+                        self._message_cb)
+
     def _new_link(self, one_way: float) -> int:
         """Register a link: two ends, `a` and `a ^ 1`, closed until opened; return `a`."""
         a = len(self.owner)
         self.owner = extend(self.owner, (-1, -1))
+        self._warm()  # (before any event: the calendar reads the old `owner` until told)
         self.next_link = extend(self.next_link, (-1, -1))
         self.delay = extend(self.delay, (one_way, one_way))
         return a

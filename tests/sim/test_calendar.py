@@ -11,6 +11,7 @@ import heapq
 import importlib.util
 import math
 import weakref
+from array import array
 
 import pytest
 from hypothesis import given, settings
@@ -36,6 +37,16 @@ NODES = 3
 
 def wake(i, when):
     """The node wakes' callback in these tests."""
+
+
+def on_link(link, *args):
+    """An event naming a link first, which the calendar is told to warm (`warm`)."""
+
+
+# What `warm` is told, with what a bad event could point at: links beyond `OWNER`, negative
+# ones, owners beyond `NODE_OBJS` or -1, and nodes that are not objects of any one type.
+NODE_OBJS = [object(), None, "x"]
+OWNER = array("i", [0, 2, -1, 5, 1, -7])
 
 
 class OneHeap:
@@ -112,12 +123,14 @@ def test_both_calendars_pop_in_one_heaps_order(EventCalendar, ops):
     c, py, ref = EventCalendar(PER_S, RING), Calendar(PER_S, RING), OneHeap()
     for q in (c, py):
         q.wakes(NODES, wake)
+        q.warm(NODE_OBJS, OWNER, 200, on_link)  # (speed only: the order must not change)
     now = 0.0
     for op, arg in ops:
         if op == "push":
             ahead, args = arg
+            fn = on_link if len(args) % 2 else print
             for q in (c, py, ref):
-                q.push(now + ahead, print, *args)
+                q.push(now + ahead, fn, *args)
         elif op == "arm":
             i, ahead = arg
             if ref.alive[i]:  # (the driver arms no node that is gone)
@@ -200,6 +213,42 @@ def test_bad_shapes_are_refused(EventCalendar, per_s, ring):
             calendar(per_s, ring)
 
 
+@pytest.mark.parametrize("args", [
+    ((1, 2), OWNER, 64),                     # nodes not a list
+    (NODE_OBJS, [0, 1], 64),                 # owner not a buffer
+    (NODE_OBJS, array("q", [0, 1]), 64),     # nor one of int32
+    (NODE_OBJS, OWNER, "64"),                # size not a number
+    (NODE_OBJS, OWNER, 64, *[on_link] * 5),  # more callbacks than it keeps
+])
+def test_bad_warming_is_refused_and_keeps_the_last(EventCalendar, args):
+    c = EventCalendar(PER_S, RING)
+    owner = array("i", [0, 1])
+    c.warm(NODE_OBJS, owner, 64, on_link)
+    with pytest.raises(TypeError):
+        c.warm(*args)
+    with pytest.raises(BufferError):  # still held: the calendar reads it
+        owner.append(2)
+    c.push(0.5, on_link, 1, "x")
+    c.push(0.25, wake, 1, 0.0)
+    assert [c.pop()[2] for _ in range(2)] == [wake, on_link]
+
+
+def test_warming_anew_lets_go_of_the_last_owner(EventCalendar):
+    """The driver replaces its link → node column as links open, and tells the calendar each
+    time: the old one is let go then (an array still exported could not grow), the new one
+    held."""
+    c = EventCalendar(PER_S, RING)
+    old, new = array("i", [0]), array("i", [0, 1])
+    c.warm(NODE_OBJS, old, 64, on_link)
+    c.warm(NODE_OBJS, new, 64, on_link)
+    old.append(1)
+    with pytest.raises(BufferError):
+        new.append(2)
+    del c
+    gc.collect()
+    new.append(2)
+
+
 def test_references_are_released(EventCalendar):
     """The calendar holds one reference per object argument (kept in the slot, or in a tuple
     beyond four): popped events and a dropped calendar leak none."""
@@ -233,6 +282,8 @@ def test_a_cycle_through_pending_events_is_collected(EventCalendar):
     o = Owner()
     o.calendar = EventCalendar(PER_S, RING)
     o.calendar.wakes(2, o.tick)  # (and the wakes' callback)
+    o.nodes, o.owner = [o], array("i", [0])
+    o.calendar.warm(o.nodes, o.owner, 64, o.tick)  # (and what it warms)
     for t in (0.0, 0.35, 5.0):
         o.calendar.push(t, o.tick)
         o.calendar.push(t, print, 1, o)

@@ -406,7 +406,8 @@ static Slot *settle(EventCalendar *c, double until) {
  *     of `nodes` (wakes);
  *   - for the next two (slots 1-2, the ones to follow the root): the `nodes` item, from the
  *     `owner` entry asked for a turn before;
- *   - for the next (the root): the node object's first `lines` cache lines.
+ *   - for the next (the root): the node object's first `lines` cache lines, and its wake
+ *     (`wakes[i]`, which the driver's `arm` reads after the event).
  * Reading what was asked for a turn before rarely waits, and the fetches overlap the event
  * being run. Events of the following bucket (not yet a heap) are not warmed. Nothing depends on
  * it but speed: a guess that turns out wrong (an event pushed ahead of them) costs a fetch.
@@ -450,9 +451,11 @@ static void warm_item(const EventCalendar *c, const Slot *s) {
         __builtin_prefetch(&PyList_GET_ITEM(c->objs, i));
 }
 
-/* Step 3: prefetch the node object for `s`. */
+/* Step 3: prefetch the node object for `s`, and its wake (the driver arms it after the event). */
 static void warm_node(const EventCalendar *c, const Slot *s) {
     long long i = node_index(c, s);
+    if (i >= 0 && i < c->nodes)
+        __builtin_prefetch(&c->wakes[i]);
     if (i < 0 || i >= PyList_GET_SIZE(c->objs))
         return;
     const char *o = (const char *)PyList_GET_ITEM(c->objs, i);

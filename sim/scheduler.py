@@ -21,7 +21,8 @@ C numbers (its time, seq and numeric arguments) rather than a tuple of objects t
 in memory when it comes up (see the module). Without it, `Calendar` is the structure in Python;
 both pop in exactly the same order. Told where the nodes are (`warm`), the C calendar also starts
 fetching from memory the node each coming event is for while the event before it runs: speed
-only, at 100k peers 1.16× (the Python one has nothing to gain by it and ignores it). `at` returns ``(time, seq)`` as the event's handle.
+only, 1.2× at 100k peers (the Python one has nothing to gain by it and ignores it). `at` returns
+``(time, seq)`` as the event's handle.
 
 The calendar numbers the events itself (``seq``), so that it can also keep the driver's node
 wakes (`Scheduler.wakes`): one live wake per node, at its first deadline. Most wakes, when they

@@ -413,42 +413,57 @@ static Slot *settle(EventCalendar *c, double until) {
  * it but speed: a guess that turns out wrong (an event pushed ahead of them) costs a fetch.
  */
 
-/* The index of the node event `s` is for; -1 if not known. May read `owner` (a load). */
-static long long node_index(const EventCalendar *c, const Slot *s) {
+enum { NAMES_NONE, NAMES_NODE, NAMES_LINK };
+
+/* What event `s` names first: a node (a wake), a link (a callback of `by_link`), or neither. */
+static int names(const EventCalendar *c, const Slot *s) {
     if (s->n < 1 || s->kind[0] != INT)
-        return -1;
-    long long i = s->arg[0].i;
+        return NAMES_NONE;
     if (s->fn == c->wake)
-        return i;
+        return NAMES_NODE;
     for (int k = 0; k < c->n_by_link; k++)
         if (s->fn == c->by_link[k])
-            return i >= 0 && i < c->owner.len / 4 ? ((const int32_t *)c->owner.buf)[i] : -1;
-    return -1;
+            return NAMES_LINK;
+    return NAMES_NONE;
+}
+
+static inline int has_link(const EventCalendar *c, long long link) {
+    return link >= 0 && link < c->owner.len / 4;
+}
+
+/* The index of the node event `s` is for; -1 if not known. May read `owner` (a load). */
+static long long node_index(const EventCalendar *c, const Slot *s) {
+    switch (names(c, s)) {
+    case NAMES_NODE:
+        return s->arg[0].i;
+    case NAMES_LINK:
+        return has_link(c, s->arg[0].i) ? ((const int32_t *)c->owner.buf)[s->arg[0].i] : -1;
+    default:
+        return -1;
+    }
+}
+
+static inline void warm_item_of(const EventCalendar *c, long long i) {
+    if (i >= 0 && i < PyList_GET_SIZE(c->objs))
+        __builtin_prefetch(&PyList_GET_ITEM(c->objs, i));
 }
 
 /* Step 1: prefetch what `node_index` reads for `s` (its owner entry; for a wake, its item). */
 static void warm_index(const EventCalendar *c, const Slot *s) {
-    if (s->n < 1 || s->kind[0] != INT)
-        return;
-    long long i = s->arg[0].i;
-    if (s->fn == c->wake) {
-        if (i >= 0 && i < PyList_GET_SIZE(c->objs))
-            __builtin_prefetch(&PyList_GET_ITEM(c->objs, i));
-        return;
+    switch (names(c, s)) {
+    case NAMES_NODE:
+        warm_item_of(c, s->arg[0].i);
+        break;
+    case NAMES_LINK:
+        if (has_link(c, s->arg[0].i))
+            __builtin_prefetch((const int32_t *)c->owner.buf + s->arg[0].i);
+        break;
     }
-    for (int k = 0; k < c->n_by_link; k++)
-        if (s->fn == c->by_link[k]) {
-            if (i >= 0 && i < c->owner.len / 4)
-                __builtin_prefetch((const int32_t *)c->owner.buf + i);
-            return;
-        }
 }
 
 /* Step 2: prefetch the item of `nodes` for `s`. */
 static void warm_item(const EventCalendar *c, const Slot *s) {
-    long long i = node_index(c, s);
-    if (i >= 0 && i < PyList_GET_SIZE(c->objs))
-        __builtin_prefetch(&PyList_GET_ITEM(c->objs, i));
+    warm_item_of(c, node_index(c, s));
 }
 
 /* Step 3: prefetch the node object for `s`, and its wake (the driver arms it after the event). */

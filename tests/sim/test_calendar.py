@@ -317,3 +317,27 @@ def test_the_c_modules_stub_states_the_python_calendars_interface():
     assert set(stub) == public
     fields = {a.target.id for a in cls.body if isinstance(a, ast.AnnAssign)}
     assert fields == {n for n in Calendar.__slots__ if not n.startswith("_")} == {"seq"}
+
+
+def test_a_simulation_keeps_the_calendar_warming_its_current_nodes_and_links(EventCalendar,
+                                                                             monkeypatch):
+    """The driver tells the C calendar where its nodes and links are at the start and each time
+    the link column grows (`Simulation._warm`): after a run with links opened, the calendar
+    holds the run's `nodes` and its current `owner`, not the first one (reading a stale one
+    would fetch the wrong nodes, and the run would only be slower). The results are the Python
+    calendar's."""
+    import sim.scheduler
+    from sim.driver import Simulation
+    from sim.scenario import SCENARIO_DIR, load_scenario
+
+    scenario = load_scenario(SCENARIO_DIR / "small-20.toml", overrides={"stream.duration_s": 4.0})
+    expected = Simulation(scenario).run().metrics.summary()
+    monkeypatch.setattr(sim.scheduler, "EventCalendar", EventCalendar)
+    s = Simulation(scenario)
+    first_owner = s.owner
+    assert type(s.sched._queue) is EventCalendar
+    assert s.run().metrics.summary() == expected
+    held = gc.get_referents(s.sched._queue)
+    assert len(s.owner) > len(first_owner)
+    assert any(x is s.owner for x in held) and not any(x is first_owner for x in held)
+    assert any(x is s.nodes for x in held)
